@@ -1,0 +1,31 @@
+//! Konnectivity wire protocol: the gRPC services and `Packet` message (generated
+//! from `proto/konnectivity.proto`), plus protocol logic that needs no sockets
+//! and no clock, so it is unit-tested in memory and easy to fuzz:
+//!
+//! - [`packet`]: constructors and a validated, typed view ([`Message`]) of a `Packet`.
+//! - [`ids`]: connection-id and dial-id allocation.
+//! - [`metadata`]: stream metadata names and the `agentIdentifiers` encoding.
+//! - [`table`]: the per-stream dial/connection state machine (pending dial ->
+//!   established connection -> closed) both binaries key their state with.
+//! - [`connect`]: the HTTP CONNECT request parser and the dial-error -> status map.
+
+pub mod connect;
+pub mod ids;
+pub mod metadata;
+pub mod packet;
+pub mod table;
+
+/// Generated protobuf and tonic code. The proto file has no package, so prost
+/// writes it to `_.rs`.
+#[allow(clippy::all, missing_docs)]
+pub mod wire {
+    tonic::include_proto!("_");
+}
+
+pub use packet::{Message, PacketError};
+pub use wire::{Packet, PacketType};
+
+/// gRPC method path of the frontend service.
+pub const PROXY_METHOD: &str = "/ProxyService/Proxy";
+/// gRPC method path of the agent service.
+pub const CONNECT_METHOD: &str = "/AgentService/Connect";

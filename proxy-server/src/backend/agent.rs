@@ -1,0 +1,440 @@
+//! One agent stream on the server: its dial/connection table, the task that
+//! reads its packets, and the per-connection queues that keep one slow
+//! frontend from stalling the others.
+//!
+//! Packets from the agent are dispatched to per-connection bounded queues
+//! ([`flow::QUEUE_PACKETS`]). With an agent that negotiated `window-v1`, the
+//! agent never has more than one window in flight per connection, so a queue
+//! never fills and the stream is never held up. With a reference agent (no flow
+//! control) a full queue holds up this agent's stream for at most
+//! `--stall-timeout`; then only that connection is closed (`CLOSE_REQ` to the
+//! agent, the frontend sees the close), with a warning and the
+//! `stalled_connections_closed_total` metric.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use konnectivity_proto::metadata::AgentIdentifiers;
+use konnectivity_proto::table::{Pending, Table};
+use konnectivity_proto::{packet, Message, Packet};
+use konnectivity_runtime::flow::{self, Credit};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::tunnel::{DialError, Tunnel};
+
+/// Settings every agent stream shares.
+#[derive(Clone)]
+pub struct LinkSettings {
+    /// Metrics.
+    pub metrics: Metrics,
+    /// How long a full connection queue may hold up the stream.
+    pub stall_timeout: Duration,
+    /// Pending dials allowed.
+    pub max_pending: usize,
+    /// Connections allowed.
+    pub max_conns: usize,
+}
+
+/// A dial waiting for its `DIAL_RSP`.
+pub(crate) struct PendingDial {
+    reply: oneshot::Sender<Result<Tunnel, DialError>>,
+    started: Instant,
+}
+
+/// An established connection as the agent stream sees it.
+pub(crate) struct Slot {
+    /// Bytes for the frontend.
+    tx: mpsc::Sender<Bytes>,
+    /// Credit for bytes towards the agent (granted by the agent).
+    credit: Arc<Credit>,
+    /// Cancelled when the server closes the connection on its own (stall).
+    kill: CancellationToken,
+}
+
+struct LinkState {
+    table: Table<PendingDial, Slot>,
+    /// Connections closed recently; late DATA for them is dropped quietly.
+    recent: VecDeque<i64>,
+}
+
+const RECENT: usize = 256;
+/// Capacity of the packet queue towards the agent, shared by its connections.
+pub const OUT_QUEUE: usize = 256;
+
+/// One connected agent stream.
+pub struct AgentLink {
+    /// Process-unique serial of this stream (an agent may hold several).
+    pub serial: u64,
+    /// The agent's `agentID`.
+    pub agent_id: String,
+    /// What the agent said about itself.
+    pub identifiers: AgentIdentifiers,
+    /// `window-v1` negotiated.
+    pub flow: bool,
+    draining: AtomicBool,
+    load: AtomicUsize,
+    out: mpsc::Sender<Packet>,
+    state: Mutex<LinkState>,
+    /// Cancelled when the stream has ended.
+    pub closed: CancellationToken,
+    settings: LinkSettings,
+}
+
+impl AgentLink {
+    /// A link whose outbound packets go to `out`.
+    pub fn new(
+        serial: u64,
+        agent_id: String,
+        identifiers: AgentIdentifiers,
+        flow: bool,
+        out: mpsc::Sender<Packet>,
+        settings: LinkSettings,
+    ) -> Self {
+        Self {
+            serial,
+            agent_id,
+            identifiers,
+            flow,
+            draining: AtomicBool::new(false),
+            load: AtomicUsize::new(0),
+            out,
+            state: Mutex::new(LinkState {
+                table: Table::new(settings.max_pending, settings.max_conns),
+                recent: VecDeque::with_capacity(RECENT),
+            }),
+            closed: CancellationToken::new(),
+            settings,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.settings.metrics
+    }
+
+    /// Has the agent announced `DRAIN`?
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Pending dials plus open connections: used to spread load.
+    pub fn load(&self) -> usize {
+        self.load.load(Ordering::Relaxed)
+    }
+
+    /// Queues a packet for the agent, waiting for room. False when the stream
+    /// has ended.
+    pub async fn send(&self, p: Packet) -> bool {
+        tokio::select! {
+            r = self.out.send(p) => r.is_ok(),
+            _ = self.closed.cancelled() => false,
+        }
+    }
+
+    /// Queues a control packet from a context that cannot wait (a `Drop`).
+    pub fn send_later(&self, p: Packet) {
+        match self.out.try_send(p) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(p)) => {
+                let out = self.out.clone();
+                let closed = self.closed.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = out.send(p) => {}
+                        _ = closed.cancelled() => {}
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Registers a dial and sends `DIAL_REQ`. The receiver yields the tunnel or
+    /// the error.
+    pub(crate) async fn begin_dial(
+        &self,
+        address: &str,
+        random: i64,
+    ) -> Result<oneshot::Receiver<Result<Tunnel, DialError>>, DialError> {
+        let (reply, rx) = oneshot::channel();
+        self.state()
+            .table
+            .add_pending(
+                random,
+                PendingDial {
+                    reply,
+                    started: Instant::now(),
+                },
+            )
+            .map_err(DialError::Refused)?;
+        self.load.fetch_add(1, Ordering::Relaxed);
+        self.settings.metrics.pending_dials.inc();
+        if !self.send(packet::dial_request(address, random)).await {
+            self.take_pending(random);
+            return Err(DialError::AgentGone(self.agent_id.clone()));
+        }
+        Ok(rx)
+    }
+
+    fn take_pending(&self, random: i64) -> Option<Pending<PendingDial>> {
+        let p = self.state().table.take_pending(random);
+        if p.is_some() {
+            self.load.fetch_sub(1, Ordering::Relaxed);
+            self.settings.metrics.pending_dials.dec();
+        }
+        p
+    }
+
+    /// The frontend gave up on a dial: forget it and tell the agent
+    /// (`DIAL_CLS`) so it can abort the dial.
+    pub fn abandon_dial(&self, random: i64) {
+        if self.take_pending(random).is_some() {
+            self.send_later(packet::close_dial(random));
+        }
+    }
+
+    /// Removes a connection. With `tell_agent`, sends `CLOSE_REQ`. Returns
+    /// whether it was still open.
+    pub fn remove_conn(&self, connect_id: i64, tell_agent: bool) -> bool {
+        let slot = {
+            let mut st = self.state();
+            let slot = st.table.remove_conn(connect_id);
+            if slot.is_some() {
+                if st.recent.len() == RECENT {
+                    st.recent.pop_front();
+                }
+                st.recent.push_back(connect_id);
+            }
+            slot
+        };
+        let Some(slot) = slot else { return false };
+        self.load.fetch_sub(1, Ordering::Relaxed);
+        self.settings.metrics.established_connections.dec();
+        slot.kill.cancel();
+        if tell_agent {
+            self.send_later(packet::close_request(connect_id));
+        }
+        true
+    }
+
+    /// Reads the agent's packets until the stream ends, then fails every
+    /// pending dial and closes every connection of this stream.
+    pub async fn serve<S>(self: Arc<Self>, mut inbound: S, stop: CancellationToken)
+    where
+        S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+    {
+        use futures::StreamExt;
+        loop {
+            let next = tokio::select! {
+                n = inbound.next() => n,
+                _ = stop.cancelled() => break,
+            };
+            match next {
+                Some(Ok(p)) => match Message::from_packet(p) {
+                    Ok(m) => self.dispatch(m).await,
+                    Err(e) => {
+                        self.settings
+                            .metrics
+                            .bad_packets
+                            .with_label_values(&["agent"])
+                            .inc();
+                        warn!(error = %e, "malformed packet from agent ignored");
+                    }
+                },
+                Some(Err(status)) => {
+                    info!(code = ?status.code(), message = status.message(), "agent stream ended with error");
+                    break;
+                }
+                None => {
+                    info!("agent stream closed by agent");
+                    break;
+                }
+            }
+        }
+        self.shut();
+    }
+
+    /// Ends the stream's state: pending dials fail at once, connections close.
+    fn shut(&self) {
+        self.closed.cancel();
+        let (pending, conns) = self.state().table.drain();
+        let m = &self.settings.metrics;
+        for p in pending {
+            m.pending_dials.dec();
+            m.dial_failures.with_label_values(&["agent_gone"]).inc();
+            let _ = p
+                .value
+                .reply
+                .send(Err(DialError::AgentGone(self.agent_id.clone())));
+        }
+        let n = conns.len();
+        for (_, slot) in conns {
+            m.established_connections.dec();
+            slot.kill.cancel();
+        }
+        self.load.store(0, Ordering::Relaxed);
+        if n > 0 {
+            info!(connections = n, "closed the connections of the lost agent stream");
+        }
+    }
+
+    async fn dispatch(self: &Arc<Self>, m: Message) {
+        match m {
+            Message::DialResponse {
+                random,
+                connect_id,
+                error,
+            } => self.on_dial_response(random, connect_id, error).await,
+            Message::Data { connect_id, data } => self.on_data(connect_id, data).await,
+            Message::CloseResponse { connect_id, error } => {
+                if !self.remove_conn(connect_id, false) {
+                    self.unknown("CLOSE_RSP", connect_id);
+                } else if !error.is_empty() {
+                    debug!(connect_id, error, "agent closed connection with error");
+                }
+            }
+            Message::CloseDial { random } => {
+                if let Some(p) = self.take_pending(random) {
+                    self.settings
+                        .metrics
+                        .dial_failures
+                        .with_label_values(&["dial_closed"])
+                        .inc();
+                    let _ = p.value.reply.send(Err(DialError::DialClosed));
+                }
+            }
+            Message::Drain => {
+                if !self.draining.swap(true, Ordering::Relaxed) {
+                    info!("agent is draining; new dials prefer other agents");
+                }
+            }
+            Message::Window { connect_id, bytes } => {
+                if connect_id != 0 {
+                    let credit = self
+                        .state()
+                        .table
+                        .conn(connect_id)
+                        .map(|s| s.credit.clone());
+                    if let Some(c) = credit {
+                        c.grant(bytes);
+                    }
+                }
+            }
+            Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
+            other => warn!(kind = other.kind(), "packet not valid from an agent; ignored"),
+        }
+    }
+
+    fn unknown(&self, kind: &'static str, id: i64) {
+        self.settings
+            .metrics
+            .unknown_packets
+            .with_label_values(&[kind])
+            .inc();
+        debug!(kind, id, "packet for unknown connection or dial ignored");
+    }
+
+    async fn on_dial_response(self: &Arc<Self>, random: i64, connect_id: i64, error: String) {
+        let m = &self.settings.metrics;
+        let Some(pending) = self.take_pending(random) else {
+            // The frontend already gave up. A successful dial must not leak on the
+            // agent (the reference leaks it, upstream issues 404 and 462).
+            self.unknown("DIAL_RSP", random);
+            if connect_id != 0 && error.is_empty() {
+                self.send(packet::close_request(connect_id)).await;
+            }
+            return;
+        };
+        m.dial_duration
+            .observe(pending.value.started.elapsed().as_secs_f64());
+        if !error.is_empty() || connect_id == 0 {
+            m.dial_failures.with_label_values(&["error_response"]).inc();
+            let error = if error.is_empty() {
+                "agent answered without a connection id".to_string()
+            } else {
+                error
+            };
+            let _ = pending.value.reply.send(Err(DialError::Agent {
+                agent: self.agent_id.clone(),
+                error,
+            }));
+            return;
+        }
+        let (tx, rx) = mpsc::channel(flow::QUEUE_PACKETS);
+        let credit = Arc::new(if self.flow {
+            Credit::new(flow::WINDOW)
+        } else {
+            Credit::unlimited()
+        });
+        let kill = CancellationToken::new();
+        let slot = Slot {
+            tx,
+            credit: credit.clone(),
+            kill: kill.clone(),
+        };
+        let established = self.state().table.establish(pending, connect_id, slot);
+        match established {
+            Ok(dial) => {
+                self.load.fetch_add(1, Ordering::Relaxed);
+                m.established_connections.inc();
+                let tunnel = Tunnel::new(self.clone(), connect_id, rx, credit, kill);
+                // If the frontend left meanwhile the tunnel comes back and is
+                // dropped here, which closes it on the agent.
+                let _ = dial.reply.send(Ok(tunnel));
+            }
+            Err((pending, e)) => {
+                m.dial_failures.with_label_values(&["too_many"]).inc();
+                warn!(connect_id, error = %e, "cannot accept agent connection");
+                let _ = pending.value.reply.send(Err(DialError::Refused(e)));
+                self.send(packet::close_request(connect_id)).await;
+            }
+        }
+    }
+
+    async fn on_data(self: &Arc<Self>, connect_id: i64, data: Bytes) {
+        let target = {
+            let st = self.state();
+            match st.table.conn(connect_id) {
+                Some(s) => Some((s.tx.clone(), s.kill.clone())),
+                None if st.recent.contains(&connect_id) => return,
+                None => None,
+            }
+        };
+        let Some((tx, kill)) = target else {
+            self.unknown("DATA", connect_id);
+            // Tell the agent so it stops sending for a connection we do not have.
+            self.send(packet::close_request(connect_id)).await;
+            self.state().recent.push_back(connect_id);
+            return;
+        };
+        let data = match tx.try_send(data) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(d)) => d,
+        };
+        let stall = self.settings.stall_timeout;
+        let sent = tokio::select! {
+            r = tokio::time::timeout(stall, tx.send(data)) => r,
+            _ = kill.cancelled() => return,
+        };
+        if sent.is_err() {
+            warn!(
+                connect_id,
+                stall_timeout = ?stall,
+                "frontend stopped reading; closing only this connection"
+            );
+            self.settings.metrics.stalled_closed.inc();
+            self.remove_conn(connect_id, true);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The connected agent streams, and choosing one for a dial.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use konnectivity_proto::metadata::dest_host;
+use tracing::{debug, info};
+
+use super::agent::AgentLink;
+use super::strategy::Strategy;
+use crate::metrics::Metrics;
+use crate::tunnel::{DialError, Tunnel};
+
+/// All agent streams of this server.
+pub struct AgentRegistry {
+    links: RwLock<Vec<Arc<AgentLink>>>,
+    strategies: Vec<Strategy>,
+    rotate: AtomicUsize,
+    dial_timeout: Duration,
+    metrics: Metrics,
+}
+
+impl AgentRegistry {
+    /// An empty registry.
+    pub fn new(strategies: Vec<Strategy>, dial_timeout: Duration, metrics: Metrics) -> Self {
+        Self {
+            links: RwLock::new(Vec::new()),
+            strategies,
+            rotate: AtomicUsize::new(0),
+            dial_timeout,
+            metrics,
+        }
+    }
+
+    /// Adds a stream.
+    pub fn add(&self, link: Arc<AgentLink>) {
+        let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
+        links.push(link);
+        self.metrics.ready_backend_connections.set(links.len() as i64);
+    }
+
+    /// Removes a stream.
+    pub fn remove(&self, serial: u64) {
+        let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
+        links.retain(|l| l.serial != serial);
+        self.metrics.ready_backend_connections.set(links.len() as i64);
+    }
+
+    /// Number of connected streams.
+    pub fn len(&self) -> usize {
+        self.links.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// No agent connected?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every stream (for shutdown and diagnostics).
+    pub fn links(&self) -> Vec<Arc<AgentLink>> {
+        self.links.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Picks a stream for `address`: strategies in order; within a strategy,
+    /// non-draining streams first, then the least loaded, ties rotated so
+    /// equal agents share the work. A draining stream is used only when no
+    /// strategy finds another.
+    pub fn pick(&self, address: &str) -> Option<Arc<AgentLink>> {
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
+        if links.is_empty() {
+            return None;
+        }
+        let host = dest_host(address);
+        let start = self.rotate.fetch_add(1, Ordering::Relaxed);
+        let mut fallback = None;
+        for strategy in &self.strategies {
+            let matches = |l: &AgentLink| match strategy {
+                Strategy::Default => true,
+                Strategy::DestHost => l.identifiers.serves_host(host),
+                Strategy::DefaultRoute => l.identifiers.default_route,
+            };
+            let n = links.len();
+            let mut best: Option<&Arc<AgentLink>> = None;
+            for i in 0..n {
+                let l = &links[(start + i) % n];
+                if !matches(l) {
+                    continue;
+                }
+                if l.is_draining() {
+                    fallback.get_or_insert_with(|| l.clone());
+                    continue;
+                }
+                if best.is_none_or(|b| l.load() < b.load()) {
+                    best = Some(l);
+                }
+            }
+            if let Some(b) = best {
+                debug!(?strategy, agent.id = %b.agent_id, "agent chosen");
+                return Some(b.clone());
+            }
+        }
+        fallback
+    }
+
+    /// Dials `address` through a chosen agent. `random` is the dial id. If this
+    /// future is dropped before the agent answers, the dial is abandoned
+    /// (`DIAL_CLS` to the agent) and a late success is closed.
+    pub async fn dial(&self, address: &str, random: i64) -> Result<Tunnel, DialError> {
+        let result = self.dial_inner(address, random).await;
+        if let Err(e) = &result {
+            // Reasons the agent reported are counted where the answer arrives.
+            if !matches!(e, DialError::Agent { .. } | DialError::AgentGone(_) | DialError::DialClosed) {
+                self.metrics.dial_failures.with_label_values(&[e.reason()]).inc();
+            }
+        }
+        result
+    }
+
+    async fn dial_inner(&self, address: &str, random: i64) -> Result<Tunnel, DialError> {
+        let link = self.pick(address).ok_or(DialError::NoAgent)?;
+        let rx = link.begin_dial(address, random).await?;
+        struct Abandon<'a>(&'a AgentLink, i64, bool);
+        impl Drop for Abandon<'_> {
+            fn drop(&mut self) {
+                if self.2 {
+                    self.0.abandon_dial(self.1);
+                }
+            }
+        }
+        let mut abandon = Abandon(&link, random, true);
+        let result = match tokio::time::timeout(self.dial_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            // The reply was dropped without an answer: the stream is gone.
+            Ok(Err(_)) => Err(DialError::AgentGone(link.agent_id.clone())),
+            Err(_) => {
+                info!(agent.id = %link.agent_id, address, "agent did not answer the dial in time");
+                Err(DialError::Timeout {
+                    agent: link.agent_id.clone(),
+                    timeout: self.dial_timeout,
+                })
+            }
+        };
+        // Answered (either way): nothing left to abandon unless we timed out.
+        abandon.2 = matches!(result, Err(DialError::Timeout { .. }));
+        result
+    }
+}

@@ -1,0 +1,174 @@
+//! `AgentService.Connect`: authenticates an agent stream, answers with
+//! `serverID`/`serverCount`, registers it, and serves it until it ends.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use konnectivity_proto::metadata::{self, AgentIdentifiers};
+use konnectivity_proto::wire::agent_service_server::AgentService;
+use konnectivity_proto::{packet, Packet};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn, Instrument};
+
+use super::agent::{AgentLink, LinkSettings, OUT_QUEUE};
+use super::auth::TokenFile;
+use super::registry::AgentRegistry;
+use crate::listen::PeerInfo;
+
+/// Interval of the `WINDOW{0,0}` heartbeat sent to agents that negotiated
+/// `window-v1`; such agents treat three missed beats as a dead stream.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+static SERIAL: AtomicU64 = AtomicU64::new(1);
+
+/// The agent-facing gRPC service.
+pub struct AgentEndpoint {
+    /// Where streams are registered.
+    pub registry: Arc<AgentRegistry>,
+    /// Per-stream settings.
+    pub settings: LinkSettings,
+    /// Sent as `serverID`.
+    pub server_id: String,
+    /// Sent as `serverCount`.
+    pub server_count: u32,
+    /// Accepted tokens, when token auth is on.
+    pub tokens: Option<Arc<TokenFile>>,
+    /// Offer `window-v1`.
+    pub flow_control: bool,
+    /// Cancelled to end every agent stream (immediate shutdown).
+    pub stop: CancellationToken,
+}
+
+fn one_value<'a>(req: &'a Request<Streaming<Packet>>, key: &str) -> Result<Option<&'a str>, String> {
+    let mut values = req.metadata().get_all(key).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(format!("several {key} values"));
+    }
+    first
+        .map(|v| v.to_str().map_err(|_| format!("{key} is not text")))
+        .transpose()
+}
+
+impl AgentEndpoint {
+    fn refuse(&self, peer: &str, reason: &'static str, detail: String, code: tonic::Code) -> Status {
+        self.settings
+            .metrics
+            .agent_refused
+            .with_label_values(&[reason])
+            .inc();
+        warn!(peer, reason, detail, "agent stream refused");
+        Status::new(code, detail)
+    }
+}
+
+type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentEndpoint {
+    type ConnectStream = PacketStream;
+
+    async fn connect(
+        &self,
+        req: Request<Streaming<Packet>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.remote_addr.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let invalid = tonic::Code::InvalidArgument;
+        let agent_id = match one_value(&req, metadata::AGENT_ID) {
+            Ok(Some(id)) if !id.is_empty() => id.to_string(),
+            Ok(_) => return Err(self.refuse(&peer, "no_agent_id", "agentID metadata missing".into(), invalid)),
+            Err(e) => return Err(self.refuse(&peer, "bad_agent_id", e, invalid)),
+        };
+        let identifiers = match one_value(&req, metadata::AGENT_IDENTIFIERS) {
+            Ok(None) => AgentIdentifiers::default(),
+            Ok(Some(s)) => AgentIdentifiers::parse(s).map_err(|e| {
+                self.refuse(&peer, "bad_identifiers", format!("agent {agent_id}: {e}"), invalid)
+            })?,
+            Err(e) => return Err(self.refuse(&peer, "bad_identifiers", e, invalid)),
+        };
+        if let Some(tokens) = &self.tokens {
+            let auth = one_value(&req, metadata::AUTHORIZATION).ok().flatten();
+            if let Err(e) = tokens.check(auth) {
+                return Err(self.refuse(
+                    &peer,
+                    "unauthenticated",
+                    format!("agent {agent_id}: {e}"),
+                    tonic::Code::Unauthenticated,
+                ));
+            }
+        }
+        let features = one_value(&req, metadata::FEATURES).ok().flatten();
+        let flow = self.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);
+
+        let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        let link = Arc::new(AgentLink::new(
+            serial,
+            agent_id.clone(),
+            identifiers,
+            flow,
+            out_tx,
+            self.settings.clone(),
+        ));
+        let span = tracing::info_span!("agent", agent.id = %agent_id, stream = serial, %peer);
+        span.in_scope(|| info!(identifiers = %link.identifiers.encode(), flow_control = flow, "agent stream connected"));
+        self.registry.add(link.clone());
+
+        let registry = self.registry.clone();
+        let stop = self.stop.clone();
+        let inbound = req.into_inner();
+        let served = link.clone();
+        tokio::spawn(
+            async move {
+                if served.flow {
+                    let beat = served.clone();
+                    tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(HEARTBEAT);
+                        loop {
+                            tokio::select! {
+                                _ = tick.tick() => {}
+                                _ = beat.closed.cancelled() => return,
+                            }
+                            if !beat.send(packet::window(0, 0)).await {
+                                return;
+                            }
+                        }
+                    });
+                }
+                served.clone().serve(inbound, stop).await;
+                registry.remove(served.serial);
+            }
+            .instrument(span),
+        );
+
+        // End the response when the stream's state ends, even while tunnels
+        // still hold the sending side.
+        let ended = link.closed.clone().cancelled_owned();
+        let stream: PacketStream = Box::pin(
+            futures::StreamExt::take_until(ReceiverStream::new(out_rx), ended).map(Ok),
+        );
+        let mut resp = Response::new(stream);
+        let md = resp.metadata_mut();
+        let ascii = |s: &str| {
+            s.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+                .map_err(|_| Status::internal("metadata value is not ASCII"))
+        };
+        md.insert(metadata::SERVER_ID, ascii(&self.server_id)?);
+        md.insert(metadata::SERVER_COUNT, ascii(&self.server_count.to_string())?);
+        if flow {
+            md.insert(metadata::FEATURES, ascii(metadata::FEATURE_FLOW_CONTROL)?);
+        }
+        Ok(resp)
+    }
+}

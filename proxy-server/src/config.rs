@@ -1,0 +1,319 @@
+//! Command-line flags (upstream names, `--name=value`) and the validated
+//! [`Config`] built from them. Every check happens here, before any port is
+//! bound, so a bad flag or an unreadable certificate exits with one line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use konnectivity_runtime::{duration, logging, tls};
+
+use crate::backend::auth::TokenFile;
+use crate::backend::strategy::Strategy;
+
+/// Flags of `proxy-server`.
+#[derive(Debug, Parser)]
+#[command(name = "proxy-server", version, about = "Konnectivity proxy server (Rust)")]
+pub struct Args {
+    /// Frontend protocol: grpc or http-connect.
+    #[arg(long, default_value = "grpc")]
+    pub mode: String,
+    /// Unix socket for the frontend (kube-apiserver). When set, the TCP
+    /// frontend on --server-port is not started.
+    #[arg(long, default_value = "")]
+    pub uds_name: String,
+    /// Remove a stale file at --uds-name before listening.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub delete_existing_uds_file: bool,
+    /// Frontend TCP port (mutual TLS), used when --uds-name is empty.
+    #[arg(long, default_value_t = 8090)]
+    pub server_port: u16,
+    /// Address the frontend TCP listener binds.
+    #[arg(long, default_value = "")]
+    pub server_bind_address: String,
+    /// Frontend TLS certificate.
+    #[arg(long, default_value = "")]
+    pub server_cert: String,
+    /// Frontend TLS key.
+    #[arg(long, default_value = "")]
+    pub server_key: String,
+    /// CA that frontend client certificates must chain to.
+    #[arg(long, default_value = "")]
+    pub server_ca_cert: String,
+    /// Agent listener port (TLS).
+    #[arg(long, default_value_t = 8091)]
+    pub agent_port: u16,
+    /// Address the agent listener binds.
+    #[arg(long, default_value = "")]
+    pub agent_bind_address: String,
+    /// Agent-facing TLS certificate.
+    #[arg(long, default_value = "")]
+    pub cluster_cert: String,
+    /// Agent-facing TLS key.
+    #[arg(long, default_value = "")]
+    pub cluster_key: String,
+    /// CA for agent client certificates; when set, agents must present one.
+    #[arg(long, default_value = "")]
+    pub cluster_ca_cert: String,
+    /// Health port: /healthz, /readyz, /metrics.
+    #[arg(long, default_value_t = 8092)]
+    pub health_port: u16,
+    /// Address the health and admin listeners bind.
+    #[arg(long, default_value = "")]
+    pub health_bind_address: String,
+    /// Admin port: also serves /metrics (and the health paths).
+    #[arg(long, default_value_t = 8095)]
+    pub admin_port: u16,
+    /// Address the admin listener binds.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub admin_bind_address: String,
+    /// This server's id, sent to agents. Empty = a random id.
+    #[arg(long, default_value = "")]
+    pub server_id: String,
+    /// How many proxy servers agents should connect to.
+    #[arg(long, default_value_t = 1)]
+    pub server_count: u32,
+    /// Ordered agent selection strategies: default, destHost, defaultRoute.
+    #[arg(long, default_value = "default")]
+    pub proxy_strategies: String,
+    /// HTTP/2 ping interval towards agents (dead-agent detection).
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    pub keepalive_time: Duration,
+    /// How long to wait for a ping answer before dropping an agent stream.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    pub keepalive_timeout: Duration,
+    /// HTTP/2 ping interval towards gRPC frontends.
+    #[arg(long, default_value = "1h", value_parser = duration::parse)]
+    pub frontend_keepalive_time: Duration,
+    /// File of accepted agent bearer tokens, one per line (re-read on every
+    /// agent connect). Empty = no token check.
+    #[arg(long, default_value = "")]
+    pub agent_tokens_file: String,
+    /// Longest wait for an agent's DIAL_RSP before failing the dial.
+    #[arg(long, default_value = "30s", value_parser = duration::parse)]
+    pub dial_timeout: Duration,
+    /// Pending dials allowed per agent stream.
+    #[arg(long, default_value_t = 1024)]
+    pub max_pending_dials_per_agent: usize,
+    /// Established connections allowed per agent stream.
+    #[arg(long, default_value_t = 65536)]
+    pub max_connections_per_agent: usize,
+    /// How long one connection's full queue may hold up its agent stream
+    /// before only that connection is closed.
+    #[arg(long, default_value = "5s", value_parser = duration::parse)]
+    pub stall_timeout: Duration,
+    /// Grace period for open connections after the first shutdown signal.
+    #[arg(long, default_value = "30s", value_parser = duration::parse)]
+    pub grace_period: Duration,
+    /// Negotiate per-connection flow control with agents that offer it.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub flow_control: bool,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: logging::Format,
+    /// klog verbosity (0-1 info, 2-4 debug, 5+ trace).
+    #[arg(long = "v", default_value_t = 0)]
+    pub verbosity: u8,
+    /// Accepted for klog compatibility; logs always go to stderr.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub logtostderr: Option<String>,
+    /// Accepted for klog compatibility.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub alsologtostderr: Option<String>,
+    /// Accepted for compatibility; profiling is not served.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub enable_profiling: Option<String>,
+    /// Kubernetes TokenReview authentication is not implemented; setting these
+    /// is refused so agents are never let in unchecked.
+    #[arg(long, default_value = "", hide = true)]
+    pub agent_namespace: String,
+    /// See --agent-namespace.
+    #[arg(long, default_value = "", hide = true)]
+    pub agent_service_account: String,
+    /// See --agent-namespace.
+    #[arg(long, default_value = "", hide = true)]
+    pub authentication_audience: String,
+    /// See --agent-namespace.
+    #[arg(long, default_value = "", hide = true)]
+    pub kubeconfig: String,
+}
+
+/// Frontend protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `ProxyService` over gRPC.
+    Grpc,
+    /// HTTP/1.1 CONNECT.
+    HttpConnect,
+}
+
+/// Where the frontend listens.
+#[derive(Debug, Clone)]
+pub enum FrontendListen {
+    /// A Unix socket (no TLS: file permissions guard it).
+    Unix {
+        /// Socket path.
+        path: PathBuf,
+        /// Remove an existing file first.
+        delete_existing: bool,
+    },
+    /// TCP with mandatory client certificates.
+    Tcp {
+        /// Bind address.
+        addr: String,
+        /// TLS identity and client CA.
+        tls: tls::ServerTlsFiles,
+    },
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Frontend protocol.
+    pub mode: Mode,
+    /// Frontend listener.
+    pub frontend: FrontendListen,
+    /// Agent listener bind address (`host:port`).
+    pub agent_addr: String,
+    /// Agent-facing TLS.
+    pub agent_tls: tls::ServerTlsFiles,
+    /// Health listener (`host:port`).
+    pub health_addr: String,
+    /// Admin listener (`host:port`), `None` when it equals the health one.
+    pub admin_addr: Option<String>,
+    /// Server id.
+    pub server_id: String,
+    /// Server count announced to agents.
+    pub server_count: u32,
+    /// Agent selection.
+    pub strategies: Vec<Strategy>,
+    /// Ping interval towards agents.
+    pub keepalive_time: Duration,
+    /// Ping answer timeout.
+    pub keepalive_timeout: Duration,
+    /// Ping interval towards gRPC frontends.
+    pub frontend_keepalive_time: Duration,
+    /// Accepted agent tokens.
+    pub tokens: Option<Arc<TokenFile>>,
+    /// Pending-dial timeout.
+    pub dial_timeout: Duration,
+    /// Pending dials per agent stream.
+    pub max_pending: usize,
+    /// Connections per agent stream.
+    pub max_conns: usize,
+    /// Stall timeout.
+    pub stall_timeout: Duration,
+    /// Shutdown grace period.
+    pub grace_period: Duration,
+    /// Offer flow control.
+    pub flow_control: bool,
+}
+
+fn opt_path(s: &str) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+fn bind(host: &str, port: u16) -> String {
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl Config {
+    /// Validates flags, reading certificates and keys once to fail early.
+    pub fn from_args(a: Args) -> anyhow::Result<Self> {
+        use anyhow::{bail, Context};
+        if !(a.agent_namespace.is_empty()
+            && a.agent_service_account.is_empty()
+            && a.authentication_audience.is_empty())
+        {
+            bail!("--agent-namespace/--agent-service-account/--authentication-audience (TokenReview authentication) are not supported yet; use --agent-tokens-file or --cluster-ca-cert");
+        }
+        let mode = match a.mode.as_str() {
+            "grpc" => Mode::Grpc,
+            "http-connect" => Mode::HttpConnect,
+            m => bail!("--mode={m}: want grpc or http-connect"),
+        };
+        let frontend = if !a.uds_name.is_empty() {
+            FrontendListen::Unix {
+                path: PathBuf::from(&a.uds_name),
+                delete_existing: a.delete_existing_uds_file,
+            }
+        } else {
+            let (Some(cert), Some(key), Some(ca)) = (
+                opt_path(&a.server_cert),
+                opt_path(&a.server_key),
+                opt_path(&a.server_ca_cert),
+            ) else {
+                bail!("the TCP frontend (no --uds-name) needs --server-cert, --server-key and --server-ca-cert (mutual TLS)");
+            };
+            let files = tls::ServerTlsFiles {
+                cert,
+                key,
+                client_ca: Some(ca),
+            };
+            tls::server_config(&files, &[b"h2", b"http/1.1"]).context("frontend TLS")?;
+            FrontendListen::Tcp {
+                addr: bind(&a.server_bind_address, a.server_port),
+                tls: files,
+            }
+        };
+        let (Some(cert), Some(key)) = (opt_path(&a.cluster_cert), opt_path(&a.cluster_key)) else {
+            bail!("the agent listener needs --cluster-cert and --cluster-key");
+        };
+        let agent_tls = tls::ServerTlsFiles {
+            cert,
+            key,
+            client_ca: opt_path(&a.cluster_ca_cert),
+        };
+        tls::server_config(&agent_tls, &[b"h2"]).context("agent TLS")?;
+        let strategies = Strategy::parse_list(&a.proxy_strategies)
+            .map_err(|e| anyhow::anyhow!("--proxy-strategies: {e}"))?;
+        if a.server_count == 0 {
+            bail!("--server-count must be at least 1");
+        }
+        let tokens = match opt_path(&a.agent_tokens_file) {
+            Some(p) => {
+                let t = TokenFile::new(p);
+                t.load().context("--agent-tokens-file")?;
+                Some(Arc::new(t))
+            }
+            None => None,
+        };
+        if a.max_pending_dials_per_agent == 0 || a.max_connections_per_agent == 0 {
+            bail!("--max-pending-dials-per-agent and --max-connections-per-agent must be positive");
+        }
+        let health_addr = bind(&a.health_bind_address, a.health_port);
+        let admin_addr = bind(&a.admin_bind_address, a.admin_port);
+        let server_id = if a.server_id.is_empty() {
+            format!("{:016x}", rand::random::<u64>())
+        } else {
+            a.server_id
+        };
+        Ok(Config {
+            mode,
+            frontend,
+            agent_addr: bind(&a.agent_bind_address, a.agent_port),
+            agent_tls,
+            admin_addr: (admin_addr != health_addr).then_some(admin_addr),
+            health_addr,
+            server_id,
+            server_count: a.server_count,
+            strategies,
+            keepalive_time: a.keepalive_time,
+            keepalive_timeout: a.keepalive_timeout,
+            frontend_keepalive_time: a.frontend_keepalive_time,
+            tokens,
+            dial_timeout: a.dial_timeout,
+            max_pending: a.max_pending_dials_per_agent,
+            max_conns: a.max_connections_per_agent,
+            stall_timeout: a.stall_timeout,
+            grace_period: a.grace_period,
+            flow_control: a.flow_control,
+        })
+    }
+}

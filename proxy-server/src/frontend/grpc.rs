@@ -1,0 +1,299 @@
+//! `ProxyService.Proxy`: the gRPC frontend kube-apiserver uses over a Unix
+//! socket. Each frontend stream may carry several dials (the single-use client
+//! sends one); each established connection gets its own task that moves the
+//! agent's bytes to the frontend, so connections of one stream do not wait on
+//! each other's agents.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use konnectivity_proto::wire::proxy_service_server::ProxyService;
+use konnectivity_proto::{packet, Message, Packet};
+use konnectivity_runtime::flow::Inbound;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backend::registry::AgentRegistry;
+use crate::metrics::Metrics;
+use crate::tunnel::{DialError, TunnelSender};
+
+/// How long a frontend's `CLOSE_REQ` waits for the agent's `CLOSE_RSP` before
+/// the connection is closed anyway.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// Dials plus connections one frontend stream may hold.
+pub const MAX_PER_STREAM: usize = 1024;
+/// Packets queued towards one frontend stream.
+const OUT_QUEUE: usize = 64;
+
+/// The gRPC frontend service.
+pub struct GrpcFrontend {
+    /// Where dials go.
+    pub registry: Arc<AgentRegistry>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Cancelled to end every frontend stream.
+    pub stop: CancellationToken,
+}
+
+type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ProxyService for GrpcFrontend {
+    type ProxyStream = PacketStream;
+
+    async fn proxy(
+        &self,
+        req: Request<Streaming<Packet>>,
+    ) -> Result<Response<Self::ProxyStream>, Status> {
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        let stream = FrontendStream {
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            out: out_tx,
+            gone: self.stop.child_token(),
+            pending: HashMap::new(),
+            conns: HashMap::new(),
+        };
+        let span = tracing::debug_span!("frontend", mode = "grpc");
+        tokio::spawn(stream.serve(req.into_inner()).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx).map(Ok))))
+    }
+}
+
+enum Event {
+    Established {
+        random: i64,
+        connect_id: i64,
+        tx: TunnelSender,
+        close: CancellationToken,
+    },
+    DialDone {
+        random: i64,
+    },
+    Closed {
+        connect_id: i64,
+    },
+}
+
+struct FrontendStream {
+    registry: Arc<AgentRegistry>,
+    metrics: Metrics,
+    out: mpsc::Sender<Packet>,
+    /// Cancelled when the frontend stream ends: every dial and connection of
+    /// it is then abandoned or closed.
+    gone: CancellationToken,
+    pending: HashMap<i64, CancellationToken>,
+    conns: HashMap<i64, (TunnelSender, CancellationToken)>,
+}
+
+impl FrontendStream {
+    async fn serve(mut self, mut inbound: Streaming<Packet>) {
+        let gauge = self.metrics.frontend_connections.with_label_values(&["grpc"]);
+        gauge.inc();
+        let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(MAX_PER_STREAM);
+        loop {
+            tokio::select! {
+                biased;
+                Some(ev) = ev_rx.recv() => self.on_event(ev),
+                next = inbound.next() => match next {
+                    Some(Ok(p)) => match Message::from_packet(p) {
+                        Ok(m) => self.on_message(m, &ev_tx).await,
+                        Err(e) => {
+                            self.metrics.bad_packets.with_label_values(&["frontend"]).inc();
+                            warn!(error = %e, "malformed packet from frontend ignored");
+                        }
+                    },
+                    Some(Err(status)) => {
+                        debug!(code = ?status.code(), "frontend stream ended with error");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = self.gone.cancelled() => break,
+            }
+        }
+        // Abandon pending dials (DIAL_CLS to their agents) and close
+        // established connections (CLOSE_REQ to their agents).
+        self.gone.cancel();
+        gauge.dec();
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Established {
+                random,
+                connect_id,
+                tx,
+                close,
+            } => {
+                self.pending.remove(&random);
+                self.conns.insert(connect_id, (tx, close));
+            }
+            Event::DialDone { random } => {
+                self.pending.remove(&random);
+            }
+            Event::Closed { connect_id } => {
+                self.conns.remove(&connect_id);
+            }
+        }
+    }
+
+    async fn reply(&self, p: Packet) {
+        let _ = self.out.send(p).await;
+    }
+
+    async fn on_message(&mut self, m: Message, ev_tx: &mpsc::Sender<Event>) {
+        match m {
+            Message::DialRequest {
+                protocol,
+                address,
+                random,
+            } => {
+                if protocol != "tcp" {
+                    self.reply(packet::dial_failed(
+                        random,
+                        format!("protocol {protocol:?} not supported, only tcp"),
+                    ))
+                    .await;
+                    return;
+                }
+                if self.pending.len() + self.conns.len() >= MAX_PER_STREAM
+                    || self.pending.contains_key(&random)
+                {
+                    self.reply(packet::dial_failed(
+                        random,
+                        "too many dials on this frontend stream, or a duplicate dial id",
+                    ))
+                    .await;
+                    return;
+                }
+                let cancel = self.gone.child_token();
+                self.pending.insert(random, cancel.clone());
+                let dial = Dial {
+                    registry: self.registry.clone(),
+                    out: self.out.clone(),
+                    events: ev_tx.clone(),
+                    cancel,
+                    address,
+                    random,
+                };
+                let span = tracing::info_span!("conn", dst.addr = %dial.address, random, connect_id = tracing::field::Empty);
+                tokio::spawn(dial.run().instrument(span));
+            }
+            Message::Data { connect_id, data } => match self.conns.get(&connect_id) {
+                Some((tx, _)) => {
+                    // Waiting here is per frontend stream: the single-use
+                    // client has one connection per stream, so this is that
+                    // connection's own backpressure.
+                    let _ = tx.send(data).await;
+                }
+                None => {
+                    self.metrics
+                        .unknown_packets
+                        .with_label_values(&["DATA"])
+                        .inc();
+                    debug!(connect_id, "DATA from frontend for unknown connection ignored");
+                }
+            },
+            Message::CloseRequest { connect_id } => match self.conns.get(&connect_id) {
+                Some((tx, close)) => {
+                    tx.close().await;
+                    let close = close.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(CLOSE_WAIT).await;
+                        close.cancel();
+                    });
+                }
+                None => {
+                    self.reply(packet::close_response(
+                        connect_id,
+                        packet::UNKNOWN_CONNECT_ID,
+                    ))
+                    .await
+                }
+            },
+            Message::CloseDial { random } => {
+                if let Some(c) = self.pending.remove(&random) {
+                    c.cancel();
+                }
+            }
+            Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
+            other => debug!(kind = other.kind(), "packet not valid from a frontend; ignored"),
+        }
+    }
+}
+
+/// One dial of a frontend stream, then its connection's agent-to-frontend pump.
+struct Dial {
+    registry: Arc<AgentRegistry>,
+    out: mpsc::Sender<Packet>,
+    events: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+    address: String,
+    random: i64,
+}
+
+impl Dial {
+    async fn run(self) {
+        let random = self.random;
+        let result = tokio::select! {
+            r = self.registry.dial(&self.address, random) => r,
+            _ = self.cancel.cancelled() => Err(DialError::Cancelled),
+        };
+        let tunnel = match result {
+            Ok(t) => t,
+            Err(e) => {
+                if !matches!(e, DialError::Cancelled) {
+                    info!(error = %e, "dial failed");
+                    let _ = self.out.send(packet::dial_failed(random, e.to_string())).await;
+                } else {
+                    debug!("dial cancelled by frontend");
+                }
+                let _ = self.events.send(Event::DialDone { random }).await;
+                return;
+            }
+        };
+        let connect_id = tunnel.connect_id();
+        tracing::Span::current().record("connect_id", connect_id);
+        debug!(connect_id, agent.id = tunnel.agent_id(), "connection established");
+        let close = self.cancel.child_token();
+        // Register before answering so the frontend's first DATA finds it.
+        let registered = self
+            .events
+            .send(Event::Established {
+                random,
+                connect_id,
+                tx: tunnel.tx.clone(),
+                close: close.clone(),
+            })
+            .await;
+        if registered.is_err() || self.out.send(packet::dial_ok(random, connect_id)).await.is_err() {
+            return;
+        }
+        let mut rx = tunnel.rx;
+        drop(tunnel.tx);
+        loop {
+            let chunk = tokio::select! {
+                c = rx.recv() => c,
+                _ = close.cancelled() => None,
+            };
+            let Some(chunk) = chunk else { break };
+            let n = chunk.len();
+            if self.out.send(packet::data(connect_id, chunk)).await.is_err() {
+                return;
+            }
+            rx.delivered(n).await;
+        }
+        // The agent closed (or the frontend asked and the agent answered).
+        if !self.cancel.is_cancelled() {
+            let _ = self.out.send(packet::close_response(connect_id, "")).await;
+        }
+        let _ = self.events.send(Event::Closed { connect_id }).await;
+    }
+}

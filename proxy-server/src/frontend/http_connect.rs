@@ -1,0 +1,135 @@
+//! HTTP CONNECT frontend (`--mode=http-connect`), over a Unix socket or
+//! mutual-TLS TCP. One CONNECT per client connection, answered exactly as the
+//! reference does: `HTTP/1.1 200 Connection Established\r\n\r\n` and nothing
+//! more before tunnel data; 405, 500, 502, 503, 504 by cause otherwise.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use konnectivity_proto::connect::{self, Parsed};
+use konnectivity_proto::ids;
+use konnectivity_runtime::flow;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backend::registry::AgentRegistry;
+use crate::frontend::grpc::CLOSE_WAIT;
+use crate::metrics::Metrics;
+use crate::tunnel::DialError;
+
+/// Longest wait for a complete request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves one client connection.
+pub async fn serve_conn<S>(sock: S, peer: String, registry: Arc<AgentRegistry>, metrics: Metrics)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let gauge = metrics.frontend_connections.with_label_values(&["http-connect"]);
+    gauge.inc();
+    let span = tracing::info_span!("connect", %peer, dst.addr = tracing::field::Empty, connect_id = tracing::field::Empty);
+    serve_inner(sock, registry).instrument(span).await;
+    gauge.dec();
+}
+
+async fn read_head<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut BytesMut) -> Result<Parsed, String> {
+    loop {
+        let parsed = connect::parse_request(buf);
+        if parsed != Parsed::Partial {
+            return Ok(parsed);
+        }
+        buf.reserve(4096);
+        let n = sock.read_buf(buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("client closed before sending a complete request".into());
+        }
+    }
+}
+
+async fn serve_inner<S>(mut sock: S, registry: Arc<AgentRegistry>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::with_capacity(1024);
+    let parsed = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut sock, &mut buf)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            debug!(error = e, "no CONNECT request");
+            return;
+        }
+        Err(_) => {
+            debug!("timed out waiting for the CONNECT request");
+            return;
+        }
+    };
+    let (target, head_len) = match parsed {
+        Parsed::Connect { target, head_len } => (target, head_len),
+        Parsed::Reject { status, reason } => {
+            warn!(status, reason, "CONNECT request refused");
+            let _ = sock.write_all(&connect::error_response(status, &reason)).await;
+            let _ = sock.shutdown().await;
+            return;
+        }
+        Parsed::Partial => return,
+    };
+    tracing::Span::current().record("dst.addr", target.as_str());
+    let random = ids::random_dial_id();
+    let tunnel = match registry.dial(&target, random).await {
+        Ok(t) => t,
+        Err(e) => {
+            let (status, body) = match &e {
+                DialError::NoAgent => (500, format!("currently no tunnels available: {e}")),
+                DialError::Agent { error, .. } => (connect::status_for_dial_error(error), error.clone()),
+                DialError::Timeout { .. } => (504, e.to_string()),
+                DialError::Refused(_) => (503, e.to_string()),
+                _ => (502, e.to_string()),
+            };
+            info!(status, error = %e, "CONNECT dial failed");
+            let _ = sock.write_all(&connect::error_response(status, &body)).await;
+            let _ = sock.shutdown().await;
+            return;
+        }
+    };
+    tracing::Span::current().record("connect_id", tunnel.connect_id());
+    if sock.write_all(connect::ESTABLISHED).await.is_err() {
+        return;
+    }
+    let early = buf.split_off(head_len).freeze();
+    let (tx, mut rx) = (tunnel.tx, tunnel.rx);
+    if !early.is_empty() && tx.send(early).await.is_err() {
+        return;
+    }
+    let (reader, mut writer) = tokio::io::split(sock);
+    let up = {
+        let tx = tx.clone();
+        async move {
+            let r = flow::socket_to_tunnel(reader, tx.credit(), |b: Bytes| {
+                let tx = tx.clone();
+                async move { tx.send_counted(b).await.is_ok() }
+            })
+            .await;
+            // Client EOF (no half-close in the protocol): ask the agent to close.
+            tx.close().await;
+            r
+        }
+    };
+    let down = async {
+        if let Err(e) = flow::tunnel_to_socket(&mut rx, &mut writer).await {
+            debug!(error = %e, "client write failed");
+        }
+    };
+    tokio::pin!(down);
+    tokio::select! {
+        _ = &mut down => {}
+        r = up => {
+            if let Err(e) = r {
+                debug!(error = %e, "client read failed");
+            }
+            // Wait for the agent's CLOSE_RSP, then let the guard clean up.
+            let _ = tokio::time::timeout(CLOSE_WAIT, &mut down).await;
+        }
+    }
+    debug!("CONNECT tunnel closed");
+}

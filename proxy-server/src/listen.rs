@@ -1,0 +1,154 @@
+//! Accept loops: TCP with TLS (handshakes run concurrently, bounded, with a
+//! timeout, and every failure is logged with the peer and rustls' reason) and
+//! Unix sockets. The loops survive errors: a reset or a bad handshake never
+//! ends them, and running out of file descriptors backs off.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once per listener.
+const MAX_HANDSHAKES: usize = 256;
+
+/// Who is on the other end of an accepted TLS connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Peer address.
+    pub remote_addr: SocketAddr,
+    /// Whether the peer presented a (verified) client certificate.
+    pub client_cert: bool,
+}
+
+/// An accepted, handshaken TLS connection.
+pub struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl TlsConn {
+    /// The peer.
+    pub fn info(&self) -> &PeerInfo {
+        &self.info
+    }
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Pauses after an accept error; longer when out of file descriptors.
+pub async fn accept_backoff(role: &str, e: &io::Error) {
+    let emfile = matches!(e.raw_os_error(), Some(24) | Some(23));
+    if emfile {
+        warn!(listener = role, error = %e, "out of file descriptors; pausing accepts");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    } else {
+        debug!(listener = role, error = %e, "accept failed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Accepts TLS connections on `listener` until `stop`, handing handshaken ones
+/// to the returned queue.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    role: &'static str,
+    stop: CancellationToken,
+) -> mpsc::Receiver<Result<TlsConn, io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote_addr) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => { accept_backoff(role, &e).await; continue; }
+                },
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let client_cert = tls.get_ref().1.peer_certificates().is_some();
+                        let conn = TlsConn {
+                            inner: tls,
+                            info: PeerInfo {
+                                remote_addr,
+                                client_cert,
+                            },
+                        };
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Ok(Err(e)) => {
+                        warn!(listener = role, peer = %remote_addr, error = %e, "TLS handshake failed; connection refused");
+                    }
+                    Err(_) => {
+                        warn!(listener = role, peer = %remote_addr, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    rx
+}

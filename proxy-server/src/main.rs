@@ -1,0 +1,24 @@
+//! `proxy-server`: parse flags, validate, run. Everything else is in the library.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = proxy_server::config::Args::parse();
+    konnectivity_runtime::logging::init(args.log_format, args.verbosity);
+    let config = match proxy_server::Config::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("proxy-server: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let shutdown = konnectivity_runtime::shutdown::Shutdown::new().on_signals();
+    match proxy_server::run(config, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("proxy-server: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

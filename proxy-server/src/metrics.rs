@@ -1,0 +1,135 @@
+//! Server metrics: upstream names first (`konnectivity_network_proxy_server_*`),
+//! then ours (bytes relayed, stalled connections, refused agents).
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+const NS: &str = "konnectivity_network_proxy";
+const SUB: &str = "server";
+
+/// Every metric the server updates, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry served on /metrics.
+    pub registry: Registry,
+    /// Agent streams connected (upstream `ready_backend_connections`).
+    pub ready_backend_connections: IntGauge,
+    /// Dials sent to an agent and not answered yet.
+    pub pending_dials: IntGauge,
+    /// Connections established through an agent, open now.
+    pub established_connections: IntGauge,
+    /// Frontend gRPC streams / HTTP CONNECT sockets open, by mode.
+    pub frontend_connections: IntGaugeVec,
+    /// Failed dials by reason.
+    pub dial_failures: IntCounterVec,
+    /// Time from DIAL_REQ to DIAL_RSP.
+    pub dial_duration: Histogram,
+    /// Bytes relayed, by direction (`to_agent`, `to_frontend`).
+    pub bytes: IntCounterVec,
+    /// Connections closed because their reader stalled longer than --stall-timeout.
+    pub stalled_closed: IntCounter,
+    /// Packets naming a connection or dial we do not know, by packet type.
+    pub unknown_packets: IntCounterVec,
+    /// Agent streams refused, by reason.
+    pub agent_refused: IntCounterVec,
+    /// Malformed packets received, by side.
+    pub bad_packets: IntCounterVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(NS).subsystem(SUB)
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("metric names are unique");
+        };
+        let m = Metrics {
+            ready_backend_connections: IntGauge::with_opts(opts(
+                "ready_backend_connections",
+                "Number of agent streams connected to this server",
+            ))
+            .expect("valid"),
+            pending_dials: IntGauge::with_opts(opts(
+                "pending_backend_dials",
+                "Dials sent to agents and not answered yet",
+            ))
+            .expect("valid"),
+            established_connections: IntGauge::with_opts(opts(
+                "established_connections",
+                "Connections established through agents and open now",
+            ))
+            .expect("valid"),
+            frontend_connections: IntGaugeVec::new(
+                opts("frontend_connections", "Open frontend streams or sockets"),
+                &["mode"],
+            )
+            .expect("valid"),
+            dial_failures: IntCounterVec::new(
+                opts("dial_failure_count", "Failed dials, by reason"),
+                &["reason"],
+            )
+            .expect("valid"),
+            dial_duration: Histogram::with_opts(
+                HistogramOpts::new("dial_duration_seconds", "Latency of dial to the agent")
+                    .namespace(NS)
+                    .subsystem(SUB)
+                    .buckets(vec![
+                        0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ]),
+            )
+            .expect("valid"),
+            bytes: IntCounterVec::new(
+                opts("relayed_bytes_total", "Bytes relayed, by direction"),
+                &["direction"],
+            )
+            .expect("valid"),
+            stalled_closed: IntCounter::with_opts(opts(
+                "stalled_connections_closed_total",
+                "Connections closed because their reader stalled past --stall-timeout",
+            ))
+            .expect("valid"),
+            unknown_packets: IntCounterVec::new(
+                opts(
+                    "unknown_connection_packets_total",
+                    "Packets for a connection or dial this server does not know, by packet type",
+                ),
+                &["packet_type"],
+            )
+            .expect("valid"),
+            agent_refused: IntCounterVec::new(
+                opts("agent_refused_total", "Agent streams refused, by reason"),
+                &["reason"],
+            )
+            .expect("valid"),
+            bad_packets: IntCounterVec::new(
+                opts("malformed_packets_total", "Malformed packets received, by side"),
+                &["side"],
+            )
+            .expect("valid"),
+            registry: registry.clone(),
+        };
+        reg(Box::new(m.ready_backend_connections.clone()));
+        reg(Box::new(m.pending_dials.clone()));
+        reg(Box::new(m.established_connections.clone()));
+        reg(Box::new(m.frontend_connections.clone()));
+        reg(Box::new(m.dial_failures.clone()));
+        reg(Box::new(m.dial_duration.clone()));
+        reg(Box::new(m.bytes.clone()));
+        reg(Box::new(m.stalled_closed.clone()));
+        reg(Box::new(m.unknown_packets.clone()));
+        reg(Box::new(m.agent_refused.clone()));
+        reg(Box::new(m.bad_packets.clone()));
+        m
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,324 @@
+//! Binding every listener, then running the agent service, the frontend and
+//! the health endpoint until shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use konnectivity_proto::wire::agent_service_server::AgentServiceServer;
+use konnectivity_proto::wire::proxy_service_server::ProxyServiceServer;
+use konnectivity_runtime::admin::{self, AdminState};
+use konnectivity_runtime::shutdown::Shutdown;
+use konnectivity_runtime::tls;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tracing::{info, warn};
+
+use crate::backend::agent::LinkSettings;
+use crate::backend::registry::AgentRegistry;
+use crate::backend::service::AgentEndpoint;
+use crate::config::{Config, FrontendListen, Mode};
+use crate::frontend::grpc::GrpcFrontend;
+use crate::frontend::http_connect;
+use crate::listen;
+use crate::metrics::Metrics;
+
+/// Largest gRPC message accepted (the Go client writes one `DATA` per call,
+/// up to gRPC's 4 MiB default; leave room above it).
+const MAX_MESSAGE: usize = 16 << 20;
+
+/// Where the frontend listens, once bound.
+#[derive(Debug, Clone)]
+pub enum FrontendAddr {
+    /// Unix socket path.
+    Unix(PathBuf),
+    /// TCP address.
+    Tcp(SocketAddr),
+}
+
+enum FrontendListener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener, Arc<rustls::ServerConfig>),
+}
+
+/// A server whose listeners are bound; [`BoundServer::run`] serves them.
+pub struct BoundServer {
+    config: Config,
+    frontend: FrontendListener,
+    agent: TcpListener,
+    agent_tls: Arc<rustls::ServerConfig>,
+    health: TcpListener,
+    admin: Option<TcpListener>,
+    metrics: Metrics,
+}
+
+impl BoundServer {
+    /// The bound frontend address.
+    pub fn frontend_addr(&self) -> FrontendAddr {
+        match &self.frontend {
+            FrontendListener::Unix(_, p) => FrontendAddr::Unix(p.clone()),
+            FrontendListener::Tcp(l, _) => FrontendAddr::Tcp(l.local_addr().expect("bound")),
+        }
+    }
+    /// The bound agent listener address.
+    pub fn agent_addr(&self) -> SocketAddr {
+        self.agent.local_addr().expect("bound")
+    }
+    /// The bound health listener address.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health.local_addr().expect("bound")
+    }
+    /// The server's metrics (tests read them directly).
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+}
+
+async fn tcp(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind {what} listener on {addr}"))
+}
+
+/// Binds every listener of `config`. Fails before anything is served.
+pub async fn bind(config: Config) -> anyhow::Result<BoundServer> {
+    let agent_tls = tls::server_config(&config.agent_tls, &[b"h2"]).context("agent TLS")?;
+    let frontend = match &config.frontend {
+        FrontendListen::Unix {
+            path,
+            delete_existing,
+        } => {
+            if *delete_existing && path.exists() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("remove existing socket {}", path.display()))?;
+            }
+            let l = UnixListener::bind(path)
+                .with_context(|| format!("bind frontend Unix socket {}", path.display()))?;
+            FrontendListener::Unix(l, path.clone())
+        }
+        FrontendListen::Tcp { addr, tls: files } => {
+            let alpn: &[&[u8]] = match config.mode {
+                Mode::Grpc => &[b"h2"],
+                Mode::HttpConnect => &[b"http/1.1"],
+            };
+            let cfg = tls::server_config(files, alpn).context("frontend TLS")?;
+            FrontendListener::Tcp(tcp(addr, "frontend").await?, cfg)
+        }
+    };
+    let agent = tcp(&config.agent_addr, "agent").await?;
+    let health = tcp(&config.health_addr, "health").await?;
+    let admin = match &config.admin_addr {
+        Some(a) => Some(tcp(a, "admin").await?),
+        None => None,
+    };
+    Ok(BoundServer {
+        config,
+        frontend,
+        agent,
+        agent_tls,
+        health,
+        admin,
+        metrics: Metrics::new(),
+    })
+}
+
+/// Binds and runs until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    bind(config).await?.run(shutdown).await
+}
+
+impl BoundServer {
+    /// Serves until `shutdown`: on the graceful signal the frontend stops
+    /// accepting and open connections get `--grace-period` to finish; then
+    /// everything stops.
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let cfg = &self.config;
+        let metrics = self.metrics.clone();
+        let mode = match cfg.mode {
+            Mode::Grpc => "grpc",
+            Mode::HttpConnect => "http-connect",
+        };
+        info!(
+            version = env!("CARGO_PKG_VERSION"),
+            server.id = %cfg.server_id,
+            mode,
+            frontend = ?self.frontend_addr(),
+            agent = %self.agent_addr(),
+            health = %self.health_addr(),
+            admin = ?self.admin.as_ref().and_then(|a| a.local_addr().ok()),
+            "proxy-server started"
+        );
+        let registry = Arc::new(AgentRegistry::new(
+            cfg.strategies.clone(),
+            cfg.dial_timeout,
+            metrics.clone(),
+        ));
+        let stop_all = shutdown.immediate.clone();
+
+        // Health and admin endpoints.
+        let ready_registry = registry.clone();
+        let state = AdminState {
+            registry: Arc::new(metrics.registry.clone()),
+            ready: Arc::new(move || {
+                if ready_registry.is_empty() {
+                    Err("no connection to any proxy agent".into())
+                } else {
+                    Ok(())
+                }
+            }),
+        };
+        tokio::spawn(admin::serve(self.health, state.clone(), stop_all.clone()));
+        if let Some(a) = self.admin {
+            tokio::spawn(admin::serve(a, state, stop_all.clone()));
+        }
+
+        // Agent listener.
+        let endpoint = AgentEndpoint {
+            registry: registry.clone(),
+            settings: LinkSettings {
+                metrics: metrics.clone(),
+                stall_timeout: cfg.stall_timeout,
+                max_pending: cfg.max_pending,
+                max_conns: cfg.max_conns,
+            },
+            server_id: cfg.server_id.clone(),
+            server_count: cfg.server_count,
+            tokens: cfg.tokens.clone(),
+            flow_control: cfg.flow_control,
+            stop: stop_all.clone(),
+        };
+        let agent_incoming = listen::tls_incoming(self.agent, self.agent_tls, "agent", stop_all.clone());
+        let agent_server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(cfg.keepalive_time))
+            .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
+            .add_service(
+                AgentServiceServer::new(endpoint)
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(ReceiverStream::new(agent_incoming), stop_all.clone().cancelled_owned());
+        let agent_task = tokio::spawn(agent_server);
+
+        // Frontend.
+        let frontend_stop = shutdown.graceful.clone();
+        let frontend_task = match (cfg.mode, self.frontend) {
+            (Mode::Grpc, listener) => {
+                let svc = ProxyServiceServer::new(GrpcFrontend {
+                    registry: registry.clone(),
+                    metrics: metrics.clone(),
+                    stop: stop_all.clone(),
+                })
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
+                let builder = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(cfg.frontend_keepalive_time));
+                match listener {
+                    FrontendListener::Unix(l, _) => {
+                        let mut b = builder;
+                        tokio::spawn(async move {
+                            b.add_service(svc)
+                                .serve_with_incoming_shutdown(
+                                    UnixListenerStream::new(l),
+                                    frontend_stop.cancelled_owned(),
+                                )
+                                .await
+                        })
+                    }
+                    FrontendListener::Tcp(l, tls_cfg) => {
+                        let incoming = listen::tls_incoming(l, tls_cfg, "frontend", frontend_stop.clone());
+                        let mut b = builder;
+                        tokio::spawn(async move {
+                            b.add_service(svc)
+                                .serve_with_incoming_shutdown(
+                                    ReceiverStream::new(incoming),
+                                    frontend_stop.cancelled_owned(),
+                                )
+                                .await
+                        })
+                    }
+                }
+            }
+            (Mode::HttpConnect, FrontendListener::Unix(l, _)) => {
+                let registry = registry.clone();
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let (sock, _) = tokio::select! {
+                            _ = frontend_stop.cancelled() => return Ok(()),
+                            r = l.accept() => match r {
+                                Ok(c) => c,
+                                Err(e) => { listen::accept_backoff("frontend", &e).await; continue; }
+                            },
+                        };
+                        tokio::spawn(http_connect::serve_conn(
+                            sock,
+                            "unix".into(),
+                            registry.clone(),
+                            metrics.clone(),
+                        ));
+                    }
+                })
+            }
+            (Mode::HttpConnect, FrontendListener::Tcp(l, tls_cfg)) => {
+                let registry = registry.clone();
+                let metrics = metrics.clone();
+                let mut incoming = listen::tls_incoming(l, tls_cfg, "frontend", frontend_stop.clone());
+                tokio::spawn(async move {
+                    while let Some(Ok(conn)) = incoming.recv().await {
+                        let peer = conn.info().remote_addr.to_string();
+                        tokio::spawn(http_connect::serve_conn(
+                            conn,
+                            peer,
+                            registry.clone(),
+                            metrics.clone(),
+                        ));
+                    }
+                    Ok(())
+                })
+            }
+        };
+
+        // Wait for the first signal, then the grace period.
+        tokio::select! {
+            _ = shutdown.graceful.cancelled() => {}
+            r = agent_task => {
+                shutdown.now();
+                return r.context("agent listener task")?.context("agent listener");
+            }
+        }
+        info!(grace_period = ?cfg.grace_period, "draining: frontend closed to new connections");
+        let deadline = tokio::time::Instant::now() + cfg.grace_period;
+        loop {
+            let open = metrics.established_connections.get() + metrics.pending_dials.get();
+            if open <= 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(open, "grace period over; cutting off open connections");
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                _ = shutdown.immediate.cancelled() => {
+                    warn!(open, "second signal; cutting off open connections");
+                    break;
+                }
+            }
+        }
+        shutdown.now();
+        frontend_task.abort();
+        if let FrontendAddr::Unix(p) = self_frontend_path(&self.config) {
+            let _ = std::fs::remove_file(p);
+        }
+        info!("proxy-server stopped");
+        Ok(())
+    }
+}
+
+fn self_frontend_path(cfg: &Config) -> FrontendAddr {
+    match &cfg.frontend {
+        FrontendListen::Unix { path, .. } => FrontendAddr::Unix(path.clone()),
+        FrontendListen::Tcp { .. } => FrontendAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0))),
+    }
+}

@@ -1,0 +1,95 @@
+//! The health and metrics HTTP endpoint: `/healthz` (the process serves),
+//! `/readyz` (the component can do its job; 503 with the reason otherwise) and
+//! `/metrics` (Prometheus text). Served with hyper's HTTP/1 server.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Readiness check: `Ok(())` when ready, or the reason it is not.
+pub type ReadyFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// What the endpoint serves.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Metrics to expose.
+    pub registry: Arc<Registry>,
+    /// Readiness check.
+    pub ready: ReadyFn,
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" | "/livez" => text(StatusCode::OK, "ok"),
+        "/readyz" => match (state.ready)() {
+            Ok(()) => text(StatusCode::OK, "ok"),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")),
+        },
+        "/metrics" => {
+            let mut out = Vec::new();
+            let encoder = TextEncoder::new();
+            match encoder.encode(&state.registry.gather(), &mut out) {
+                Ok(()) => {
+                    let mut r = text(StatusCode::OK, out);
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(prometheus::TEXT_FORMAT),
+                    );
+                    r
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// Serves the endpoint on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin endpoint accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let r = handle(&state, &req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}

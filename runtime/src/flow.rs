@@ -1,0 +1,235 @@
+//! Moving one connection's bytes between a socket and the tunnel, with
+//! per-connection credit so that one slow reader cannot stall a shared stream.
+//!
+//! The reference protocol multiplexes every connection of an agent on one gRPC
+//! stream without flow control, so a receiver either buffers without limit or
+//! blocks the whole stream. When both ends are ours they negotiate the
+//! `window-v1` feature: each connection starts with [`WINDOW`] bytes of credit
+//! in each direction, the sender stops reading its socket when the credit is
+//! spent, and the receiver grants credit back (`WINDOW` packets) as it writes
+//! bytes out. The receiver's queue therefore never holds more than one window
+//! and never blocks the shared stream. With a reference peer there is no
+//! credit ([`Credit::unlimited`]) and the receiver's bounded queue plus a stall
+//! timeout decide (see the server and agent docs).
+
+use std::future::Future;
+use std::sync::Mutex;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+/// Initial credit per connection and direction, in bytes.
+pub const WINDOW: i64 = 1 << 20;
+/// Largest read from a socket, so the largest `DATA` we produce.
+pub const READ_CHUNK: usize = 64 * 1024;
+/// Packets a connection's inbound queue holds (bytes are bounded by the window
+/// when credit is on, by `QUEUE_PACKETS * max message size` otherwise).
+pub const QUEUE_PACKETS: usize = 64;
+
+/// Send credit of one connection in one direction.
+#[derive(Debug)]
+pub struct Credit {
+    /// `None` = unlimited (peer without flow control).
+    avail: Option<Mutex<i64>>,
+    notify: Notify,
+}
+
+impl Credit {
+    /// Credit of `initial` bytes.
+    pub fn new(initial: i64) -> Self {
+        Self {
+            avail: Some(Mutex::new(initial)),
+            notify: Notify::new(),
+        }
+    }
+
+    /// No limit: the peer does not speak `window-v1`.
+    pub fn unlimited() -> Self {
+        Self {
+            avail: None,
+            notify: Notify::new(),
+        }
+    }
+
+    /// Waits until some credit is available and returns how much (capped at
+    /// `max`). Unlimited credit returns `max` at once.
+    pub async fn wait(&self, max: usize) -> usize {
+        let Some(avail) = &self.avail else {
+            return max;
+        };
+        loop {
+            let notified = self.notify.notified();
+            {
+                let a = *avail.lock().unwrap_or_else(|e| e.into_inner());
+                if a > 0 {
+                    return (a as usize).min(max);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Spends `n` bytes. Credit may go negative when a peer's message was larger
+    /// than the credit left (a frontend writes whole messages); sending then
+    /// waits until grants bring it back above zero.
+    pub fn consume(&self, n: usize) {
+        if let Some(avail) = &self.avail {
+            *avail.lock().unwrap_or_else(|e| e.into_inner()) -= n as i64;
+        }
+    }
+
+    /// Adds `n` bytes granted by the receiver.
+    pub fn grant(&self, n: i64) {
+        if let Some(avail) = &self.avail {
+            let mut a = avail.lock().unwrap_or_else(|e| e.into_inner());
+            *a = a.saturating_add(n);
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Is this credit limited (flow control on)?
+    pub fn is_limited(&self) -> bool {
+        self.avail.is_some()
+    }
+}
+
+/// Receiver side: counts bytes written out and says when to grant them back,
+/// batching grants to a quarter window.
+#[derive(Debug, Default)]
+pub struct Grants {
+    unacked: i64,
+}
+
+impl Grants {
+    /// Records `n` bytes written; returns a grant to send when one is due.
+    pub fn written(&mut self, n: usize) -> Option<i64> {
+        self.unacked += n as i64;
+        if self.unacked >= WINDOW / 4 {
+            Some(std::mem::take(&mut self.unacked))
+        } else {
+            None
+        }
+    }
+}
+
+/// Reads `reader` until EOF, handing each chunk to `send` while respecting
+/// `credit`. Stops early, without error, when `send` returns false (the tunnel
+/// side is gone). Returns the bytes read.
+pub async fn socket_to_tunnel<R, F, Fut>(
+    mut reader: R,
+    credit: &Credit,
+    mut send: F,
+) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    F: FnMut(Bytes) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut total = 0u64;
+    let mut buf = BytesMut::new();
+    loop {
+        let allowed = credit.wait(READ_CHUNK).await;
+        buf.reserve(allowed);
+        let n = (&mut reader).take(allowed as u64).read_buf(&mut buf).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+        credit.consume(n);
+        if !send(buf.split().freeze()).await {
+            return Ok(total);
+        }
+    }
+}
+
+/// The receiving side of one tunnelled connection, as a relay sees it.
+pub trait Inbound {
+    /// The next chunk, or `None` once the connection is closed.
+    fn recv(&mut self) -> impl Future<Output = Option<Bytes>> + Send;
+    /// `n` bytes were written out: count them, grant credit back.
+    fn delivered(&mut self, n: usize) -> impl Future<Output = ()> + Send;
+}
+
+/// Writes every chunk from `inbound` to `writer` until the connection closes,
+/// reporting each written chunk, then shuts the writer down. Returns the bytes
+/// written.
+pub async fn tunnel_to_socket<I, W>(inbound: &mut I, mut writer: W) -> std::io::Result<u64>
+where
+    I: Inbound,
+    W: AsyncWrite + Unpin,
+{
+    let mut total = 0u64;
+    while let Some(chunk) = inbound.recv().await {
+        writer.write_all(&chunk).await?;
+        total += chunk.len() as u64;
+        inbound.delivered(chunk.len()).await;
+    }
+    writer.shutdown().await.ok();
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn sender_stops_at_the_window_and_resumes_on_grant() {
+        let credit = Arc::new(Credit::new(10));
+        assert_eq!(credit.wait(64).await, 10);
+        credit.consume(25);
+        let c2 = credit.clone();
+        let waiter = tokio::spawn(async move { c2.wait(64).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "must wait while credit is negative");
+        credit.grant(10);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "still -5");
+        credit.grant(20);
+        assert_eq!(waiter.await.unwrap(), 15);
+    }
+
+    #[tokio::test]
+    async fn unlimited_credit_never_waits() {
+        let c = Credit::unlimited();
+        c.consume(1 << 40);
+        assert_eq!(c.wait(7).await, 7);
+        assert!(!c.is_limited());
+    }
+
+    #[test]
+    fn grants_are_batched_to_a_quarter_window() {
+        let mut g = Grants::default();
+        assert_eq!(g.written((WINDOW / 8) as usize), None);
+        assert_eq!(g.written((WINDOW / 8) as usize), Some(WINDOW / 4));
+        assert_eq!(g.written(1), None);
+    }
+
+    #[tokio::test]
+    async fn relay_moves_bytes_within_credit() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let data: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let expect = data.clone();
+        tokio::spawn(async move {
+            b.write_all(&data).await.unwrap();
+        });
+        let credit = Credit::new(100_000);
+        let mut got = Vec::new();
+        let mut chunks = 0;
+        // Never grant: the reader must stop after 100_000 bytes.
+        let res = tokio::time::timeout(std::time::Duration::from_millis(200), async {
+            socket_to_tunnel(a, &credit, |c| {
+                got.extend_from_slice(&c);
+                chunks += 1;
+                async { true }
+            })
+            .await
+        })
+        .await;
+        assert!(res.is_err(), "should be waiting for credit");
+        assert_eq!(got.len(), 100_000);
+        assert_eq!(&got[..], &expect[..100_000]);
+        assert!(chunks >= 2);
+    }
+}

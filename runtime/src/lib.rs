@@ -1,0 +1,19 @@
+//! Pieces `proxy-server` and `proxy-agent` both need, kept out of the protocol
+//! crate because they touch sockets, files, clocks or the process:
+//!
+//! - [`tls`]: rustls configurations from PEM files, with errors that name the file.
+//! - [`pki`]: throw-away certificate authorities for the demo and the tests.
+//! - [`flow`]: per-connection credit (the `WINDOW` extension) and the relay
+//!   that moves bytes between a socket and a tunnelled connection.
+//! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
+//! - [`shutdown`]: first signal drains, second signal exits.
+//! - [`logging`]: `tracing` set-up for text or JSON logs with klog-style verbosity.
+//! - [`duration`]: flag values like `30s`, `1h`, `5m0s`.
+
+pub mod admin;
+pub mod duration;
+pub mod flow;
+pub mod logging;
+pub mod pki;
+pub mod shutdown;
+pub mod tls;

@@ -1,0 +1,45 @@
+//! `tracing` set-up. klog's `--v=N` maps onto levels (0-1 info, 2-4 debug,
+//! 5+ trace); `RUST_LOG` overrides it when set.
+
+use tracing_subscriber::EnvFilter;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(Format::Text),
+            "json" => Ok(Format::Json),
+            _ => Err(format!("unknown log format {s:?} (want text or json)")),
+        }
+    }
+}
+
+/// Installs the global subscriber, writing to stderr. Safe to call twice (the
+/// second call does nothing), which tests rely on.
+pub fn init(format: Format, verbosity: u8) {
+    let level = match verbosity {
+        0 | 1 => "info",
+        2..=4 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{level},h2=info,hyper=info,tower=info,rustls=info"))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        Format::Text => builder.try_init(),
+        Format::Json => builder.json().try_init(),
+    };
+}
