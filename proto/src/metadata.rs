@@ -22,6 +22,14 @@ pub const FEATURES: &str = "x-konnectivity-rs-features";
 /// server heartbeats (`WINDOW{0,0}`).
 pub const FEATURE_FLOW_CONTROL: &str = "window-v1";
 
+/// With `window-v1`, the server sends a heartbeat (`WINDOW{0,0}`) this often;
+/// the agent takes [`HEARTBEAT_MISSES`] missed beats as a dead stream. This
+/// detects a dead path in seconds without HTTP/2 pings, which reference
+/// servers refuse more often than every 30 s.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Missed heartbeats after which an agent drops the stream.
+pub const HEARTBEAT_MISSES: u32 = 3;
+
 /// Does a `FEATURES` header value list `feature`?
 pub fn has_feature(header: Option<&str>, feature: &str) -> bool {
     header

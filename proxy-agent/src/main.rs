@@ -1,1 +1,24 @@
-fn main(){}
+//! `proxy-agent`: parse flags, validate, run. Everything else is in the library.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = proxy_agent::config::Args::parse();
+    konnectivity_runtime::logging::init(args.log_format, args.verbosity);
+    let config = match proxy_agent::Config::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("proxy-agent: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let shutdown = konnectivity_runtime::shutdown::Shutdown::new().on_signals();
+    match proxy_agent::run(config, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("proxy-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

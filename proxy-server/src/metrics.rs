@@ -45,9 +45,6 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("metric names are unique");
-        };
         let m = Metrics {
             ready_backend_connections: IntGauge::with_opts(opts(
                 "ready_backend_connections",
@@ -113,17 +110,22 @@ impl Metrics {
             .expect("valid"),
             registry: registry.clone(),
         };
-        reg(Box::new(m.ready_backend_connections.clone()));
-        reg(Box::new(m.pending_dials.clone()));
-        reg(Box::new(m.established_connections.clone()));
-        reg(Box::new(m.frontend_connections.clone()));
-        reg(Box::new(m.dial_failures.clone()));
-        reg(Box::new(m.dial_duration.clone()));
-        reg(Box::new(m.bytes.clone()));
-        reg(Box::new(m.stalled_closed.clone()));
-        reg(Box::new(m.unknown_packets.clone()));
-        reg(Box::new(m.agent_refused.clone()));
-        reg(Box::new(m.bad_packets.clone()));
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.ready_backend_connections.clone()),
+            Box::new(m.pending_dials.clone()),
+            Box::new(m.established_connections.clone()),
+            Box::new(m.frontend_connections.clone()),
+            Box::new(m.dial_failures.clone()),
+            Box::new(m.dial_duration.clone()),
+            Box::new(m.bytes.clone()),
+            Box::new(m.stalled_closed.clone()),
+            Box::new(m.unknown_packets.clone()),
+            Box::new(m.agent_refused.clone()),
+            Box::new(m.bad_packets.clone()),
+        ];
+        for c in collectors {
+            registry.register(c).expect("metric names are unique");
+        }
         m
     }
 }

@@ -4,7 +4,6 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use konnectivity_proto::metadata::{self, AgentIdentifiers};
@@ -21,10 +20,6 @@ use super::agent::{AgentLink, LinkSettings, OUT_QUEUE};
 use super::auth::TokenFile;
 use super::registry::AgentRegistry;
 use crate::listen::PeerInfo;
-
-/// Interval of the `WINDOW{0,0}` heartbeat sent to agents that negotiated
-/// `window-v1`; such agents treat three missed beats as a dead stream.
-pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
 static SERIAL: AtomicU64 = AtomicU64::new(1);
 
@@ -134,7 +129,7 @@ impl AgentService for AgentEndpoint {
                 if served.flow {
                     let beat = served.clone();
                     tokio::spawn(async move {
-                        let mut tick = tokio::time::interval(HEARTBEAT);
+                        let mut tick = tokio::time::interval(metadata::HEARTBEAT_INTERVAL);
                         loop {
                             tokio::select! {
                                 _ = tick.tick() => {}

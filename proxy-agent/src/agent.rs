@@ -1,0 +1,241 @@
+//! The agent's supervisor: holds `serverCount` streams to distinct servers
+//! through one address, redialing with exponential backoff and jitter, and
+//! drains on shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use backon::BackoffBuilder;
+use konnectivity_runtime::admin::{self, AdminState};
+use konnectivity_runtime::shutdown::Shutdown;
+use konnectivity_runtime::tls;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::stream::{self, ServerLink, Settings};
+
+/// An agent whose health and admin listeners are bound.
+pub struct BoundAgent {
+    settings: Arc<Settings>,
+    health: TcpListener,
+    admin: Option<TcpListener>,
+}
+
+impl BoundAgent {
+    /// The bound health address.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health.local_addr().expect("bound")
+    }
+    /// The agent's metrics.
+    pub fn metrics(&self) -> Metrics {
+        self.settings.metrics.clone()
+    }
+}
+
+/// Validates TLS material and binds the health and admin listeners.
+pub async fn bind(config: Config) -> anyhow::Result<BoundAgent> {
+    let tls = {
+        let id = config
+            .server
+            .identity
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        let alpn: Vec<&[u8]> = config.server.alpn.iter().map(Vec::as_slice).collect();
+        tls::client_config(&config.server.ca_cert, id, &alpn).context("agent TLS")?
+    };
+    let health = TcpListener::bind(&config.health_addr)
+        .await
+        .with_context(|| format!("bind health listener on {}", config.health_addr))?;
+    let admin = match &config.admin_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("bind admin listener on {a}"))?,
+        ),
+        None => None,
+    };
+    Ok(BoundAgent {
+        settings: Arc::new(Settings {
+            config,
+            tls,
+            metrics: Metrics::new(),
+        }),
+        health,
+        admin,
+    })
+}
+
+/// Binds and runs until `shutdown`.
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    bind(config).await?.run(shutdown).await
+}
+
+type Links = Arc<Mutex<HashMap<String, Arc<ServerLink>>>>;
+
+fn lock(links: &Links) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ServerLink>>> {
+    links.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BoundAgent {
+    /// Runs the agent: keeps server streams, serves health. On the graceful
+    /// signal it sends `DRAIN` on every stream, opens no new streams, lets open
+    /// connections finish for `--grace-period`, then exits.
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let s = self.settings.clone();
+        let cfg = &s.config;
+        info!(
+            version = env!("CARGO_PKG_VERSION"),
+            agent.id = %cfg.agent_id,
+            server = %format!("{}:{}", cfg.server.host, cfg.server.port),
+            health = %self.health_addr(),
+            admin = ?self.admin.as_ref().and_then(|a| a.local_addr().ok()),
+            identifiers = %cfg.identifiers.encode(),
+            "proxy-agent started"
+        );
+        let links: Links = Arc::default();
+        let ready_metrics = s.metrics.clone();
+        let state = AdminState {
+            registry: Arc::new(s.metrics.registry.clone()),
+            ready: Arc::new(move || {
+                if ready_metrics.open_server_connections.get() > 0 {
+                    Ok(())
+                } else {
+                    Err("no servers connected".into())
+                }
+            }),
+        };
+        let stop_all = shutdown.immediate.clone();
+        tokio::spawn(admin::serve(self.health, state.clone(), stop_all.clone()));
+        if let Some(a) = self.admin {
+            tokio::spawn(admin::serve(a, state, stop_all.clone()));
+        }
+
+        supervise(&s, &links, &shutdown).await;
+
+        // Drain: announce, then give open connections the grace period.
+        let held: Vec<_> = lock(&links).values().cloned().collect();
+        info!(streams = held.len(), grace_period = ?cfg.grace_period, "draining");
+        for l in &held {
+            l.drain().await;
+        }
+        let deadline = tokio::time::Instant::now() + cfg.grace_period;
+        loop {
+            let open: usize = held.iter().map(|l| l.open_connections()).sum();
+            if open == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(open, "grace period over; cutting off open connections");
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.immediate.cancelled() => {
+                    warn!(open, "second signal; cutting off open connections");
+                    break;
+                }
+            }
+        }
+        shutdown.now();
+        info!("proxy-agent stopped");
+        Ok(())
+    }
+}
+
+fn backoff(cfg: &Config) -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(cfg.sync_interval)
+        .with_max_delay(cfg.sync_interval_cap)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Keeps `serverCount` distinct server streams until the graceful signal.
+async fn supervise(s: &Arc<Settings>, links: &Links, shutdown: &Shutdown) {
+    let cfg = &s.config;
+    let m = &s.metrics;
+    let changed = Arc::new(Notify::new());
+    let mut target: u32 = 1;
+    let mut delays = backoff(cfg);
+    m.known_server_count.set(target as i64);
+    loop {
+        let held = lock(links).len() as u32;
+        if held >= target {
+            // All held: wait for a stream to end (or, with --sync-forever,
+            // probe for servers we do not know yet).
+            let probe = cfg.sync_forever;
+            tokio::select! {
+                _ = changed.notified() => continue,
+                _ = shutdown.graceful.cancelled() => return,
+                _ = tokio::time::sleep(cfg.sync_interval_cap), if probe => {}
+            }
+        }
+        let opened = tokio::select! {
+            r = stream::open(s) => r,
+            _ = shutdown.graceful.cancelled() => return,
+        };
+        let wait = match opened {
+            Ok(opened) => {
+                let count = opened.server_count;
+                target = if cfg.server_count_max { target.max(count) } else { count };
+                m.known_server_count.set(target as i64);
+                let id = opened.server_id.clone();
+                let duplicate = {
+                    let mut l = lock(links);
+                    if l.contains_key(&id) {
+                        true
+                    } else {
+                        l.insert(id.clone(), opened.link.clone());
+                        false
+                    }
+                };
+                if duplicate {
+                    debug!(server.id = %id, "already connected to this server; dropping the extra stream");
+                    drop(opened);
+                    delays.next()
+                } else {
+                    info!(server.id = %id, server_count = count, flow_control = opened.link.flow, "connected to proxy server");
+                    m.open_server_connections.inc();
+                    delays = backoff(cfg);
+                    let links = links.clone();
+                    let changed = changed.clone();
+                    let m = m.clone();
+                    let stop = shutdown.immediate.clone();
+                    let span = tracing::info_span!("server", server.id = %id);
+                    tokio::spawn(
+                        async move {
+                            opened.serve(stop).await;
+                            lock(&links).remove(&id);
+                            m.open_server_connections.dec();
+                            changed.notify_one();
+                        }
+                        .instrument(span),
+                    );
+                    None
+                }
+            }
+            Err(e) => {
+                m.server_connection_failures
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                let d = delays.next();
+                warn!(error = %e, retry_in = ?d, "cannot open a stream to the proxy server");
+                d
+            }
+        };
+        if let Some(d) = wait {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = shutdown.graceful.cancelled() => return,
+            }
+        }
+    }
+}
+

@@ -1,0 +1,618 @@
+//! One stream to one proxy server: opening it (TLS, metadata, the server's
+//! `serverID`/`serverCount` headers), serving the server's dial and close
+//! requests, and relaying each destination connection's bytes.
+//!
+//! Every destination connection has its own bounded queue towards its socket.
+//! With a server that negotiated `window-v1` the server never sends more than
+//! one window ahead, so the queue never fills. With a reference server a full
+//! queue holds up this stream for at most `--stall-timeout`, after which only
+//! that connection is closed.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use konnectivity_proto::ids::ConnectIds;
+use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
+use konnectivity_proto::table::Table;
+use konnectivity_proto::wire::agent_service_client::AgentServiceClient;
+use konnectivity_proto::{packet, Message, Packet};
+use konnectivity_runtime::flow::{self, Credit, Grants, Inbound};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Streaming;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Packets queued towards the server, shared by the stream's connections.
+const OUT_QUEUE: usize = 256;
+/// HTTP/2 windows: large enough that one connection can fill the link.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONN_WINDOW: u32 = 16 << 20;
+/// Largest gRPC message accepted from the server.
+const MAX_MESSAGE: usize = 16 << 20;
+/// Connections closed recently, whose late packets are dropped quietly.
+const RECENT: usize = 256;
+
+/// What every stream shares.
+pub struct Settings {
+    /// Configuration.
+    pub config: Config,
+    /// TLS towards the server.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// TCP, TLS or HTTP/2 towards the server failed.
+    #[error("connect to server {addr}: {source}")]
+    Connect {
+        /// host:port.
+        addr: String,
+        /// The transport error (its chain says TCP, TLS or HTTP/2).
+        source: tonic::transport::Error,
+    },
+    /// The server answered the `Connect` call with an error status.
+    #[error("server {addr} refused the agent stream: {code:?}: {message}")]
+    Refused {
+        /// host:port.
+        addr: String,
+        /// gRPC code.
+        code: tonic::Code,
+        /// Server's message.
+        message: String,
+    },
+    /// A required response header is missing or invalid.
+    #[error("server {addr}: {problem}")]
+    Header {
+        /// host:port.
+        addr: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The service-account token file could not be read.
+    #[error("read token {path}: {source}")]
+    Token {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl OpenError {
+    /// Label for the failure metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OpenError::Connect { .. } => "connect",
+            OpenError::Refused { .. } => "refused",
+            OpenError::Header { .. } => "bad_headers",
+            OpenError::Token { .. } => "token",
+        }
+    }
+}
+
+/// A freshly opened stream, before it is served.
+pub struct Opened {
+    /// The server's id.
+    pub server_id: String,
+    /// How many servers the server says exist.
+    pub server_count: u32,
+    /// The stream's state.
+    pub link: Arc<ServerLink>,
+    inbound: Streaming<Packet>,
+}
+
+impl Opened {
+    /// Serves the stream until it ends or `stop` is cancelled.
+    pub async fn serve(self, stop: CancellationToken) {
+        let link = self.link.clone();
+        link.serve(self.inbound, stop).await;
+    }
+}
+
+async fn channel(s: &Settings) -> Result<Channel, OpenError> {
+    let cfg = &s.config;
+    let host = cfg.server.host.clone();
+    let port = cfg.server.port;
+    let addr = format!("{host}:{port}");
+    let uri_host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+    let endpoint = Endpoint::from_shared(format!("http://{uri_host}:{port}"))
+        .map_err(|source| OpenError::Connect {
+            addr: addr.clone(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(cfg.keepalive_time)
+        .keep_alive_timeout(cfg.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .tcp_nodelay(true);
+    let tls = tokio_rustls::TlsConnector::from(s.tls.clone());
+    let user_timeout = cfg.keepalive_time.min(cfg.keepalive_timeout * 2);
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let tls = tls.clone();
+        let host = host.clone();
+        async move {
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            // Unacknowledged data for this long means the path is dead.
+            let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(user_timeout));
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let stream = tls.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|source| OpenError::Connect { addr, source })
+}
+
+fn header(md: &tonic::metadata::MetadataMap, key: &str, addr: &str) -> Result<String, OpenError> {
+    let mut all = md.get_all(key).iter();
+    let (Some(v), None) = (all.next(), all.next()) else {
+        return Err(OpenError::Header {
+            addr: addr.into(),
+            problem: format!("response header {key} missing or repeated"),
+        });
+    };
+    v.to_str().map(String::from).map_err(|_| OpenError::Header {
+        addr: addr.into(),
+        problem: format!("response header {key} is not text"),
+    })
+}
+
+/// Opens one stream to the server (through whatever balancer is in front).
+pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
+    let cfg = &s.config;
+    let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+    let ch = channel(s).await?;
+    let mut client = AgentServiceClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let (out_tx, out_rx) = mpsc::channel::<Packet>(OUT_QUEUE);
+    let mut req = tonic::Request::new(ReceiverStream::new(out_rx));
+    let md = req.metadata_mut();
+    let ascii = |v: &str, what: &str| {
+        v.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+            .map_err(|_| OpenError::Header {
+                addr: addr.clone(),
+                problem: format!("{what} is not valid metadata text"),
+            })
+    };
+    md.insert(metadata::AGENT_ID, ascii(&cfg.agent_id, "--agent-id")?);
+    let ids = cfg.identifiers.encode();
+    if !ids.is_empty() {
+        md.insert(metadata::AGENT_IDENTIFIERS, ascii(&ids, "--agent-identifiers")?);
+    }
+    if let Some(path) = &cfg.token_path {
+        let token = std::fs::read_to_string(path).map_err(|source| OpenError::Token {
+            path: path.display().to_string(),
+            source,
+        })?;
+        md.insert(
+            metadata::AUTHORIZATION,
+            ascii(&format!("Bearer {}", token.trim()), "the token")?,
+        );
+    }
+    if cfg.flow_control {
+        md.insert(metadata::FEATURES, ascii(metadata::FEATURE_FLOW_CONTROL, "features")?);
+    }
+    let resp = client.connect(req).await.map_err(|st| OpenError::Refused {
+        addr: addr.clone(),
+        code: st.code(),
+        message: st.message().to_string(),
+    })?;
+    let md = resp.metadata();
+    let server_id = header(md, metadata::SERVER_ID, &addr)?;
+    let count_text = header(md, metadata::SERVER_COUNT, &addr)?;
+    let server_count = count_text
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|c| *c > 0)
+        .ok_or_else(|| OpenError::Header {
+            addr: addr.clone(),
+            problem: format!("serverCount {count_text:?} is not a positive number"),
+        })?;
+    let features = md.get(metadata::FEATURES).and_then(|v| v.to_str().ok());
+    let flow = cfg.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);
+    let link = Arc::new(ServerLink {
+        server_id: server_id.clone(),
+        flow,
+        out: out_tx,
+        state: Mutex::new(State {
+            table: Table::new(cfg.max_pending, cfg.max_conns),
+            ids: ConnectIds::new(),
+            recent: VecDeque::with_capacity(RECENT),
+        }),
+        closed: CancellationToken::new(),
+        settings: s.clone(),
+    });
+    Ok(Opened {
+        server_id,
+        server_count,
+        link,
+        inbound: resp.into_inner(),
+    })
+}
+
+struct Conn {
+    tx: mpsc::Sender<Bytes>,
+    credit: Arc<Credit>,
+    kill: CancellationToken,
+}
+
+struct State {
+    table: Table<CancellationToken, Conn>,
+    ids: ConnectIds,
+    recent: VecDeque<i64>,
+}
+
+/// The agent's state for one server stream.
+pub struct ServerLink {
+    /// The server's id.
+    pub server_id: String,
+    /// `window-v1` negotiated.
+    pub flow: bool,
+    out: mpsc::Sender<Packet>,
+    state: Mutex<State>,
+    /// Cancelled when the stream has ended.
+    pub closed: CancellationToken,
+    settings: Arc<Settings>,
+}
+
+impl ServerLink {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.settings.metrics
+    }
+
+    /// Queues a packet for the server. False once the stream has ended.
+    pub async fn send(&self, p: Packet) -> bool {
+        tokio::select! {
+            r = self.out.send(p) => r.is_ok(),
+            _ = self.closed.cancelled() => false,
+        }
+    }
+
+    /// Tells the server this agent is going away (`DRAIN`).
+    pub async fn drain(&self) {
+        self.send(packet::drain()).await;
+    }
+
+    /// Open connections on this stream.
+    pub fn open_connections(&self) -> usize {
+        self.state().table.conns_len()
+    }
+
+    /// Removes a connection; true when it was still open (the caller then owns
+    /// telling the server).
+    fn remove_conn(&self, connect_id: i64) -> bool {
+        let conn = {
+            let mut st = self.state();
+            let c = st.table.remove_conn(connect_id);
+            if c.is_some() {
+                if st.recent.len() == RECENT {
+                    st.recent.pop_front();
+                }
+                st.recent.push_back(connect_id);
+            }
+            c
+        };
+        match conn {
+            Some(c) => {
+                c.kill.cancel();
+                self.metrics().open_endpoint_connections.dec();
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn serve(self: Arc<Self>, mut inbound: Streaming<Packet>, stop: CancellationToken) {
+        let watchdog = HEARTBEAT_INTERVAL * HEARTBEAT_MISSES;
+        let mut last_rx = Instant::now();
+        loop {
+            let deadline = tokio::time::Instant::from_std(last_rx + watchdog);
+            let next = tokio::select! {
+                n = inbound.next() => n,
+                _ = tokio::time::sleep_until(deadline), if self.flow => {
+                    warn!(silence = ?watchdog, "no heartbeat from server; dropping the stream");
+                    break;
+                }
+                _ = stop.cancelled() => break,
+            };
+            last_rx = Instant::now();
+            match next {
+                Some(Ok(p)) => match Message::from_packet(p) {
+                    Ok(m) => self.dispatch(m).await,
+                    Err(e) => warn!(error = %e, "malformed packet from server ignored"),
+                },
+                Some(Err(st)) => {
+                    info!(code = ?st.code(), message = st.message(), "server stream ended with error");
+                    break;
+                }
+                None => {
+                    info!("server closed the stream");
+                    break;
+                }
+            }
+        }
+        self.closed.cancel();
+        let (pending, conns) = self.state().table.drain();
+        for p in pending {
+            p.value.cancel();
+        }
+        for (_, c) in &conns {
+            c.kill.cancel();
+        }
+        self.metrics()
+            .open_endpoint_connections
+            .sub(conns.len() as i64);
+        if !conns.is_empty() {
+            info!(connections = conns.len(), "closed the connections of the lost server stream");
+        }
+    }
+
+    async fn dispatch(self: &Arc<Self>, m: Message) {
+        match m {
+            Message::DialRequest {
+                protocol,
+                address,
+                random,
+            } => {
+                if protocol != "tcp" {
+                    self.send(packet::dial_failed(
+                        random,
+                        format!("protocol {protocol:?} not supported, only tcp"),
+                    ))
+                    .await;
+                    return;
+                }
+                let cancel = self.closed.child_token();
+                let added = self.state().table.add_pending(random, cancel.clone());
+                if let Err(e) = added {
+                    self.send(packet::dial_failed(random, e.to_string())).await;
+                    return;
+                }
+                let span = tracing::info_span!("conn", dst.addr = %address, random, connect_id = tracing::field::Empty);
+                tokio::spawn(self.clone().dial(address, random, cancel).instrument(span));
+            }
+            Message::Data { connect_id, data } => self.on_data(connect_id, data).await,
+            Message::CloseRequest { connect_id } => {
+                let reply = if self.remove_conn(connect_id) {
+                    packet::close_response(connect_id, "")
+                } else {
+                    packet::close_response(connect_id, packet::UNKNOWN_CONNECT_ID)
+                };
+                self.send(reply).await;
+            }
+            Message::CloseDial { random } => {
+                // The reference agent ignores this; we abort the dial.
+                let pending = self.state().table.take_pending(random);
+                if let Some(p) = pending {
+                    debug!(random, "dial cancelled by server");
+                    p.value.cancel();
+                }
+            }
+            Message::Window { connect_id, bytes } => {
+                if connect_id != 0 {
+                    let credit = self.state().table.conn(connect_id).map(|c| c.credit.clone());
+                    if let Some(c) = credit {
+                        c.grant(bytes);
+                    }
+                }
+            }
+            Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
+            other => debug!(kind = other.kind(), "packet not valid from a server; ignored"),
+        }
+    }
+
+    async fn on_data(self: &Arc<Self>, connect_id: i64, data: Bytes) {
+        let target = {
+            let st = self.state();
+            match st.table.conn(connect_id) {
+                Some(c) => Some((c.tx.clone(), c.kill.clone())),
+                None if st.recent.contains(&connect_id) => return,
+                None => None,
+            }
+        };
+        let Some((tx, kill)) = target else {
+            self.metrics()
+                .unknown_packets
+                .with_label_values(&["DATA"])
+                .inc();
+            debug!(connect_id, "DATA for unknown connection");
+            self.send(packet::close_response(connect_id, "unrecognized connectID"))
+                .await;
+            return;
+        };
+        let data = match tx.try_send(data) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(d)) => d,
+        };
+        let stall = self.settings.config.stall_timeout;
+        let sent = tokio::select! {
+            r = tokio::time::timeout(stall, tx.send(data)) => r,
+            _ = kill.cancelled() => return,
+        };
+        if sent.is_err() {
+            warn!(connect_id, stall_timeout = ?stall, "destination stopped reading; closing only this connection");
+            self.metrics().stalled_closed.inc();
+            if self.remove_conn(connect_id) {
+                self.send(packet::close_response(connect_id, "")).await;
+            }
+        }
+    }
+
+    async fn dial(self: Arc<Self>, address: String, random: i64, cancel: CancellationToken) {
+        let cfg = &self.settings.config;
+        let m = self.metrics().clone();
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = tokio::time::timeout(cfg.dial_timeout, TcpStream::connect(address.as_str())) => r,
+            _ = cancel.cancelled() => {
+                self.state().table.take_pending(random);
+                debug!("dial aborted");
+                return;
+            }
+        };
+        m.dial_duration.observe(started.elapsed().as_secs_f64());
+        let pending = self.state().table.take_pending(random);
+        let Some(pending) = pending else {
+            debug!("dial finished after it was cancelled; dropped");
+            return;
+        };
+        let tcp = match result {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                let (reason, text) = dial_error_text(&address, &e);
+                m.endpoint_dial_failures.with_label_values(&[reason]).inc();
+                info!(error = text, "dial failed");
+                self.send(packet::dial_failed(random, text)).await;
+                return;
+            }
+            Err(_) => {
+                m.endpoint_dial_failures.with_label_values(&["timeout"]).inc();
+                let text = format!("dial tcp {address}: i/o timeout");
+                info!(error = text, "dial failed");
+                self.send(packet::dial_failed(random, text)).await;
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tx, rx) = mpsc::channel(flow::QUEUE_PACKETS);
+        let credit = Arc::new(if self.flow {
+            Credit::new(flow::WINDOW)
+        } else {
+            Credit::unlimited()
+        });
+        let kill = self.closed.child_token();
+        let connect_id = {
+            let mut st = self.state();
+            let State { table, ids, .. } = &mut *st;
+            let id = ids.next_free(|id| table.has_conn(id));
+            let conn = Conn {
+                tx,
+                credit: credit.clone(),
+                kill: kill.clone(),
+            };
+            table.establish(pending, id, conn).ok().map(|_| id)
+        };
+        let Some(connect_id) = connect_id else {
+            self.send(packet::dial_failed(random, "too many connections on this agent stream"))
+                .await;
+            return;
+        };
+        m.open_endpoint_connections.inc();
+        tracing::Span::current().record("connect_id", connect_id);
+        if !self.send(packet::dial_ok(random, connect_id)).await {
+            return;
+        }
+        debug!("connected");
+        self.relay(tcp, connect_id, rx, credit, kill).await;
+    }
+
+    async fn relay(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        connect_id: i64,
+        rx: mpsc::Receiver<Bytes>,
+        credit: Arc<Credit>,
+        kill: CancellationToken,
+    ) {
+        let (reader, writer) = tcp.into_split();
+        let up = flow::socket_to_tunnel(reader, &credit, |b: Bytes| {
+            let n = b.len() as u64;
+            let link = self.clone();
+            async move {
+                let ok = link.send(packet::data(connect_id, b)).await;
+                link.metrics().bytes.with_label_values(&["to_server"]).inc_by(n);
+                ok
+            }
+        });
+        let mut inbound = ConnInbound {
+            link: self.clone(),
+            connect_id,
+            rx,
+            kill: kill.clone(),
+            grants: Grants::default(),
+        };
+        let down = flow::tunnel_to_socket(&mut inbound, writer);
+        tokio::select! {
+            _ = kill.cancelled() => {}
+            r = up => if let Err(e) = r { debug!(error = %e, "destination read failed") },
+            r = down => if let Err(e) = r { debug!(error = %e, "destination write failed") },
+        }
+        // The destination closed, or failed: tell the server, unless the
+        // server closed it first.
+        if self.remove_conn(connect_id) {
+            self.send(packet::close_response(connect_id, "")).await;
+        }
+        debug!("closed");
+    }
+}
+
+struct ConnInbound {
+    link: Arc<ServerLink>,
+    connect_id: i64,
+    rx: mpsc::Receiver<Bytes>,
+    kill: CancellationToken,
+    grants: Grants,
+}
+
+impl Inbound for ConnInbound {
+    async fn recv(&mut self) -> Option<Bytes> {
+        tokio::select! {
+            biased;
+            d = self.rx.recv() => d,
+            _ = self.kill.cancelled() => None,
+        }
+    }
+
+    async fn delivered(&mut self, n: usize) {
+        self.link
+            .metrics()
+            .bytes
+            .with_label_values(&["to_endpoint"])
+            .inc_by(n as u64);
+        if self.link.flow {
+            if let Some(g) = self.grants.written(n) {
+                self.link.send(packet::window(self.connect_id, g)).await;
+            }
+        }
+    }
+}
+
+/// The dial error as the reference agent words it (Go's net errors), so that
+/// HTTP CONNECT status mapping and humans see the familiar text; and the
+/// metric reason.
+fn dial_error_text(address: &str, e: &std::io::Error) -> (&'static str, String) {
+    use std::io::ErrorKind::*;
+    let (reason, what) = match e.kind() {
+        ConnectionRefused => ("unknown", "connect: connection refused".to_string()),
+        TimedOut => ("timeout", "i/o timeout".to_string()),
+        HostUnreachable => ("unknown", "connect: no route to host".to_string()),
+        NetworkUnreachable => ("unknown", "connect: network is unreachable".to_string()),
+        _ if e.raw_os_error() == Some(24) => ("unknown", "socket: too many open files".to_string()),
+        _ => ("unknown", e.to_string()),
+    };
+    (reason, format!("dial tcp {address}: {what}"))
+}
