@@ -1,0 +1,106 @@
+//! Destination servers on 127.0.0.1:0 standing in for kubelets and pods.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn listen() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind destination")
+}
+
+fn serve<F, Fut>(l: TcpListener, handler: F)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handler = std::sync::Arc::new(handler);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let h = handler.clone();
+            tokio::spawn(async move { h(s).await });
+        }
+    });
+}
+
+/// An HTTP/1.1 server answering every request with `body` and closing.
+pub async fn http(body: &'static str) -> SocketAddr {
+    let l = listen().await;
+    let addr = l.local_addr().expect("addr");
+    serve(l, move |mut s| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(resp.as_bytes()).await;
+        let _ = s.shutdown().await;
+    });
+    addr
+}
+
+/// Echoes every byte back until EOF.
+pub async fn echo() -> SocketAddr {
+    let l = listen().await;
+    let addr = l.local_addr().expect("addr");
+    serve(l, |s| async move {
+        let (mut r, mut w) = s.into_split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    });
+    addr
+}
+
+/// Bulk server. Request lines:
+/// - `GET <n> <seed>\n`: sends `pattern(n, seed)` then closes.
+/// - `PUT <n>\n` followed by n bytes: answers the SHA-256 hex of them and `\n`.
+/// - `NAME\n`: answers `name` and closes.
+pub async fn bulk(name: &'static str) -> SocketAddr {
+    let l = listen().await;
+    let addr = l.local_addr().expect("addr");
+    serve(l, move |s| async move {
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        let mut line = String::new();
+        if r.read_line(&mut line).await.is_err() {
+            return;
+        }
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            ["GET", n, seed] => {
+                let n: usize = n.parse().unwrap_or(0);
+                let seed: u64 = seed.parse().unwrap_or(0);
+                let data = crate::pattern(n, seed);
+                let _ = w.write_all(&data).await;
+            }
+            ["PUT", n] => {
+                let n: usize = n.parse().unwrap_or(0);
+                let mut data = vec![0u8; n];
+                if r.read_exact(&mut data).await.is_ok() {
+                    let _ = w.write_all(format!("{}\n", crate::sha256_hex(&data)).as_bytes()).await;
+                }
+            }
+            ["NAME"] => {
+                let _ = w.write_all(name.as_bytes()).await;
+            }
+            _ => {}
+        }
+        let _ = w.shutdown().await;
+    });
+    addr
+}
+
+/// A port on 127.0.0.1 with nothing listening.
+pub async fn closed_port() -> SocketAddr {
+    let l = listen().await;
+    let a = l.local_addr().expect("addr");
+    drop(l);
+    a
+}
