@@ -19,7 +19,7 @@ fn go_bool(s: &str) -> Result<bool, String> {
 
 /// Flags of `proxy-agent`.
 #[derive(Debug, Parser)]
-#[command(name = "proxy-agent", version, about = "Konnectivity proxy agent (Rust)")]
+#[command(name = "proxy-agent", version, about = "Konnectivity proxy agent (Rust)", args_override_self = true)]
 pub struct Args {
     /// Client certificate presented to the server.
     #[arg(long, default_value = "")]

@@ -216,3 +216,71 @@ pub async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> String {
     s.read_to_end(&mut out).await.expect("read");
     String::from_utf8_lossy(&out).to_string()
 }
+
+/// A hand-driven agent: opens `AgentService.Connect` with our proto crate and
+/// lets the test send and receive raw packets (for pending dials that never
+/// answer, bad packets, and abrupt disconnects).
+pub struct FakeAgent {
+    /// Packets to the server.
+    pub tx: mpsc::Sender<Packet>,
+    /// Packets from the server.
+    pub inbound: tonic::Streaming<Packet>,
+    /// Response headers.
+    pub headers: tonic::metadata::MetadataMap,
+}
+
+impl FakeAgent {
+    /// Connects with the PKI's agent certificate.
+    pub async fn connect(server: SocketAddr, pki: &Pki, id: &str) -> Result<FakeAgent, String> {
+        let tls = tokio_rustls::TlsConnector::from(frontend_tls(
+            pki,
+            Some((pki.agent.cert.as_path(), pki.agent.key.as_path())),
+            &[b"h2"],
+        ));
+        let ch = Endpoint::from_shared(format!("http://{server}"))
+            .expect("uri")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let tls = tls.clone();
+                async move {
+                    let tcp = TcpStream::connect(server).await?;
+                    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls.connect(name, tcp).await?))
+                }
+            }))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client =
+            konnectivity_proto::wire::agent_service_client::AgentServiceClient::new(ch);
+        let (tx, rx) = mpsc::channel(64);
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        req.metadata_mut().insert("agentid", id.parse().expect("ascii"));
+        let resp = client.connect(req).await.map_err(|s| s.to_string())?;
+        let headers = resp.metadata().clone();
+        Ok(FakeAgent {
+            tx,
+            inbound: resp.into_inner(),
+            headers,
+        })
+    }
+
+    /// The next packet from the server (None when the stream ends).
+    pub async fn recv(&mut self) -> Option<Message> {
+        let p = self.inbound.next().await?.ok()?;
+        Message::from_packet(p).ok()
+    }
+
+    /// The next packet that is not a heartbeat/window update.
+    pub async fn recv_significant(&mut self) -> Option<Message> {
+        loop {
+            match self.recv().await? {
+                Message::Window { .. } => continue,
+                m => return Some(m),
+            }
+        }
+    }
+
+    /// Sends a packet.
+    pub async fn send(&self, p: Packet) {
+        self.tx.send(p).await.expect("send");
+    }
+}

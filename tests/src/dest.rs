@@ -6,7 +6,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 async fn listen() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").await.expect("bind destination")
+    listen_on("127.0.0.1").await
+}
+
+async fn listen_on(ip: &str) -> TcpListener {
+    TcpListener::bind((ip, 0)).await.expect("bind destination")
 }
 
 fn serve<F, Fut>(l: TcpListener, handler: F)
@@ -63,7 +67,12 @@ pub async fn echo() -> SocketAddr {
 /// - `PUT <n>\n` followed by n bytes: answers the SHA-256 hex of them and `\n`.
 /// - `NAME\n`: answers `name` and closes.
 pub async fn bulk(name: &'static str) -> SocketAddr {
-    let l = listen().await;
+    bulk_on("127.0.0.1", name).await
+}
+
+/// [`bulk`] on another loopback address (127.0.0.2, ...), for routing tests.
+pub async fn bulk_on(ip: &str, name: &'static str) -> SocketAddr {
+    let l = listen_on(ip).await;
     let addr = l.local_addr().expect("addr");
     serve(l, move |s| async move {
         let (r, mut w) = s.into_split();
@@ -77,8 +86,17 @@ pub async fn bulk(name: &'static str) -> SocketAddr {
             ["GET", n, seed] => {
                 let n: usize = n.parse().unwrap_or(0);
                 let seed: u64 = seed.parse().unwrap_or(0);
-                let data = crate::pattern(n, seed);
-                let _ = w.write_all(&data).await;
+                let mut p = crate::Pattern::new(seed);
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(buf.len());
+                    p.fill(&mut buf[..k]);
+                    if w.write_all(&buf[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k;
+                }
             }
             ["PUT", n] => {
                 let n: usize = n.parse().unwrap_or(0);
@@ -103,4 +121,17 @@ pub async fn closed_port() -> SocketAddr {
     let a = l.local_addr().expect("addr");
     drop(l);
     a
+}
+
+/// Accepts connections and never reads from them (a destination that stalls).
+pub async fn blackhole() -> SocketAddr {
+    let l = listen().await;
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    addr
 }

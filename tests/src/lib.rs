@@ -49,13 +49,28 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// `n` deterministic pseudo-random bytes (so corruption shows in checksums).
 pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut v = vec![0u8; n];
+    Pattern::new(seed).fill(&mut v);
+    v
+}
+
+/// The byte stream behind [`pattern`], produced in pieces.
+pub struct Pattern(u64);
+
+impl Pattern {
+    /// The stream for `seed`.
+    pub fn new(seed: u64) -> Self {
+        Pattern(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// Fills `buf` with the next bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            let x = &mut self.0;
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            *b = *x as u8;
+        }
+    }
 }

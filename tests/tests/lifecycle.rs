@@ -1,0 +1,173 @@
+//! Agents and servers going away: killed agents, pending dials on them,
+//! server restarts, and draining.
+
+use std::time::{Duration, Instant};
+
+use konnectivity_proto::{packet, Message};
+use tests::client::{self, FakeAgent, GrpcConn};
+use tests::inproc::{Agent, Listen, Server};
+use tests::pki::Pki;
+use tests::process::Proc;
+use tests::{dest, init_logs};
+
+const MIB: usize = 1 << 20;
+
+#[tokio::test]
+async fn killed_agent_closes_its_connections_at_once() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
+    let mut agent = Proc::spawn(&[], &Agent::args(&pki, server.agent_addr, "doomed", &[]));
+    server.wait_agents(1).await;
+    let dst = dest::bulk("bulk").await;
+    let ch = client::grpc_uds(&server.uds()).await;
+    let mut c = GrpcConn::dial(&ch, &dst.to_string()).await.expect("dial");
+    // A transfer far larger than anything buffered on the way.
+    c.send(format!("GET {} 1\n", 1024 * MIB)).await;
+    let mut got = 0;
+    while got < 4 * MIB {
+        got += c.recv().await.expect("data").len();
+    }
+    agent.kill().await;
+    let killed = Instant::now();
+    let rest = tokio::time::timeout(Duration::from_secs(1), c.read_to_end())
+        .await
+        .expect("the client must see the close within a second of the kill");
+    assert!(got + rest.len() < 1024 * MIB, "transfer cannot have completed");
+    assert!(c.closed, "close arrives as CLOSE_RSP");
+    eprintln!("close seen {:?} after the kill", killed.elapsed());
+    assert_eq!(server.metrics.established_connections.get(), 0);
+    server.wait_agents(0).await;
+}
+
+#[tokio::test]
+async fn pending_dial_fails_at_once_when_its_agent_goes_away() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &["--dial-timeout=60s"]).await;
+    let mut fake = FakeAgent::connect(server.agent_addr, &pki, "silent").await.expect("fake agent");
+    assert!(fake.headers.get("serverid").is_some());
+    assert_eq!(fake.headers.get("servercount").unwrap(), "1");
+    server.wait_agents(1).await;
+    let ch = client::grpc_uds(&server.uds()).await;
+    let dial = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = GrpcConn::dial(&ch, "10.0.0.5:10250").await;
+        (r.err(), started.elapsed())
+    });
+    // The agent receives the dial and never answers it.
+    match fake.recv_significant().await {
+        Some(Message::DialRequest { address, .. }) => assert_eq!(address, "10.0.0.5:10250"),
+        other => panic!("expected DIAL_REQ, got {other:?}"),
+    }
+    assert_eq!(server.metrics.pending_dials.get(), 1);
+    let gone = Instant::now();
+    drop(fake);
+    let (err, _) = tokio::time::timeout(Duration::from_secs(5), dial)
+        .await
+        .expect("dial must fail long before its 60 s timeout")
+        .unwrap();
+    let err = err.expect("dial fails");
+    assert!(err.contains("went away"), "{err}");
+    eprintln!("pending dial failed {:?} after the agent left", gone.elapsed());
+    assert_eq!(server.metrics.pending_dials.get(), 0);
+}
+
+#[tokio::test]
+async fn agent_reconnects_after_a_server_restart() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
+    let port = server.agent_addr.port();
+    let agent = Agent::start(&pki, server.agent_addr, "survivor", &[]).await;
+    server.wait_agents(1).await;
+    server.stop().await;
+    tests::eventually(Duration::from_secs(10), "agent to notice", || {
+        let v = agent.metrics.open_server_connections.get();
+        async move { (v == 0).then_some(()) }
+    })
+    .await;
+
+    let restarted = Server::start(&pki, "grpc", Listen::Uds, &[&format!("--agent-port={port}")]).await;
+    restarted.wait_agents(1).await;
+    let dst = dest::http("after restart").await;
+    let ch = client::grpc_uds(&restarted.uds()).await;
+    let mut c = GrpcConn::dial(&ch, &dst.to_string()).await.expect("dial after restart");
+    c.send(&b"GET / HTTP/1.1\r\n\r\n"[..]).await;
+    let body = String::from_utf8(c.read_to_end().await).unwrap();
+    assert!(body.ends_with("after restart"), "{body}");
+}
+
+#[tokio::test]
+async fn draining_agent_gets_no_new_dials_but_finishes_open_ones() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
+    let a = Agent::start(&pki, server.agent_addr, "leaving", &["--grace-period=30s"]).await;
+    server.wait_agents(1).await;
+    let echo = dest::echo().await;
+    let ch = client::grpc_uds(&server.uds()).await;
+    let mut open = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
+
+    let b = Agent::start(&pki, server.agent_addr, "staying", &[]).await;
+    server.wait_agents(2).await;
+    a.shutdown.graceful.cancel();
+    // Wait until the server has seen DRAIN: new dials then all go to b.
+    let before_b = b.metrics.dial_duration.get_sample_count();
+    let a_hist = a.metrics.dial_duration.clone();
+    tests::eventually(Duration::from_secs(10), "dials to avoid the draining agent", || {
+        let ch = ch.clone();
+        let echo = echo.to_string();
+        let a_hist = a_hist.clone();
+        let a_dials = a_hist.get_sample_count();
+        async move {
+            let c = GrpcConn::dial(&ch, &echo).await.ok()?;
+            c.close().await;
+            (a_hist.get_sample_count() == a_dials).then_some(())
+        }
+    })
+    .await;
+    for _ in 0..10 {
+        let c = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
+        c.close().await;
+    }
+    assert!(b.metrics.dial_duration.get_sample_count() >= before_b + 10);
+
+    // The open connection on the draining agent still works...
+    open.send(&b"still here"[..]).await;
+    assert_eq!(&open.recv().await.expect("echo")[..], b"still here");
+    // ...and once it closes, the agent leaves.
+    assert!(open.close().await);
+    server.wait_agents(1).await;
+    assert_eq!(a.metrics.open_server_connections.get(), 1, "stream kept until exit");
+}
+
+#[tokio::test]
+async fn late_dial_response_after_cancel_is_closed_on_the_agent() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
+    let mut fake = FakeAgent::connect(server.agent_addr, &pki, "slow").await.expect("fake agent");
+    server.wait_agents(1).await;
+    let ch = client::grpc_uds(&server.uds()).await;
+    // A frontend dials, then gives up (DIAL_CLS) before the agent answers.
+    let mut client = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(packet::dial_request("10.0.0.9:443", 77)).await.unwrap();
+    let _resp = client.proxy(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+    let Some(Message::DialRequest { random, .. }) = fake.recv_significant().await else {
+        panic!("expected DIAL_REQ")
+    };
+    tx.send(packet::close_dial(random)).await.unwrap();
+    match fake.recv_significant().await {
+        Some(Message::CloseDial { random: r }) => assert_eq!(r, random),
+        other => panic!("expected DIAL_CLS forwarded to the agent, got {other:?}"),
+    }
+    // The agent's success arrives late: the server must close it, not leak it.
+    fake.send(packet::dial_ok(random, 5)).await;
+    match fake.recv_significant().await {
+        Some(Message::CloseRequest { connect_id }) => assert_eq!(connect_id, 5),
+        other => panic!("expected CLOSE_REQ for the orphan, got {other:?}"),
+    }
+    assert_eq!(server.metrics.established_connections.get(), 0);
+}
