@@ -126,7 +126,7 @@ impl GrpcConn {
             let p = self.inbound.next().await?.ok()?;
             match Message::from_packet(p).ok()? {
                 Message::Data { data, .. } => return Some(data),
-                Message::CloseResponse { .. } => {
+                Message::CloseResponse { connect_id, .. } if connect_id == self.connect_id => {
                     self.closed = true;
                     return None;
                 }
@@ -283,4 +283,22 @@ impl FakeAgent {
     pub async fn send(&self, p: Packet) {
         self.tx.send(p).await.expect("send");
     }
+}
+
+/// A plain HTTP GET of `path` on `addr` (health endpoints): status and body.
+pub async fn http_status(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect health");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
 }
