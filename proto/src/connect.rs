@@ -131,7 +131,10 @@ mod tests {
                 head_len: req.len() - 5
             }
         );
-        assert_eq!(parse_request(b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\nHo"), Parsed::Partial);
+        assert_eq!(
+            parse_request(b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\nHo"),
+            Parsed::Partial
+        );
         assert!(matches!(
             parse_request(b"CONNECT [fd00::1]:443 HTTP/1.1\r\n\r\n"),
             Parsed::Connect { .. }
@@ -164,9 +167,15 @@ mod tests {
 
     #[test]
     fn dial_errors_map_to_the_reference_statuses() {
-        assert_eq!(status_for_dial_error("dial tcp 10.0.0.5:1: i/o timeout"), 504);
+        assert_eq!(
+            status_for_dial_error("dial tcp 10.0.0.5:1: i/o timeout"),
+            504
+        );
         assert_eq!(status_for_dial_error("dial tcp: too many open files"), 503);
-        assert_eq!(status_for_dial_error("dial tcp 127.0.0.1:1: connect: connection refused"), 502);
+        assert_eq!(
+            status_for_dial_error("dial tcp 127.0.0.1:1: connect: connection refused"),
+            502
+        );
     }
 
     #[test]

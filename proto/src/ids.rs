@@ -19,15 +19,19 @@ impl ConnectIds {
 
     /// The next id. The caller skips ids still in use (after a wrap) with
     /// [`ConnectIds::next_free`].
-    pub fn next(&mut self) -> i64 {
-        self.last = if self.last == i64::MAX { 1 } else { self.last + 1 };
+    pub fn next_id(&mut self) -> i64 {
+        self.last = if self.last == i64::MAX {
+            1
+        } else {
+            self.last + 1
+        };
         self.last
     }
 
     /// The next id for which `in_use` is false.
     pub fn next_free(&mut self, in_use: impl Fn(i64) -> bool) -> i64 {
         loop {
-            let id = self.next();
+            let id = self.next_id();
             if !in_use(id) {
                 return id;
             }
@@ -52,11 +56,11 @@ mod tests {
     #[test]
     fn ids_start_at_one_and_wrap_past_max_skipping_zero() {
         let mut ids = ConnectIds::new();
-        assert_eq!(ids.next(), 1);
-        assert_eq!(ids.next(), 2);
+        assert_eq!(ids.next_id(), 1);
+        assert_eq!(ids.next_id(), 2);
         ids.last = i64::MAX - 1;
-        assert_eq!(ids.next(), i64::MAX);
-        assert_eq!(ids.next(), 1);
+        assert_eq!(ids.next_id(), i64::MAX);
+        assert_eq!(ids.next_id(), 1);
     }
 
     #[test]

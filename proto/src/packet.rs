@@ -347,12 +347,17 @@ mod tests {
         // DATA{connectID=7, data="hi"}: type=4 (field 1 varint), payload field 4
         // (length-delimited) holding connectID (field 1) and data (field 3).
         let bytes = data(7, Bytes::from_static(b"hi")).encode_to_vec();
-        assert_eq!(bytes, vec![0x08, 0x04, 0x22, 0x06, 0x08, 0x07, 0x1a, 0x02, b'h', b'i']);
+        assert_eq!(
+            bytes,
+            vec![0x08, 0x04, 0x22, 0x06, 0x08, 0x07, 0x1a, 0x02, b'h', b'i']
+        );
         // DIAL_REQ: type 0 is the proto3 default and is not written; payload field 2.
         let bytes = dial_request("a:1", 5).encode_to_vec();
         assert_eq!(
             bytes,
-            vec![0x12, 0x0c, 0x0a, 0x03, b't', b'c', b'p', 0x12, 0x03, b'a', b':', b'1', 0x18, 0x05]
+            vec![
+                0x12, 0x0c, 0x0a, 0x03, b't', b'c', b'p', 0x12, 0x03, b'a', b':', b'1', 0x18, 0x05
+            ]
         );
         // DIAL_RSP: connectID is field 2, random field 3.
         let bytes = dial_ok(9, 3).encode_to_vec();
@@ -374,7 +379,10 @@ mod tests {
         p.r#type = PacketType::CloseReq as i32;
         assert!(matches!(
             Message::from_packet(p),
-            Err(PacketError::Mismatch { payload: "data", .. })
+            Err(PacketError::Mismatch {
+                payload: "data",
+                ..
+            })
         ));
         let p = Packet {
             r#type: PacketType::Data as i32,

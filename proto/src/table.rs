@@ -147,7 +147,10 @@ mod tests {
     fn dial_is_established_once_and_only_by_consuming_the_pending_value() {
         let mut t: Table<&str, &str> = Table::new(4, 4);
         t.add_pending(10, "frontend-a").unwrap();
-        assert_eq!(t.add_pending(10, "again"), Err(TableError::DuplicateDial(10)));
+        assert_eq!(
+            t.add_pending(10, "again"),
+            Err(TableError::DuplicateDial(10))
+        );
         let p = t.take_pending(10).expect("pending");
         assert!(t.take_pending(10).is_none(), "answered twice");
         assert_eq!(t.establish(p, 1, "conn-a").unwrap(), "frontend-a");

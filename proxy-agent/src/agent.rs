@@ -184,7 +184,11 @@ async fn supervise(s: &Arc<Settings>, links: &Links, shutdown: &Shutdown) {
         let wait = match opened {
             Ok(opened) => {
                 let count = opened.server_count;
-                target = if cfg.server_count_max { target.max(count) } else { count };
+                target = if cfg.server_count_max {
+                    target.max(count)
+                } else {
+                    count
+                };
                 m.known_server_count.set(target as i64);
                 let id = opened.server_id.clone();
                 let duplicate = {
@@ -238,4 +242,3 @@ async fn supervise(s: &Arc<Settings>, links: &Links, shutdown: &Shutdown) {
         }
     }
 }
-

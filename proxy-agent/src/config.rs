@@ -19,7 +19,12 @@ fn go_bool(s: &str) -> Result<bool, String> {
 
 /// Flags of `proxy-agent`.
 #[derive(Debug, Parser)]
-#[command(name = "proxy-agent", version, about = "Konnectivity proxy agent (Rust)", args_override_self = true)]
+#[command(
+    name = "proxy-agent",
+    version,
+    about = "Konnectivity proxy agent (Rust)",
+    args_override_self = true
+)]
 pub struct Args {
     /// Client certificate presented to the server.
     #[arg(long, default_value = "")]
@@ -241,19 +246,29 @@ impl Config {
             (false, false) => Some((PathBuf::from(&a.agent_cert), PathBuf::from(&a.agent_key))),
             _ => bail!("--agent-cert and --agent-key must be given together"),
         };
-        let mut alpn: Vec<Vec<u8>> = go_list(&a.alpn_proto).into_iter().map(String::into_bytes).collect();
+        let mut alpn: Vec<Vec<u8>> = go_list(&a.alpn_proto)
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
         if alpn.is_empty() {
             alpn.push(b"h2".to_vec());
         }
         let server = ServerTarget {
-            host: a.proxy_server_host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            host: a
+                .proxy_server_host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             port: a.proxy_server_port,
             ca_cert: PathBuf::from(&a.ca_cert),
             identity,
             alpn,
         };
         {
-            let id = server.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+            let id = server
+                .identity
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path()));
             let alpn: Vec<&[u8]> = server.alpn.iter().map(Vec::as_slice).collect();
             tls::client_config(&server.ca_cert, id, &alpn).context("agent TLS")?;
         }
@@ -286,7 +301,8 @@ impl Config {
         let token_path = (!a.service_account_token_path.is_empty())
             .then(|| PathBuf::from(&a.service_account_token_path));
         if let Some(p) = &token_path {
-            std::fs::read(p).with_context(|| format!("--service-account-token-path {}", p.display()))?;
+            std::fs::read(p)
+                .with_context(|| format!("--service-account-token-path {}", p.display()))?;
         }
         let agent_id = if a.agent_id.is_empty() {
             format!("{:016x}", rand::random::<u64>())

@@ -1,9 +1,7 @@
 //! Agent metrics: upstream names first (`konnectivity_network_proxy_agent_*`,
 //! read by the upstream test suite), then ours (bytes relayed, stalls).
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 const NS: &str = "konnectivity_network_proxy";
 const SUB: &str = "agent";

@@ -126,7 +126,11 @@ async fn channel(s: &Settings) -> Result<Channel, OpenError> {
     let host = cfg.server.host.clone();
     let port = cfg.server.port;
     let addr = format!("{host}:{port}");
-    let uri_host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+    let uri_host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
     let endpoint = Endpoint::from_shared(format!("http://{uri_host}:{port}"))
         .map_err(|source| OpenError::Connect {
             addr: addr.clone(),
@@ -196,7 +200,10 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
     md.insert(metadata::AGENT_ID, ascii(&cfg.agent_id, "--agent-id")?);
     let ids = cfg.identifiers.encode();
     if !ids.is_empty() {
-        md.insert(metadata::AGENT_IDENTIFIERS, ascii(&ids, "--agent-identifiers")?);
+        md.insert(
+            metadata::AGENT_IDENTIFIERS,
+            ascii(&ids, "--agent-identifiers")?,
+        );
     }
     if let Some(path) = &cfg.token_path {
         let token = std::fs::read_to_string(path).map_err(|source| OpenError::Token {
@@ -209,7 +216,10 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
         );
     }
     if cfg.flow_control {
-        md.insert(metadata::FEATURES, ascii(metadata::FEATURE_FLOW_CONTROL, "features")?);
+        md.insert(
+            metadata::FEATURES,
+            ascii(metadata::FEATURE_FLOW_CONTROL, "features")?,
+        );
     }
     let resp = client.connect(req).await.map_err(|st| OpenError::Refused {
         addr: addr.clone(),
@@ -367,7 +377,10 @@ impl ServerLink {
             .open_endpoint_connections
             .sub(conns.len() as i64);
         if !conns.is_empty() {
-            info!(connections = conns.len(), "closed the connections of the lost server stream");
+            info!(
+                connections = conns.len(),
+                "closed the connections of the lost server stream"
+            );
         }
     }
 
@@ -414,14 +427,21 @@ impl ServerLink {
             }
             Message::Window { connect_id, bytes } => {
                 if connect_id != 0 {
-                    let credit = self.state().table.conn(connect_id).map(|c| c.credit.clone());
+                    let credit = self
+                        .state()
+                        .table
+                        .conn(connect_id)
+                        .map(|c| c.credit.clone());
                     if let Some(c) = credit {
                         c.grant(bytes);
                     }
                 }
             }
             Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
-            other => debug!(kind = other.kind(), "packet not valid from a server; ignored"),
+            other => debug!(
+                kind = other.kind(),
+                "packet not valid from a server; ignored"
+            ),
         }
     }
 
@@ -490,7 +510,9 @@ impl ServerLink {
                 return;
             }
             Err(_) => {
-                m.endpoint_dial_failures.with_label_values(&["timeout"]).inc();
+                m.endpoint_dial_failures
+                    .with_label_values(&["timeout"])
+                    .inc();
                 let text = format!("dial tcp {address}: i/o timeout");
                 info!(error = text, "dial failed");
                 self.send(packet::dial_failed(random, text)).await;
@@ -517,8 +539,11 @@ impl ServerLink {
             table.establish(pending, id, conn).ok().map(|_| id)
         };
         let Some(connect_id) = connect_id else {
-            self.send(packet::dial_failed(random, "too many connections on this agent stream"))
-                .await;
+            self.send(packet::dial_failed(
+                random,
+                "too many connections on this agent stream",
+            ))
+            .await;
             return;
         };
         m.open_endpoint_connections.inc();
@@ -544,7 +569,10 @@ impl ServerLink {
             let link = self.clone();
             async move {
                 let ok = link.send(packet::data(connect_id, b)).await;
-                link.metrics().bytes.with_label_values(&["to_server"]).inc_by(n);
+                link.metrics()
+                    .bytes
+                    .with_label_values(&["to_server"])
+                    .inc_by(n);
                 ok
             }
         });

@@ -14,7 +14,12 @@ use crate::backend::strategy::Strategy;
 
 /// Flags of `proxy-server`.
 #[derive(Debug, Parser)]
-#[command(name = "proxy-server", version, about = "Konnectivity proxy server (Rust)", args_override_self = true)]
+#[command(
+    name = "proxy-server",
+    version,
+    about = "Konnectivity proxy server (Rust)",
+    args_override_self = true
+)]
 pub struct Args {
     /// Frontend protocol: grpc or http-connect.
     #[arg(long, default_value = "grpc")]

@@ -75,9 +75,7 @@ impl Metrics {
                 HistogramOpts::new("dial_duration_seconds", "Latency of dial to the agent")
                     .namespace(NS)
                     .subsystem(SUB)
-                    .buckets(vec![
-                        0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    ]),
+                    .buckets(vec![0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             )
             .expect("valid"),
             bytes: IntCounterVec::new(
@@ -104,7 +102,10 @@ impl Metrics {
             )
             .expect("valid"),
             bad_packets: IntCounterVec::new(
-                opts("malformed_packets_total", "Malformed packets received, by side"),
+                opts(
+                    "malformed_packets_total",
+                    "Malformed packets received, by side",
+                ),
                 &["side"],
             )
             .expect("valid"),

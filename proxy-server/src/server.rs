@@ -188,7 +188,8 @@ impl BoundServer {
             flow_control: cfg.flow_control,
             stop: stop_all.clone(),
         };
-        let agent_incoming = listen::tls_incoming(self.agent, self.agent_tls, "agent", stop_all.clone());
+        let agent_incoming =
+            listen::tls_incoming(self.agent, self.agent_tls, "agent", stop_all.clone());
         let agent_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(cfg.keepalive_time))
             .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
@@ -197,7 +198,10 @@ impl BoundServer {
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
             )
-            .serve_with_incoming_shutdown(ReceiverStream::new(agent_incoming), stop_all.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                ReceiverStream::new(agent_incoming),
+                stop_all.clone().cancelled_owned(),
+            );
         let agent_task = tokio::spawn(agent_server);
 
         // Frontend.
@@ -226,7 +230,8 @@ impl BoundServer {
                         })
                     }
                     FrontendListener::Tcp(l, tls_cfg) => {
-                        let incoming = listen::tls_incoming(l, tls_cfg, "frontend", frontend_stop.clone());
+                        let incoming =
+                            listen::tls_incoming(l, tls_cfg, "frontend", frontend_stop.clone());
                         let mut b = builder;
                         tokio::spawn(async move {
                             b.add_service(svc)
@@ -263,7 +268,8 @@ impl BoundServer {
             (Mode::HttpConnect, FrontendListener::Tcp(l, tls_cfg)) => {
                 let registry = registry.clone();
                 let metrics = metrics.clone();
-                let mut incoming = listen::tls_incoming(l, tls_cfg, "frontend", frontend_stop.clone());
+                let mut incoming =
+                    listen::tls_incoming(l, tls_cfg, "frontend", frontend_stop.clone());
                 tokio::spawn(async move {
                     while let Some(Ok(conn)) = incoming.recv().await {
                         let peer = conn.info().remote_addr.to_string();

@@ -174,7 +174,11 @@ impl TunnelSender {
         }
         let n = data.len() as u64;
         if self.link.send(packet::data(self.connect_id, data)).await {
-            self.link.metrics().bytes.with_label_values(&["to_agent"]).inc_by(n);
+            self.link
+                .metrics()
+                .bytes
+                .with_label_values(&["to_agent"])
+                .inc_by(n);
             Ok(())
         } else {
             Err(Closed)

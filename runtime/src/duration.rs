@@ -9,7 +9,8 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (examples: 30s, 5m, 1h0m0s)"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 30s, 5m, 1h0m0s)"))
 }
 
 #[cfg(test)]

@@ -131,7 +131,10 @@ where
     loop {
         let allowed = credit.wait(READ_CHUNK).await;
         buf.reserve(allowed);
-        let n = (&mut reader).take(allowed as u64).read_buf(&mut buf).await?;
+        let n = (&mut reader)
+            .take(allowed as u64)
+            .read_buf(&mut buf)
+            .await?;
         if n == 0 {
             return Ok(total);
         }

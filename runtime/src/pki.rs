@@ -28,7 +28,9 @@ impl Ca {
     /// Creates a CA named `name`, writing `<dir>/<name>-ca.crt`.
     pub fn new(dir: &Path, name: &str) -> anyhow::Result<Self> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} CA"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;

@@ -34,7 +34,9 @@ impl Shutdown {
                 wait_signal().await;
                 count += 1;
                 if count == 1 {
-                    tracing::info!("shutdown signal received; draining (send again to exit at once)");
+                    tracing::info!(
+                        "shutdown signal received; draining (send again to exit at once)"
+                    );
                     s.graceful.cancel();
                 } else {
                     tracing::warn!("second shutdown signal; exiting now");
@@ -49,7 +51,10 @@ impl Shutdown {
 
 async fn wait_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

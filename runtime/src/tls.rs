@@ -58,7 +58,10 @@ fn read(role: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// Reads every certificate in a PEM file.
-pub fn load_certs(role: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(
+    role: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(role, path)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .filter_map(Result::ok)
@@ -114,7 +117,10 @@ pub struct ServerTlsFiles {
 }
 
 /// Builds a server configuration offering `alpn` protocols.
-pub fn server_config(files: &ServerTlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    files: &ServerTlsFiles,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs("certificate", &files.cert)?;
     let key = load_key("key", &files.key)?;
     let builder = ServerConfig::builder_with_provider(provider())
@@ -173,7 +179,11 @@ pub fn client_config(
                 load_key("client key", key)?,
             )
             .map_err(|source| TlsError::Rustls {
-                what: format!("client certificate {} with key {}", cert.display(), key.display()),
+                what: format!(
+                    "client certificate {} with key {}",
+                    cert.display(),
+                    key.display()
+                ),
                 source,
             })?,
         None => builder.with_no_client_auth(),

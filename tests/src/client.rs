@@ -26,7 +26,9 @@ pub async fn grpc_uds(path: &Path) -> Channel {
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let path = path.clone();
             async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(path).await?))
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    UnixStream::connect(path).await?,
+                ))
             }
         }))
         .await
@@ -34,8 +36,15 @@ pub async fn grpc_uds(path: &Path) -> Channel {
 }
 
 /// Client TLS for the frontend (our frontend certificate, or `identity`).
-pub fn frontend_tls(pki: &Pki, identity: Option<(&Path, &Path)>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    let id = identity.or(Some((pki.frontend.cert.as_path(), pki.frontend.key.as_path())));
+pub fn frontend_tls(
+    pki: &Pki,
+    identity: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
+    let id = identity.or(Some((
+        pki.frontend.cert.as_path(),
+        pki.frontend.key.as_path(),
+    )));
     konnectivity_runtime::tls::client_config(&pki.ca, id, alpn).expect("client tls")
 }
 
@@ -73,7 +82,9 @@ impl GrpcConn {
         let mut client = ProxyServiceClient::new(ch.clone());
         let (tx, rx) = mpsc::channel(16);
         let random = ids::random_dial_id();
-        tx.send(packet::dial_request(address, random)).await.expect("queue dial");
+        tx.send(packet::dial_request(address, random))
+            .await
+            .expect("queue dial");
         let mut inbound = client
             .proxy(ReceiverStream::new(rx))
             .await
@@ -164,13 +175,20 @@ pub async fn connect_on<S: AsyncRead + AsyncWrite + Unpin>(
     target: &str,
 ) -> Result<Vec<u8>, (u16, String)> {
     let req = format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-    s.write_all(req.as_bytes()).await.map_err(|e| (0, e.to_string()))?;
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| (0, e.to_string()))?;
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         match s.read(&mut b).await {
             Ok(1) => head.push(b[0]),
-            _ => return Err((0, format!("closed during head: {}", String::from_utf8_lossy(&head)))),
+            _ => {
+                return Err((
+                    0,
+                    format!("closed during head: {}", String::from_utf8_lossy(&head)),
+                ))
+            }
         }
     }
     let text = String::from_utf8_lossy(&head).to_string();
@@ -190,7 +208,9 @@ pub async fn connect_on<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// CONNECT through a Unix-socket frontend.
 pub async fn connect_uds(path: &Path, target: &str) -> Result<UnixStream, (u16, String)> {
-    let mut s = UnixStream::connect(path).await.map_err(|e| (0, e.to_string()))?;
+    let mut s = UnixStream::connect(path)
+        .await
+        .map_err(|e| (0, e.to_string()))?;
     connect_on(&mut s, target).await?;
     Ok(s)
 }
@@ -202,16 +222,23 @@ pub async fn connect_tls(
     target: &str,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, (u16, String)> {
     let tls = tokio_rustls::TlsConnector::from(frontend_tls(pki, None, &[b"http/1.1"]));
-    let tcp = TcpStream::connect(addr).await.map_err(|e| (0, e.to_string()))?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| (0, e.to_string()))?;
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let mut s = tls.connect(name, tcp).await.map_err(|e| (0, e.to_string()))?;
+    let mut s = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| (0, e.to_string()))?;
     connect_on(&mut s, target).await?;
     Ok(s)
 }
 
 /// Sends an HTTP GET on an established tunnel stream and returns the response.
 pub async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> String {
-    s.write_all(b"GET / HTTP/1.1\r\nHost: dest\r\n\r\n").await.expect("write");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: dest\r\n\r\n")
+        .await
+        .expect("write");
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.expect("read");
     String::from_utf8_lossy(&out).to_string()
@@ -244,7 +271,9 @@ impl FakeAgent {
                 async move {
                     let tcp = TcpStream::connect(server).await?;
                     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls.connect(name, tcp).await?))
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tls.connect(name, tcp).await?,
+                    ))
                 }
             }))
             .await
@@ -253,7 +282,8 @@ impl FakeAgent {
             konnectivity_proto::wire::agent_service_client::AgentServiceClient::new(ch);
         let (tx, rx) = mpsc::channel(64);
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        req.metadata_mut().insert("agentid", id.parse().expect("ascii"));
+        req.metadata_mut()
+            .insert("agentid", id.parse().expect("ascii"));
         let resp = client.connect(req).await.map_err(|s| s.to_string())?;
         let headers = resp.metadata().clone();
         Ok(FakeAgent {

@@ -102,7 +102,9 @@ pub async fn bulk_on(ip: &str, name: &'static str) -> SocketAddr {
                 let n: usize = n.parse().unwrap_or(0);
                 let mut data = vec![0u8; n];
                 if r.read_exact(&mut data).await.is_ok() {
-                    let _ = w.write_all(format!("{}\n", crate::sha256_hex(&data)).as_bytes()).await;
+                    let _ = w
+                        .write_all(format!("{}\n", crate::sha256_hex(&data)).as_bytes())
+                        .await;
                 }
             }
             ["NAME"] => {

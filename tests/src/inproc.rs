@@ -79,15 +79,14 @@ impl Server {
         let config = proxy_server::Config::from_args(args).expect("server config");
         let bound = proxy_server::bind(config).await.expect("server bind");
         let shutdown = Shutdown::new();
-        let s = Server {
+        Server {
             frontend: bound.frontend_addr(),
             agent_addr: bound.agent_addr(),
             health: bound.health_addr(),
             metrics: bound.metrics(),
             shutdown: shutdown.clone(),
             task: tokio::spawn(bound.run(shutdown)),
-        };
-        s
+        }
     }
 
     /// The Unix socket path (panics for TCP frontends).
@@ -109,10 +108,14 @@ impl Server {
     /// Waits until `n` agent streams are connected.
     pub async fn wait_agents(&self, n: i64) {
         let m = self.metrics.clone();
-        crate::eventually(std::time::Duration::from_secs(20), "agents to connect", || {
-            let v = m.ready_backend_connections.get();
-            async move { (v >= n).then_some(()) }
-        })
+        crate::eventually(
+            std::time::Duration::from_secs(20),
+            "agents to connect",
+            || {
+                let v = m.ready_backend_connections.get();
+                async move { (v >= n).then_some(()) }
+            },
+        )
         .await
     }
 

@@ -33,7 +33,9 @@ impl Pki {
             .issue(p, "server", &["localhost", "127.0.0.1", "10.200.0.1"])
             .expect("server cert");
         let agent = ca.issue(p, "agent", &["agent"]).expect("agent cert");
-        let frontend = ca.issue(p, "frontend", &["kube-apiserver"]).expect("frontend cert");
+        let frontend = ca
+            .issue(p, "frontend", &["kube-apiserver"])
+            .expect("frontend cert");
         let rogue_ca = Ca::new(p, "rogue").expect("rogue ca");
         let rogue = rogue_ca.issue(p, "rogue", &["agent"]).expect("rogue cert");
         Pki {
@@ -50,7 +52,9 @@ impl Pki {
 
     /// Issues another leaf from the trusted CA.
     pub fn issue(&self, name: &str, names: &[&str]) -> Leaf {
-        self.ca_issuer.issue(self.dir.path(), name, names).expect("leaf")
+        self.ca_issuer
+            .issue(self.dir.path(), name, names)
+            .expect("leaf")
     }
 
     /// A path inside the temp dir.

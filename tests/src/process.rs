@@ -32,7 +32,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `cmd` (argv[0] is a workspace binary name) wrapped by `wrapper`
+    /// Starts `args` (`args[0]` is a workspace binary name) wrapped by `wrapper`
     /// (e.g. `ip netns exec ns`), with JSON logs.
     pub fn spawn(wrapper: &[&str], args: &[String]) -> Proc {
         let bin = binary(&args[0]);
@@ -49,7 +49,9 @@ impl Proc {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();

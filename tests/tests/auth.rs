@@ -6,18 +6,26 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tests::client;
+use tests::init_logs;
 use tests::inproc::{Agent, Listen, Server};
 use tests::pki::Pki;
 use tests::process::Proc;
-use tests::init_logs;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn server_proc(pki: &Pki, extra: &[String]) -> (Proc, SocketAddr, SocketAddr) {
     let uds = pki.path("auth.sock");
     let p = Proc::spawn(&[], &Server::args(pki, "grpc", Listen::Uds, &uds, extra));
-    let agent: SocketAddr = p.log_field("proxy-server started", "agent").await.parse().unwrap();
-    let health: SocketAddr = p.log_field("proxy-server started", "health").await.parse().unwrap();
+    let agent: SocketAddr = p
+        .log_field("proxy-server started", "agent")
+        .await
+        .parse()
+        .unwrap();
+    let health: SocketAddr = p
+        .log_field("proxy-server started", "health")
+        .await
+        .parse()
+        .unwrap();
     (p, agent, health)
 }
 
@@ -33,7 +41,8 @@ async fn agent_without_client_certificate_is_refused_and_logged() {
     let pki = Pki::new();
     let (server, agent_addr, health) =
         server_proc(&pki, &[format!("--cluster-ca-cert={}", pki.ca.display())]).await;
-    let agent = Agent::start_args(without_identity(Agent::args(&pki, agent_addr, "anon", &[]))).await;
+    let agent =
+        Agent::start_args(without_identity(Agent::args(&pki, agent_addr, "anon", &[]))).await;
     let line = server
         .wait_log(&["TLS handshake failed", "peer sent no certificates"], WAIT)
         .await;
@@ -66,7 +75,10 @@ async fn agent_with_certificate_from_another_ca_is_refused_and_logged() {
     let line = server
         .wait_log(&["TLS handshake failed", "invalid peer certificate"], WAIT)
         .await;
-    assert!(line.contains("UnknownIssuer") || line.contains("unknown issuer"), "{line}");
+    assert!(
+        line.contains("UnknownIssuer") || line.contains("unknown issuer"),
+        "{line}"
+    );
     assert_eq!(agent.metrics.open_server_connections.get(), 0);
 }
 
@@ -76,11 +88,18 @@ async fn agent_with_a_bad_token_is_refused_and_logged() {
     let pki = Pki::new();
     let tokens = pki.path("tokens");
     std::fs::write(&tokens, "good-token\n").unwrap();
-    let (server, agent_addr, _) = server_proc(&pki, &[format!("--agent-tokens-file={tokens}")]).await;
+    let (server, agent_addr, _) =
+        server_proc(&pki, &[format!("--agent-tokens-file={tokens}")]).await;
 
     let bad = pki.path("bad");
     std::fs::write(&bad, "stolen-token\n").unwrap();
-    let agent = Agent::start(&pki, agent_addr, "intruder", &[&format!("--service-account-token-path={bad}")]).await;
+    let agent = Agent::start(
+        &pki,
+        agent_addr,
+        "intruder",
+        &[&format!("--service-account-token-path={bad}")],
+    )
+    .await;
     let line = server
         .wait_log(&["agent stream refused", "bearer token not accepted"], WAIT)
         .await;
@@ -89,7 +108,13 @@ async fn agent_with_a_bad_token_is_refused_and_logged() {
 
     let good = pki.path("good");
     std::fs::write(&good, "good-token\n").unwrap();
-    let ok = Agent::start(&pki, agent_addr, "member", &[&format!("--service-account-token-path={good}")]).await;
+    let ok = Agent::start(
+        &pki,
+        agent_addr,
+        "member",
+        &[&format!("--service-account-token-path={good}")],
+    )
+    .await;
     tests::eventually(WAIT, "agent with the right token connected", || {
         let n = ok.metrics.open_server_connections.get();
         async move { (n == 1).then_some(()) }

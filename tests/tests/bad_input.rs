@@ -13,7 +13,8 @@ use tests::{dest, init_logs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-const GARBAGE: &[u8] = b"\x00\xff\x16\x03\x01 this is not TLS, HTTP/2 or HTTP at all \r\n\r\n\xde\xad\xbe\xef";
+const GARBAGE: &[u8] =
+    b"\x00\xff\x16\x03\x01 this is not TLS, HTTP/2 or HTTP at all \r\n\r\n\xde\xad\xbe\xef";
 
 async fn works_over_grpc(server: &Server) {
     let dst = dest::http("still fine").await;
@@ -60,7 +61,9 @@ async fn http_connect_refuses_other_methods_and_garbage_with_a_status() {
     server.wait_agents(1).await;
 
     let mut u = UnixStream::connect(server.uds()).await.unwrap();
-    u.write_all(b"GET http://10.0.0.5:10250/ HTTP/1.1\r\nHost: 10.0.0.5\r\n\r\n").await.unwrap();
+    u.write_all(b"GET http://10.0.0.5:10250/ HTTP/1.1\r\nHost: 10.0.0.5\r\n\r\n")
+        .await
+        .unwrap();
     let resp = String::from_utf8_lossy(&drain(&mut u).await).to_string();
     assert!(resp.starts_with("HTTP/1.1 405 "), "{resp}");
     assert!(resp.contains("only CONNECT"), "{resp}");
@@ -71,13 +74,19 @@ async fn http_connect_refuses_other_methods_and_garbage_with_a_status() {
     assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
 
     let mut u = UnixStream::connect(server.uds()).await.unwrap();
-    u.write_all(b"CONNECT no-port-here HTTP/1.1\r\n\r\n").await.unwrap();
+    u.write_all(b"CONNECT no-port-here HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
     let resp = String::from_utf8_lossy(&drain(&mut u).await).to_string();
     assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
 
     let dst = dest::http("connect still fine").await;
-    let mut s = client::connect_uds(&server.uds(), &dst.to_string()).await.expect("CONNECT");
-    assert!(client::http_get(&mut s).await.ends_with("connect still fine"));
+    let mut s = client::connect_uds(&server.uds(), &dst.to_string())
+        .await
+        .expect("CONNECT");
+    assert!(client::http_get(&mut s)
+        .await
+        .ends_with("connect still fine"));
 }
 
 #[tokio::test]
@@ -92,22 +101,45 @@ async fn frontend_packets_for_unknown_connections_are_answered_and_harmless() {
     let mut c = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
 
     // DATA for a connection this stream does not have: ignored and counted.
-    c.send_packet(packet::data(c.connect_id + 1000, Bytes::from_static(b"stray"))).await;
+    c.send_packet(packet::data(
+        c.connect_id + 1000,
+        Bytes::from_static(b"stray"),
+    ))
+    .await;
     // A packet whose type and payload disagree: ignored and counted.
     let mut bad = packet::data(c.connect_id, Bytes::from_static(b"x"));
     bad.r#type = PacketType::CloseReq as i32;
     c.send_packet(bad).await;
     // An unknown packet type: ignored.
-    c.send_packet(Packet { r#type: 42, payload: None }).await;
+    c.send_packet(Packet {
+        r#type: 42,
+        payload: None,
+    })
+    .await;
     // CLOSE_REQ for an unknown connection: answered with the reference error.
-    c.send_packet(packet::close_request(c.connect_id + 2000)).await;
+    c.send_packet(packet::close_request(c.connect_id + 2000))
+        .await;
 
     // The real connection still echoes.
     c.send(&b"ping"[..]).await;
     let got = c.recv().await.expect("echo");
     assert_eq!(&got[..], b"ping");
-    assert_eq!(server.metrics.unknown_packets.with_label_values(&["DATA"]).get(), 1);
-    assert_eq!(server.metrics.bad_packets.with_label_values(&["frontend"]).get(), 1);
+    assert_eq!(
+        server
+            .metrics
+            .unknown_packets
+            .with_label_values(&["DATA"])
+            .get(),
+        1
+    );
+    assert_eq!(
+        server
+            .metrics
+            .bad_packets
+            .with_label_values(&["frontend"])
+            .get(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -128,14 +160,20 @@ async fn unknown_close_request_gets_the_reference_error() {
         .await
         .unwrap()
         .into_inner();
-    let p = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut inbound))
-        .await
-        .expect("answer")
-        .expect("packet")
-        .expect("ok");
+    let p = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut inbound),
+    )
+    .await
+    .expect("answer")
+    .expect("packet")
+    .expect("ok");
     assert_eq!(
         Message::from_packet(p).unwrap(),
-        Message::CloseResponse { connect_id: 424242, error: "Unknown connectID".into() }
+        Message::CloseResponse {
+            connect_id: 424242,
+            error: "Unknown connectID".into()
+        }
     );
     assert!(c.close().await);
 }
@@ -145,9 +183,12 @@ async fn agent_data_for_unknown_connection_is_closed_and_others_keep_working() {
     init_logs();
     let pki = Pki::new();
     let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
-    let mut fake = FakeAgent::connect(server.agent_addr, &pki, "confused").await.expect("fake");
+    let mut fake = FakeAgent::connect(server.agent_addr, &pki, "confused")
+        .await
+        .expect("fake");
     server.wait_agents(1).await;
-    fake.send(packet::data(31337, Bytes::from_static(b"who am i"))).await;
+    fake.send(packet::data(31337, Bytes::from_static(b"who am i")))
+        .await;
     match fake.recv_significant().await {
         Some(Message::CloseRequest { connect_id }) => assert_eq!(connect_id, 31337),
         other => panic!("expected CLOSE_REQ for the unknown id, got {other:?}"),
@@ -165,6 +206,13 @@ async fn agent_data_for_unknown_connection_is_closed_and_others_keep_working() {
     fake.send(packet::dial_ok(random, 9)).await;
     let conn = dial.await.unwrap().expect("dial through the fake agent");
     assert_eq!(conn.connect_id, 9);
-    assert_eq!(server.metrics.bad_packets.with_label_values(&["agent"]).get(), 1);
+    assert_eq!(
+        server
+            .metrics
+            .bad_packets
+            .with_label_values(&["agent"])
+            .get(),
+        1
+    );
     assert_eq!(server.metrics.ready_backend_connections.get(), 1);
 }

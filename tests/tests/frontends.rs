@@ -80,7 +80,10 @@ async fn twenty_mib_down_and_up_intact_over_grpc() {
     down.send(format!("GET {} 7\n", 20 * MIB)).await;
     let got = down.read_to_end().await;
     assert_eq!(got.len(), 20 * MIB);
-    assert_eq!(tests::sha256_hex(&got), tests::sha256_hex(&tests::pattern(20 * MIB, 7)));
+    assert_eq!(
+        tests::sha256_hex(&got),
+        tests::sha256_hex(&tests::pattern(20 * MIB, 7))
+    );
 
     let mut up = GrpcConn::dial(&ch, &dst.to_string()).await.expect("dial");
     let data = tests::pattern(20 * MIB, 9);
@@ -97,16 +100,27 @@ async fn twenty_mib_down_and_up_intact_over_http_connect() {
     let (_pki, server, _agent) = setup("http-connect", Listen::Uds).await;
     let dst = dest::bulk("bulk").await;
 
-    let mut s = client::connect_uds(&server.uds(), &dst.to_string()).await.expect("CONNECT");
-    s.write_all(format!("GET {} 3\n", 20 * MIB).as_bytes()).await.unwrap();
+    let mut s = client::connect_uds(&server.uds(), &dst.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(format!("GET {} 3\n", 20 * MIB).as_bytes())
+        .await
+        .unwrap();
     let mut got = Vec::new();
     s.read_to_end(&mut got).await.unwrap();
     assert_eq!(got.len(), 20 * MIB);
-    assert_eq!(tests::sha256_hex(&got), tests::sha256_hex(&tests::pattern(20 * MIB, 3)));
+    assert_eq!(
+        tests::sha256_hex(&got),
+        tests::sha256_hex(&tests::pattern(20 * MIB, 3))
+    );
 
-    let mut s = client::connect_uds(&server.uds(), &dst.to_string()).await.expect("CONNECT");
+    let mut s = client::connect_uds(&server.uds(), &dst.to_string())
+        .await
+        .expect("CONNECT");
     let data = tests::pattern(20 * MIB, 4);
-    s.write_all(format!("PUT {}\n", data.len()).as_bytes()).await.unwrap();
+    s.write_all(format!("PUT {}\n", data.len()).as_bytes())
+        .await
+        .unwrap();
     s.write_all(&data).await.unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).await.unwrap();
@@ -118,15 +132,26 @@ async fn dial_to_closed_port_reports_the_agents_error() {
     let (_pki, server, agent) = setup("grpc", Listen::Uds).await;
     let closed = dest::closed_port().await;
     let ch = client::grpc_uds(&server.uds()).await;
-    let err = GrpcConn::dial(&ch, &closed.to_string()).await.err().expect("must fail");
+    let err = GrpcConn::dial(&ch, &closed.to_string())
+        .await
+        .err()
+        .expect("must fail");
     assert!(err.contains("connection refused"), "{err}");
     assert!(err.contains(&closed.to_string()), "{err}");
     assert_eq!(
-        agent.metrics.endpoint_dial_failures.with_label_values(&["unknown"]).get(),
+        agent
+            .metrics
+            .endpoint_dial_failures
+            .with_label_values(&["unknown"])
+            .get(),
         1
     );
     assert_eq!(
-        server.metrics.dial_failures.with_label_values(&["error_response"]).get(),
+        server
+            .metrics
+            .dial_failures
+            .with_label_values(&["error_response"])
+            .get(),
         1
     );
 }
@@ -137,8 +162,7 @@ async fn dial_to_closed_port_over_http_connect_is_502_with_reason() {
     let closed = dest::closed_port().await;
     let (status, body) = client::connect_uds(&server.uds(), &closed.to_string())
         .await
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("connection refused"), "{body}");
 }
@@ -149,15 +173,23 @@ async fn no_agent_is_reported_over_grpc_and_http_connect() {
     let pki = Pki::new();
     let grpc = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
     let ch = client::grpc_uds(&grpc.uds()).await;
-    let err = GrpcConn::dial(&ch, "127.0.0.1:1").await.err().expect("must fail");
+    let err = GrpcConn::dial(&ch, "127.0.0.1:1")
+        .await
+        .err()
+        .expect("must fail");
     assert_eq!(err, "No agent available");
-    assert_eq!(grpc.metrics.dial_failures.with_label_values(&["no_agent"]).get(), 1);
+    assert_eq!(
+        grpc.metrics
+            .dial_failures
+            .with_label_values(&["no_agent"])
+            .get(),
+        1
+    );
 
     let connect = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
     let (status, body) = client::connect_uds(&connect.uds(), "127.0.0.1:1")
         .await
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("No agent available"), "{body}");
 }

@@ -19,7 +19,10 @@ async fn download(ch: &tonic::transport::Channel, dst: &str, n: usize, seed: u64
     c.send(format!("GET {n} {seed}\n")).await;
     let got = c.read_to_end().await;
     assert_eq!(got.len(), n);
-    assert_eq!(tests::sha256_hex(&got), tests::sha256_hex(&tests::pattern(n, seed)));
+    assert_eq!(
+        tests::sha256_hex(&got),
+        tests::sha256_hex(&tests::pattern(n, seed))
+    );
 }
 
 /// With flow control (our agent and server), the stalled connection costs the
@@ -45,8 +48,16 @@ async fn stalled_frontend_reader_does_not_stop_another_download() {
     tokio::time::timeout(LIMIT, download(&ch, &dst, 20 * MIB, 2))
         .await
         .expect("the healthy connection must finish while the other is stalled");
-    assert_eq!(server.metrics.stalled_closed.get(), 0, "nothing needed closing");
-    assert_eq!(server.metrics.established_connections.get(), 1, "the stalled one is still open");
+    assert_eq!(
+        server.metrics.stalled_closed.get(),
+        0,
+        "nothing needed closing"
+    );
+    assert_eq!(
+        server.metrics.established_connections.get(),
+        1,
+        "the stalled one is still open"
+    );
     drop(stalled);
 }
 
@@ -62,7 +73,9 @@ async fn stalled_destination_does_not_stop_another_upload() {
     let hole = dest::blackhole().await;
     let bulk = dest::bulk("bulk").await;
 
-    let mut stuck = client::connect_uds(&server.uds(), &hole.to_string()).await.expect("CONNECT");
+    let mut stuck = client::connect_uds(&server.uds(), &hole.to_string())
+        .await
+        .expect("CONNECT");
     let writer = tokio::spawn(async move {
         let chunk = vec![7u8; MIB];
         for _ in 0..512 {
@@ -72,10 +85,14 @@ async fn stalled_destination_does_not_stop_another_upload() {
         }
     });
 
-    let mut s = client::connect_uds(&server.uds(), &bulk.to_string()).await.expect("CONNECT");
+    let mut s = client::connect_uds(&server.uds(), &bulk.to_string())
+        .await
+        .expect("CONNECT");
     let data = tests::pattern(20 * MIB, 5);
     tokio::time::timeout(LIMIT, async {
-        s.write_all(format!("PUT {}\n", data.len()).as_bytes()).await.unwrap();
+        s.write_all(format!("PUT {}\n", data.len()).as_bytes())
+            .await
+            .unwrap();
         s.write_all(&data).await.unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).await.unwrap();
@@ -83,7 +100,10 @@ async fn stalled_destination_does_not_stop_another_upload() {
     })
     .await
     .expect("the healthy upload must finish while the destination of the other is stalled");
-    assert!(!writer.is_finished(), "the stalled upload is held back, not failed");
+    assert!(
+        !writer.is_finished(),
+        "the stalled upload is held back, not failed"
+    );
     writer.abort();
 }
 
@@ -108,10 +128,14 @@ async fn without_flow_control_only_the_stalled_connection_is_closed() {
     tokio::time::timeout(LIMIT, download(&ch, &dst, 20 * MIB, 2))
         .await
         .expect("the healthy connection must finish");
-    tests::eventually(Duration::from_secs(10), "the stalled connection to be closed", || {
-        let n = server.metrics.stalled_closed.get();
-        async move { (n >= 1).then_some(()) }
-    })
+    tests::eventually(
+        Duration::from_secs(10),
+        "the stalled connection to be closed",
+        || {
+            let n = server.metrics.stalled_closed.get();
+            async move { (n >= 1).then_some(()) }
+        },
+    )
     .await;
     drop(stalled);
 }

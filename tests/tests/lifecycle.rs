@@ -33,7 +33,10 @@ async fn killed_agent_closes_its_connections_at_once() {
     let rest = tokio::time::timeout(Duration::from_secs(1), c.read_to_end())
         .await
         .expect("the client must see the close within a second of the kill");
-    assert!(got + rest.len() < 1024 * MIB, "transfer cannot have completed");
+    assert!(
+        got + rest.len() < 1024 * MIB,
+        "transfer cannot have completed"
+    );
     assert!(c.closed, "close arrives as CLOSE_RSP");
     eprintln!("close seen {:?} after the kill", killed.elapsed());
     assert_eq!(server.metrics.established_connections.get(), 0);
@@ -45,7 +48,9 @@ async fn pending_dial_fails_at_once_when_its_agent_goes_away() {
     init_logs();
     let pki = Pki::new();
     let server = Server::start(&pki, "grpc", Listen::Uds, &["--dial-timeout=60s"]).await;
-    let mut fake = FakeAgent::connect(server.agent_addr, &pki, "silent").await.expect("fake agent");
+    let mut fake = FakeAgent::connect(server.agent_addr, &pki, "silent")
+        .await
+        .expect("fake agent");
     assert!(fake.headers.get("serverid").is_some());
     assert_eq!(fake.headers.get("servercount").unwrap(), "1");
     server.wait_agents(1).await;
@@ -69,7 +74,10 @@ async fn pending_dial_fails_at_once_when_its_agent_goes_away() {
         .unwrap();
     let err = err.expect("dial fails");
     assert!(err.contains("went away"), "{err}");
-    eprintln!("pending dial failed {:?} after the agent left", gone.elapsed());
+    eprintln!(
+        "pending dial failed {:?} after the agent left",
+        gone.elapsed()
+    );
     assert_eq!(server.metrics.pending_dials.get(), 0);
 }
 
@@ -88,11 +96,19 @@ async fn agent_reconnects_after_a_server_restart() {
     })
     .await;
 
-    let restarted = Server::start(&pki, "grpc", Listen::Uds, &[&format!("--agent-port={port}")]).await;
+    let restarted = Server::start(
+        &pki,
+        "grpc",
+        Listen::Uds,
+        &[&format!("--agent-port={port}")],
+    )
+    .await;
     restarted.wait_agents(1).await;
     let dst = dest::http("after restart").await;
     let ch = client::grpc_uds(&restarted.uds()).await;
-    let mut c = GrpcConn::dial(&ch, &dst.to_string()).await.expect("dial after restart");
+    let mut c = GrpcConn::dial(&ch, &dst.to_string())
+        .await
+        .expect("dial after restart");
     c.send(&b"GET / HTTP/1.1\r\n\r\n"[..]).await;
     let body = String::from_utf8(c.read_to_end().await).unwrap();
     assert!(body.ends_with("after restart"), "{body}");
@@ -115,17 +131,21 @@ async fn draining_agent_gets_no_new_dials_but_finishes_open_ones() {
     // Wait until the server has seen DRAIN: new dials then all go to b.
     let before_b = b.metrics.dial_duration.get_sample_count();
     let a_hist = a.metrics.dial_duration.clone();
-    tests::eventually(Duration::from_secs(10), "dials to avoid the draining agent", || {
-        let ch = ch.clone();
-        let echo = echo.to_string();
-        let a_hist = a_hist.clone();
-        let a_dials = a_hist.get_sample_count();
-        async move {
-            let c = GrpcConn::dial(&ch, &echo).await.ok()?;
-            c.close().await;
-            (a_hist.get_sample_count() == a_dials).then_some(())
-        }
-    })
+    tests::eventually(
+        Duration::from_secs(10),
+        "dials to avoid the draining agent",
+        || {
+            let ch = ch.clone();
+            let echo = echo.to_string();
+            let a_hist = a_hist.clone();
+            let a_dials = a_hist.get_sample_count();
+            async move {
+                let c = GrpcConn::dial(&ch, &echo).await.ok()?;
+                c.close().await;
+                (a_hist.get_sample_count() == a_dials).then_some(())
+            }
+        },
+    )
     .await;
     for _ in 0..10 {
         let c = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
@@ -139,7 +159,11 @@ async fn draining_agent_gets_no_new_dials_but_finishes_open_ones() {
     // ...and once it closes, the agent leaves.
     assert!(open.close().await);
     server.wait_agents(1).await;
-    assert_eq!(a.metrics.open_server_connections.get(), 1, "stream kept until exit");
+    assert_eq!(
+        a.metrics.open_server_connections.get(),
+        1,
+        "stream kept until exit"
+    );
 }
 
 #[tokio::test]
@@ -147,14 +171,21 @@ async fn late_dial_response_after_cancel_is_closed_on_the_agent() {
     init_logs();
     let pki = Pki::new();
     let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
-    let mut fake = FakeAgent::connect(server.agent_addr, &pki, "slow").await.expect("fake agent");
+    let mut fake = FakeAgent::connect(server.agent_addr, &pki, "slow")
+        .await
+        .expect("fake agent");
     server.wait_agents(1).await;
     let ch = client::grpc_uds(&server.uds()).await;
     // A frontend dials, then gives up (DIAL_CLS) before the agent answers.
     let mut client = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(packet::dial_request("10.0.0.9:443", 77)).await.unwrap();
-    let _resp = client.proxy(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+    tx.send(packet::dial_request("10.0.0.9:443", 77))
+        .await
+        .unwrap();
+    let _resp = client
+        .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
     let Some(Message::DialRequest { random, .. }) = fake.recv_significant().await else {
         panic!("expected DIAL_REQ")
     };

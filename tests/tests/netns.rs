@@ -9,10 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::client;
+use tests::init_logs;
 use tests::inproc::{Agent, Listen, Server};
 use tests::pki::Pki;
 use tests::process::{binary, Proc};
-use tests::init_logs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SERVER_IP: &str = "10.200.0.1";
@@ -25,11 +25,18 @@ struct Namespaces {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("run ip: {e}"))?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("run ip: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -47,15 +54,39 @@ impl Namespaces {
         ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
         ip(&["link", "set", &va, "netns", &ns.cp])?;
         ip(&["link", "set", &vb, "netns", &ns.node])?;
-        ip(&["-n", &ns.cp, "addr", "add", &format!("{SERVER_IP}/24"), "dev", &va])?;
-        ip(&["-n", &ns.node, "addr", "add", &format!("{NODE_IP}/24"), "dev", &vb])?;
+        ip(&[
+            "-n",
+            &ns.cp,
+            "addr",
+            "add",
+            &format!("{SERVER_IP}/24"),
+            "dev",
+            &va,
+        ])?;
+        ip(&[
+            "-n",
+            &ns.node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            &vb,
+        ])?;
         for (n, dev) in [(&ns.cp, &va), (&ns.node, &vb)] {
             ip(&["-n", n, "link", "set", dev, "up"])?;
             ip(&["-n", n, "link", "set", "lo", "up"])?;
         }
         // The kubelet's address lives on the node only (on its loopback
         // device); the control plane namespace has no route to it.
-        ip(&["-n", &ns.node, "addr", "add", &format!("{KUBELET_IP}/32"), "dev", "lo"])?;
+        ip(&[
+            "-n",
+            &ns.node,
+            "addr",
+            "add",
+            &format!("{KUBELET_IP}/32"),
+            "dev",
+            "lo",
+        ])?;
         Ok(ns)
     }
 }
@@ -87,7 +118,11 @@ async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
     let kubelet = Command::new("ip")
         .args(["netns", "exec", &ns.node])
         .arg(binary("test-kubelet"))
-        .args([&kubelet_addr, &kubelet_cert.cert.display().to_string(), &kubelet_cert.key.display().to_string()])
+        .args([
+            &kubelet_addr,
+            &kubelet_cert.cert.display().to_string(),
+            &kubelet_cert.key.display().to_string(),
+        ])
         .spawn()
         .expect("start kubelet");
     struct KillOnDrop(std::process::Child);
@@ -104,7 +139,11 @@ async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
     sargs.retain(|a| !a.starts_with("--agent-bind-address"));
     sargs.push(format!("--agent-bind-address={SERVER_IP}"));
     let server = Proc::spawn(&cp, &sargs);
-    let agent_addr: SocketAddr = server.log_field("proxy-server started", "agent").await.parse().unwrap();
+    let agent_addr: SocketAddr = server
+        .log_field("proxy-server started", "agent")
+        .await
+        .parse()
+        .unwrap();
 
     let agent = Proc::spawn(&node, &Agent::args(&pki, agent_addr, "node-1", &[]));
     agent
@@ -117,7 +156,10 @@ async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
         .arg(format!("exec 3<>/dev/tcp/{KUBELET_IP}/10250"))
         .output()
         .expect("run bash");
-    assert!(!direct.status.success(), "control plane must not reach the kubelet directly");
+    assert!(
+        !direct.status.success(),
+        "control plane must not reach the kubelet directly"
+    );
 
     // Through the tunnel (HTTP CONNECT on the server's Unix socket, as
     // kube-apiserver does), TLS to the kubelet works end to end.
@@ -128,8 +170,13 @@ async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
         konnectivity_runtime::tls::client_config(&pki.ca, None, &[b"http/1.1"]).unwrap(),
     );
     let name = rustls::pki_types::ServerName::try_from(KUBELET_IP).unwrap();
-    let mut s = tls.connect(name, stream).await.expect("TLS to the kubelet over the tunnel");
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kubelet\r\n\r\n").await.unwrap();
+    let mut s = tls
+        .connect(name, stream)
+        .await
+        .expect("TLS to the kubelet over the tunnel");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kubelet\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out);

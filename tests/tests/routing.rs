@@ -31,7 +31,11 @@ async fn hundred_concurrent_connections_through_two_agents_without_cross_talk() 
             c.send(format!("GET {n} {i}\n")).await;
             let got = c.read_to_end().await;
             assert_eq!(got.len(), n, "connection {i} length");
-            assert_eq!(got, tests::pattern(n, i), "connection {i} got another's bytes");
+            assert_eq!(
+                got,
+                tests::pattern(n, i),
+                "connection {i} got another's bytes"
+            );
         }));
     }
     for t in tasks {
@@ -46,9 +50,27 @@ async fn hundred_concurrent_connections_through_two_agents_without_cross_talk() 
 async fn dest_host_routes_to_the_agent_that_claims_the_address() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "grpc", Listen::Uds, &["--proxy-strategies=destHost,default"]).await;
-    let a = Agent::start(&pki, server.agent_addr, "agent-a", &["--agent-identifiers=ipv4=127.0.0.2&host=node-a"]).await;
-    let b = Agent::start(&pki, server.agent_addr, "agent-b", &["--agent-identifiers=ipv4=127.0.0.3"]).await;
+    let server = Server::start(
+        &pki,
+        "grpc",
+        Listen::Uds,
+        &["--proxy-strategies=destHost,default"],
+    )
+    .await;
+    let a = Agent::start(
+        &pki,
+        server.agent_addr,
+        "agent-a",
+        &["--agent-identifiers=ipv4=127.0.0.2&host=node-a"],
+    )
+    .await;
+    let b = Agent::start(
+        &pki,
+        server.agent_addr,
+        "agent-b",
+        &["--agent-identifiers=ipv4=127.0.0.3"],
+    )
+    .await;
     server.wait_agents(2).await;
     let on_a = dest::bulk_on("127.0.0.2", "a").await;
     let on_b = dest::bulk_on("127.0.0.3", "b").await;
@@ -68,14 +90,34 @@ async fn dest_host_routes_to_the_agent_that_claims_the_address() {
 async fn default_route_takes_unmatched_destinations() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "grpc", Listen::Uds, &["--proxy-strategies=destHost,defaultRoute"]).await;
-    let a = Agent::start(&pki, server.agent_addr, "agent-a", &["--agent-identifiers=ipv4=127.0.0.2"]).await;
-    let gw = Agent::start(&pki, server.agent_addr, "gateway", &["--agent-identifiers=default-route=true"]).await;
+    let server = Server::start(
+        &pki,
+        "grpc",
+        Listen::Uds,
+        &["--proxy-strategies=destHost,defaultRoute"],
+    )
+    .await;
+    let a = Agent::start(
+        &pki,
+        server.agent_addr,
+        "agent-a",
+        &["--agent-identifiers=ipv4=127.0.0.2"],
+    )
+    .await;
+    let gw = Agent::start(
+        &pki,
+        server.agent_addr,
+        "gateway",
+        &["--agent-identifiers=default-route=true"],
+    )
+    .await;
     server.wait_agents(2).await;
     let elsewhere = dest::bulk_on("127.0.0.4", "x").await;
     let ch = client::grpc_uds(&server.uds()).await;
     for _ in 0..5 {
-        let mut c = GrpcConn::dial(&ch, &elsewhere.to_string()).await.expect("dial");
+        let mut c = GrpcConn::dial(&ch, &elsewhere.to_string())
+            .await
+            .expect("dial");
         c.send(&b"NAME\n"[..]).await;
         assert_eq!(c.read_to_end().await, b"x");
     }
@@ -87,10 +129,25 @@ async fn default_route_takes_unmatched_destinations() {
 async fn default_route_alone_finds_no_agent_without_a_gateway() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "grpc", Listen::Uds, &["--proxy-strategies=defaultRoute"]).await;
-    let _a = Agent::start(&pki, server.agent_addr, "agent-a", &["--agent-identifiers=ipv4=127.0.0.2"]).await;
+    let server = Server::start(
+        &pki,
+        "grpc",
+        Listen::Uds,
+        &["--proxy-strategies=defaultRoute"],
+    )
+    .await;
+    let _a = Agent::start(
+        &pki,
+        server.agent_addr,
+        "agent-a",
+        &["--agent-identifiers=ipv4=127.0.0.2"],
+    )
+    .await;
     server.wait_agents(1).await;
     let ch = client::grpc_uds(&server.uds()).await;
-    let err = GrpcConn::dial(&ch, "127.0.0.5:80").await.err().expect("no agent");
+    let err = GrpcConn::dial(&ch, "127.0.0.5:80")
+        .await
+        .err()
+        .expect("no agent");
     assert_eq!(err, "No agent available");
 }

@@ -284,7 +284,10 @@ impl AgentLink {
         }
         self.load.store(0, Ordering::Relaxed);
         if n > 0 {
-            info!(connections = n, "closed the connections of the lost agent stream");
+            info!(
+                connections = n,
+                "closed the connections of the lost agent stream"
+            );
         }
     }
 
@@ -331,7 +334,10 @@ impl AgentLink {
                 }
             }
             Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
-            other => warn!(kind = other.kind(), "packet not valid from an agent; ignored"),
+            other => warn!(
+                kind = other.kind(),
+                "packet not valid from an agent; ignored"
+            ),
         }
     }
 

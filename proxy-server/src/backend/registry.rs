@@ -37,14 +37,18 @@ impl AgentRegistry {
     pub fn add(&self, link: Arc<AgentLink>) {
         let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
         links.push(link);
-        self.metrics.ready_backend_connections.set(links.len() as i64);
+        self.metrics
+            .ready_backend_connections
+            .set(links.len() as i64);
     }
 
     /// Removes a stream.
     pub fn remove(&self, serial: u64) {
         let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
         links.retain(|l| l.serial != serial);
-        self.metrics.ready_backend_connections.set(links.len() as i64);
+        self.metrics
+            .ready_backend_connections
+            .set(links.len() as i64);
     }
 
     /// Number of connected streams.
@@ -110,8 +114,14 @@ impl AgentRegistry {
         let result = self.dial_inner(address, random).await;
         if let Err(e) = &result {
             // Reasons the agent reported are counted where the answer arrives.
-            if !matches!(e, DialError::Agent { .. } | DialError::AgentGone(_) | DialError::DialClosed) {
-                self.metrics.dial_failures.with_label_values(&[e.reason()]).inc();
+            if !matches!(
+                e,
+                DialError::Agent { .. } | DialError::AgentGone(_) | DialError::DialClosed
+            ) {
+                self.metrics
+                    .dial_failures
+                    .with_label_values(&[e.reason()])
+                    .inc();
             }
         }
         result

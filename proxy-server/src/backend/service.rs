@@ -41,7 +41,10 @@ pub struct AgentEndpoint {
     pub stop: CancellationToken,
 }
 
-fn one_value<'a>(req: &'a Request<Streaming<Packet>>, key: &str) -> Result<Option<&'a str>, String> {
+fn one_value<'a>(
+    req: &'a Request<Streaming<Packet>>,
+    key: &str,
+) -> Result<Option<&'a str>, String> {
     let mut values = req.metadata().get_all(key).iter();
     let first = values.next();
     if values.next().is_some() {
@@ -53,7 +56,13 @@ fn one_value<'a>(req: &'a Request<Streaming<Packet>>, key: &str) -> Result<Optio
 }
 
 impl AgentEndpoint {
-    fn refuse(&self, peer: &str, reason: &'static str, detail: String, code: tonic::Code) -> Status {
+    fn refuse(
+        &self,
+        peer: &str,
+        reason: &'static str,
+        detail: String,
+        code: tonic::Code,
+    ) -> Status {
         self.settings
             .metrics
             .agent_refused
@@ -82,13 +91,25 @@ impl AgentService for AgentEndpoint {
         let invalid = tonic::Code::InvalidArgument;
         let agent_id = match one_value(&req, metadata::AGENT_ID) {
             Ok(Some(id)) if !id.is_empty() => id.to_string(),
-            Ok(_) => return Err(self.refuse(&peer, "no_agent_id", "agentID metadata missing".into(), invalid)),
+            Ok(_) => {
+                return Err(self.refuse(
+                    &peer,
+                    "no_agent_id",
+                    "agentID metadata missing".into(),
+                    invalid,
+                ))
+            }
             Err(e) => return Err(self.refuse(&peer, "bad_agent_id", e, invalid)),
         };
         let identifiers = match one_value(&req, metadata::AGENT_IDENTIFIERS) {
             Ok(None) => AgentIdentifiers::default(),
             Ok(Some(s)) => AgentIdentifiers::parse(s).map_err(|e| {
-                self.refuse(&peer, "bad_identifiers", format!("agent {agent_id}: {e}"), invalid)
+                self.refuse(
+                    &peer,
+                    "bad_identifiers",
+                    format!("agent {agent_id}: {e}"),
+                    invalid,
+                )
             })?,
             Err(e) => return Err(self.refuse(&peer, "bad_identifiers", e, invalid)),
         };
@@ -104,7 +125,8 @@ impl AgentService for AgentEndpoint {
             }
         }
         let features = one_value(&req, metadata::FEATURES).ok().flatten();
-        let flow = self.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);
+        let flow =
+            self.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);
 
         let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
@@ -150,9 +172,8 @@ impl AgentService for AgentEndpoint {
         // End the response when the stream's state ends, even while tunnels
         // still hold the sending side.
         let ended = link.closed.clone().cancelled_owned();
-        let stream: PacketStream = Box::pin(
-            futures::StreamExt::take_until(ReceiverStream::new(out_rx), ended).map(Ok),
-        );
+        let stream: PacketStream =
+            Box::pin(futures::StreamExt::take_until(ReceiverStream::new(out_rx), ended).map(Ok));
         let mut resp = Response::new(stream);
         let md = resp.metadata_mut();
         let ascii = |s: &str| {
@@ -160,7 +181,10 @@ impl AgentService for AgentEndpoint {
                 .map_err(|_| Status::internal("metadata value is not ASCII"))
         };
         md.insert(metadata::SERVER_ID, ascii(&self.server_id)?);
-        md.insert(metadata::SERVER_COUNT, ascii(&self.server_count.to_string())?);
+        md.insert(
+            metadata::SERVER_COUNT,
+            ascii(&self.server_count.to_string())?,
+        );
         if flow {
             md.insert(metadata::FEATURES, ascii(metadata::FEATURE_FLOW_CONTROL)?);
         }

@@ -94,7 +94,10 @@ struct FrontendStream {
 
 impl FrontendStream {
     async fn serve(mut self, mut inbound: Streaming<Packet>) {
-        let gauge = self.metrics.frontend_connections.with_label_values(&["grpc"]);
+        let gauge = self
+            .metrics
+            .frontend_connections
+            .with_label_values(&["grpc"]);
         gauge.inc();
         let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(MAX_PER_STREAM);
         loop {
@@ -198,7 +201,10 @@ impl FrontendStream {
                         .unknown_packets
                         .with_label_values(&["DATA"])
                         .inc();
-                    debug!(connect_id, "DATA from frontend for unknown connection ignored");
+                    debug!(
+                        connect_id,
+                        "DATA from frontend for unknown connection ignored"
+                    );
                 }
             },
             Message::CloseRequest { connect_id } => match self.conns.get(&connect_id) {
@@ -224,7 +230,10 @@ impl FrontendStream {
                 }
             }
             Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
-            other => debug!(kind = other.kind(), "packet not valid from a frontend; ignored"),
+            other => debug!(
+                kind = other.kind(),
+                "packet not valid from a frontend; ignored"
+            ),
         }
     }
 }
@@ -251,7 +260,10 @@ impl Dial {
             Err(e) => {
                 if !matches!(e, DialError::Cancelled) {
                     info!(error = %e, "dial failed");
-                    let _ = self.out.send(packet::dial_failed(random, e.to_string())).await;
+                    let _ = self
+                        .out
+                        .send(packet::dial_failed(random, e.to_string()))
+                        .await;
                 } else {
                     debug!("dial cancelled by frontend");
                 }
@@ -261,7 +273,11 @@ impl Dial {
         };
         let connect_id = tunnel.connect_id();
         tracing::Span::current().record("connect_id", connect_id);
-        debug!(connect_id, agent.id = tunnel.agent_id(), "connection established");
+        debug!(
+            connect_id,
+            agent.id = tunnel.agent_id(),
+            "connection established"
+        );
         let close = self.cancel.child_token();
         // Register before answering so the frontend's first DATA finds it.
         let registered = self
@@ -273,7 +289,13 @@ impl Dial {
                 close: close.clone(),
             })
             .await;
-        if registered.is_err() || self.out.send(packet::dial_ok(random, connect_id)).await.is_err() {
+        if registered.is_err()
+            || self
+                .out
+                .send(packet::dial_ok(random, connect_id))
+                .await
+                .is_err()
+        {
             return;
         }
         let mut rx = tunnel.rx;
@@ -285,7 +307,12 @@ impl Dial {
             };
             let Some(chunk) = chunk else { break };
             let n = chunk.len();
-            if self.out.send(packet::data(connect_id, chunk)).await.is_err() {
+            if self
+                .out
+                .send(packet::data(connect_id, chunk))
+                .await
+                .is_err()
+            {
                 return;
             }
             rx.delivered(n).await;

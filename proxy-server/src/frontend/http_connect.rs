@@ -27,14 +27,19 @@ pub async fn serve_conn<S>(sock: S, peer: String, registry: Arc<AgentRegistry>, 
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let gauge = metrics.frontend_connections.with_label_values(&["http-connect"]);
+    let gauge = metrics
+        .frontend_connections
+        .with_label_values(&["http-connect"]);
     gauge.inc();
     let span = tracing::info_span!("connect", %peer, dst.addr = tracing::field::Empty, connect_id = tracing::field::Empty);
     serve_inner(sock, registry).instrument(span).await;
     gauge.dec();
 }
 
-async fn read_head<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut BytesMut) -> Result<Parsed, String> {
+async fn read_head<S: AsyncRead + Unpin>(
+    sock: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Parsed, String> {
     loop {
         let parsed = connect::parse_request(buf);
         if parsed != Parsed::Partial {
@@ -68,7 +73,9 @@ where
         Parsed::Connect { target, head_len } => (target, head_len),
         Parsed::Reject { status, reason } => {
             warn!(status, reason, "CONNECT request refused");
-            let _ = sock.write_all(&connect::error_response(status, &reason)).await;
+            let _ = sock
+                .write_all(&connect::error_response(status, &reason))
+                .await;
             let _ = sock.shutdown().await;
             return;
         }
@@ -81,13 +88,17 @@ where
         Err(e) => {
             let (status, body) = match &e {
                 DialError::NoAgent => (500, format!("currently no tunnels available: {e}")),
-                DialError::Agent { error, .. } => (connect::status_for_dial_error(error), error.clone()),
+                DialError::Agent { error, .. } => {
+                    (connect::status_for_dial_error(error), error.clone())
+                }
                 DialError::Timeout { .. } => (504, e.to_string()),
                 DialError::Refused(_) => (503, e.to_string()),
                 _ => (502, e.to_string()),
             };
             info!(status, error = %e, "CONNECT dial failed");
-            let _ = sock.write_all(&connect::error_response(status, &body)).await;
+            let _ = sock
+                .write_all(&connect::error_response(status, &body))
+                .await;
             let _ = sock.shutdown().await;
             return;
         }

@@ -26,7 +26,9 @@ async fn main() -> anyhow::Result<()> {
         let (tcp, _) = l.accept().await?;
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let Ok(mut s) = acceptor.accept(tcp).await else { return };
+            let Ok(mut s) = acceptor.accept(tcp).await else {
+                return;
+            };
             let mut buf = vec![0u8; 4096];
             let mut got = Vec::new();
             while !got.windows(4).any(|w| w == b"\r\n\r\n") {
