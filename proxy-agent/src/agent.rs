@@ -76,6 +76,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     bind(config).await?.run(shutdown).await
 }
 
+/// While draining, how long the agent must have had nothing open before it
+/// leaves early (dials may still arrive until the server has seen `DRAIN`).
+const DRAIN_SETTLE: Duration = Duration::from_secs(2);
+
 type Links = Arc<Mutex<HashMap<String, Arc<ServerLink>>>>;
 
 fn lock(links: &Links) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ServerLink>>> {
@@ -118,26 +122,35 @@ impl BoundAgent {
 
         supervise(&s, &links, &shutdown).await;
 
-        // Drain: announce, then give open connections the grace period.
+        // Drain: announce, keep serving (the server still sends dials here when
+        // it has no other agent), and leave once nothing has been open for
+        // DRAIN_SETTLE, or when the grace period ends.
         let held: Vec<_> = lock(&links).values().cloned().collect();
         info!(streams = held.len(), grace_period = ?cfg.grace_period, "draining");
         for l in &held {
             l.drain().await;
         }
         let deadline = tokio::time::Instant::now() + cfg.grace_period;
+        let mut idle_since = tokio::time::Instant::now();
         loop {
-            let open: usize = held.iter().map(|l| l.open_connections()).sum();
-            if open == 0 {
+            let busy: usize = held.iter().map(|l| l.busy()).sum();
+            let now = tokio::time::Instant::now();
+            if busy > 0 {
+                idle_since = now;
+            } else if now.duration_since(idle_since) >= DRAIN_SETTLE {
                 break;
             }
-            if tokio::time::Instant::now() >= deadline {
-                warn!(open, "grace period over; cutting off open connections");
+            if now >= deadline {
+                warn!(
+                    open = busy,
+                    "grace period over; cutting off open connections"
+                );
                 break;
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = shutdown.immediate.cancelled() => {
-                    warn!(open, "second signal; cutting off open connections");
+                    warn!(open = busy, "second signal; cutting off open connections");
                     break;
                 }
             }

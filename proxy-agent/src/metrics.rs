@@ -17,6 +17,8 @@ pub struct Metrics {
     pub known_server_count: IntGauge,
     /// Destination connections open now.
     pub open_endpoint_connections: IntGauge,
+    /// Destination dials in progress.
+    pub pending_endpoint_dials: IntGauge,
     /// Destination dial failures by reason (`timeout`, `unknown`).
     pub endpoint_dial_failures: IntCounterVec,
     /// Destination dial latency.
@@ -53,6 +55,11 @@ impl Metrics {
             open_endpoint_connections: IntGauge::with_opts(opts(
                 "open_endpoint_connections",
                 "Current number of open endpoint connections.",
+            ))
+            .expect("valid"),
+            pending_endpoint_dials: IntGauge::with_opts(opts(
+                "pending_endpoint_dials",
+                "Destination dials in progress (DIAL_REQ received, not answered yet).",
             ))
             .expect("valid"),
             endpoint_dial_failures: IntCounterVec::new(
@@ -105,6 +112,7 @@ impl Metrics {
             Box::new(m.open_server_connections.clone()),
             Box::new(m.known_server_count.clone()),
             Box::new(m.open_endpoint_connections.clone()),
+            Box::new(m.pending_endpoint_dials.clone()),
             Box::new(m.endpoint_dial_failures.clone()),
             Box::new(m.dial_duration.clone()),
             Box::new(m.server_connection_failures.clone()),

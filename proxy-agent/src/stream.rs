@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use konnectivity_proto::ids::ConnectIds;
 use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
-use konnectivity_proto::table::Table;
+use konnectivity_proto::table::{Pending, Table, TableError};
 use konnectivity_proto::wire::agent_service_client::AgentServiceClient;
 use konnectivity_proto::{packet, Message, Packet};
 use konnectivity_runtime::flow::{self, Credit, Grants, Inbound};
@@ -307,9 +307,24 @@ impl ServerLink {
         self.send(packet::drain()).await;
     }
 
-    /// Open connections on this stream.
-    pub fn open_connections(&self) -> usize {
-        self.state().table.conns_len()
+    /// Open connections plus dials in progress on this stream.
+    pub fn busy(&self) -> usize {
+        let st = self.state();
+        st.table.conns_len() + st.table.pending_len()
+    }
+
+    fn add_pending(&self, random: i64, cancel: CancellationToken) -> Result<(), TableError> {
+        self.state().table.add_pending(random, cancel)?;
+        self.metrics().pending_endpoint_dials.inc();
+        Ok(())
+    }
+
+    fn take_pending(&self, random: i64) -> Option<Pending<CancellationToken>> {
+        let p = self.state().table.take_pending(random);
+        if p.is_some() {
+            self.metrics().pending_endpoint_dials.dec();
+        }
+        p
     }
 
     /// Removes a connection; true when it was still open (the caller then owns
@@ -367,6 +382,9 @@ impl ServerLink {
         }
         self.closed.cancel();
         let (pending, conns) = self.state().table.drain();
+        self.metrics()
+            .pending_endpoint_dials
+            .sub(pending.len() as i64);
         for p in pending {
             p.value.cancel();
         }
@@ -400,8 +418,7 @@ impl ServerLink {
                     return;
                 }
                 let cancel = self.closed.child_token();
-                let added = self.state().table.add_pending(random, cancel.clone());
-                if let Err(e) = added {
+                if let Err(e) = self.add_pending(random, cancel.clone()) {
                     self.send(packet::dial_failed(random, e.to_string())).await;
                     return;
                 }
@@ -419,8 +436,7 @@ impl ServerLink {
             }
             Message::CloseDial { random } => {
                 // The reference agent ignores this; we abort the dial.
-                let pending = self.state().table.take_pending(random);
-                if let Some(p) = pending {
+                if let Some(p) = self.take_pending(random) {
                     debug!(random, "dial cancelled by server");
                     p.value.cancel();
                 }
@@ -489,14 +505,13 @@ impl ServerLink {
         let result = tokio::select! {
             r = tokio::time::timeout(cfg.dial_timeout, TcpStream::connect(address.as_str())) => r,
             _ = cancel.cancelled() => {
-                self.state().table.take_pending(random);
+                self.take_pending(random);
                 debug!("dial aborted");
                 return;
             }
         };
         m.dial_duration.observe(started.elapsed().as_secs_f64());
-        let pending = self.state().table.take_pending(random);
-        let Some(pending) = pending else {
+        let Some(pending) = self.take_pending(random) else {
             debug!("dial finished after it was cancelled; dropped");
             return;
         };
@@ -634,13 +649,43 @@ impl Inbound for ConnInbound {
 /// metric reason.
 fn dial_error_text(address: &str, e: &std::io::Error) -> (&'static str, String) {
     use std::io::ErrorKind::*;
+    let text = e.to_string();
+    if text.contains("failed to lookup address") {
+        let host = konnectivity_proto::metadata::dest_host(address);
+        return ("unknown", format!("dial tcp: lookup {host}: no such host"));
+    }
     let (reason, what) = match e.kind() {
         ConnectionRefused => ("unknown", "connect: connection refused".to_string()),
         TimedOut => ("timeout", "i/o timeout".to_string()),
         HostUnreachable => ("unknown", "connect: no route to host".to_string()),
         NetworkUnreachable => ("unknown", "connect: network is unreachable".to_string()),
         _ if e.raw_os_error() == Some(24) => ("unknown", "socket: too many open files".to_string()),
-        _ => ("unknown", e.to_string()),
+        _ => ("unknown", text),
     };
     (reason, format!("dial tcp {address}: {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dial_error_text;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn dial_errors_read_like_the_reference_agent() {
+        let refused = Error::from(ErrorKind::ConnectionRefused);
+        assert_eq!(
+            dial_error_text("10.0.0.5:10250", &refused),
+            (
+                "unknown",
+                "dial tcp 10.0.0.5:10250: connect: connection refused".into()
+            )
+        );
+        let timeout = Error::from(ErrorKind::TimedOut);
+        assert_eq!(dial_error_text("a:1", &timeout).0, "timeout");
+        let dns = Error::other("failed to lookup address information: Name or service not known");
+        assert_eq!(
+            dial_error_text("nowhere.example:80", &dns).1,
+            "dial tcp: lookup nowhere.example: no such host"
+        );
+    }
 }

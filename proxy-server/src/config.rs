@@ -108,8 +108,9 @@ pub struct Args {
     /// before only that connection is closed.
     #[arg(long, default_value = "5s", value_parser = duration::parse)]
     pub stall_timeout: Duration,
-    /// Grace period for open connections after the first shutdown signal.
-    #[arg(long, default_value = "30s", value_parser = duration::parse)]
+    /// Grace period for open connections after the first shutdown signal
+    /// (upstream's name `--graceful-shutdown-timeout` is accepted too).
+    #[arg(long, alias = "graceful-shutdown-timeout", default_value = "30s", value_parser = duration::parse)]
     pub grace_period: Duration,
     /// Negotiate per-connection flow control with agents that offer it.
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -129,6 +130,42 @@ pub struct Args {
     /// Accepted for compatibility; profiling is not served.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub enable_profiling: Option<String>,
+    /// Accepted for compatibility; rustls' safe defaults are used.
+    #[arg(long, default_value = "", hide = true)]
+    pub cipher_suites: String,
+    /// Accepted for compatibility; TLS 1.2 and 1.3 are offered.
+    #[arg(long, default_value = "", hide = true)]
+    pub tls_min_version: String,
+    /// Accepted for compatibility; queues are sized per connection here.
+    #[arg(long, default_value = "10", hide = true)]
+    pub xfr_channel_size: String,
+    /// Accepted for compatibility.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub warn_on_channel_limit: Option<String>,
+    /// Accepted for compatibility; profiling is not served.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub enable_contention_profiling: Option<String>,
+    /// Accepted for compatibility (see --dial-timeout).
+    #[arg(long, default_value = "", hide = true)]
+    pub backend_dial_timeout: String,
+    /// Lease publishing is not implemented; `true` is refused.
+    #[arg(long, default_value = "false", hide = true)]
+    pub enable_lease_controller: String,
+    /// Accepted (leases are not implemented).
+    #[arg(long, default_value = "", hide = true)]
+    pub lease_namespace: String,
+    /// Accepted (leases are not implemented).
+    #[arg(long, default_value = "", hide = true)]
+    pub lease_label: String,
+    /// Accepted (TokenReview is not implemented).
+    #[arg(long, default_value = "", hide = true)]
+    pub kubeconfig_qps: String,
+    /// Accepted (TokenReview is not implemented).
+    #[arg(long, default_value = "", hide = true)]
+    pub kubeconfig_burst: String,
+    /// Accepted (TokenReview is not implemented).
+    #[arg(long, default_value = "", hide = true)]
+    pub kube_api_content_type: String,
     /// Kubernetes TokenReview authentication is not implemented; setting these
     /// is refused so agents are never let in unchecked.
     #[arg(long, default_value = "", hide = true)]
@@ -237,6 +274,9 @@ impl Config {
             && a.authentication_audience.is_empty())
         {
             bail!("--agent-namespace/--agent-service-account/--authentication-audience (TokenReview authentication) are not supported yet; use --agent-tokens-file or --cluster-ca-cert");
+        }
+        if a.enable_lease_controller == "true" {
+            bail!("--enable-lease-controller=true is not supported yet; agents learn the server count from serverCount");
         }
         let mode = match a.mode.as_str() {
             "grpc" => Mode::Grpc,

@@ -12,7 +12,7 @@ use konnectivity_runtime::admin::{self, AdminState};
 use konnectivity_runtime::shutdown::Shutdown;
 use konnectivity_runtime::tls;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::backend::agent::LinkSettings;
@@ -219,11 +219,12 @@ impl BoundServer {
                     .http2_keepalive_interval(Some(cfg.frontend_keepalive_time));
                 match listener {
                     FrontendListener::Unix(l, _) => {
+                        let incoming = listen::unix_grpc_incoming(l, frontend_stop.clone());
                         let mut b = builder;
                         tokio::spawn(async move {
                             b.add_service(svc)
                                 .serve_with_incoming_shutdown(
-                                    UnixListenerStream::new(l),
+                                    ReceiverStream::new(incoming),
                                     frontend_stop.cancelled_owned(),
                                 )
                                 .await

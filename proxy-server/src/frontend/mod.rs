@@ -3,5 +3,6 @@
 //! [`crate::backend::registry::AgentRegistry::dial`] calls and relay bytes
 //! through the resulting [`crate::tunnel::Tunnel`].
 
+pub mod authority;
 pub mod grpc;
 pub mod http_connect;
