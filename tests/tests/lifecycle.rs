@@ -156,14 +156,23 @@ async fn draining_agent_gets_no_new_dials_but_finishes_open_ones() {
     // The open connection on the draining agent still works...
     open.send(&b"still here"[..]).await;
     assert_eq!(&open.recv().await.expect("echo")[..], b"still here");
-    // ...and once it closes, the agent leaves.
-    assert!(open.close().await);
-    server.wait_agents(1).await;
+    // ...and once it has closed and nothing more arrives, the agent leaves.
     assert_eq!(
-        a.metrics.open_server_connections.get(),
-        1,
-        "stream kept until exit"
+        server.metrics.ready_backend_connections.get(),
+        2,
+        "the draining agent still serves while a connection is open"
     );
+    assert!(open.close().await);
+    let ready = server.metrics.ready_backend_connections.clone();
+    tests::eventually(
+        Duration::from_secs(20),
+        "the drained agent to leave",
+        || {
+            let n = ready.get();
+            async move { (n == 1).then_some(()) }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
