@@ -5,7 +5,8 @@
 # the module registry on first run.
 set -euo pipefail
 cd "$(dirname "$0")"
-bin_dir="${KNP_BIN_DIR:-$(cd ../.. && pwd)/target/debug}"
+target_dir="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}"
+bin_dir="${KNP_BIN_DIR:-$target_dir/debug}"
 export KNP_BIN_DIR="$bin_dir"
 
 echo "== our pairings with the upstream client, agent and server"
