@@ -21,6 +21,13 @@ use crate::pki::Pki;
 
 /// A gRPC channel to a frontend Unix socket.
 pub async fn grpc_uds(path: &Path) -> Channel {
+    try_grpc_uds(path)
+        .await
+        .expect("connect to frontend socket")
+}
+
+/// A gRPC channel to a frontend Unix socket, or the connect error.
+pub async fn try_grpc_uds(path: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = path.to_owned();
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
@@ -32,7 +39,6 @@ pub async fn grpc_uds(path: &Path) -> Channel {
             }
         }))
         .await
-        .expect("connect to frontend socket")
 }
 
 /// Client TLS for the frontend (our frontend certificate, or `identity`).

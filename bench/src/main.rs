@@ -1,0 +1,380 @@
+//! `cargo build --release --bins && cargo run --release -p bench -- all [--quick]`
+//!
+//! Measures, side by side in one run on loopback: direct TCP (the limit), our
+//! server and agent, and the upstream Go server and agent (built from the Go
+//! module pinned in `tests/interop`), each driven by the same client through
+//! the gRPC frontend and through HTTP CONNECT on a Unix socket. Prints a table
+//! and writes JSON.
+
+mod setup;
+mod workloads;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{json, Value};
+use setup::{Binaries, Impl, SetupKind};
+
+#[derive(Parser, Debug)]
+#[command(about = "Tunnel benchmark: direct TCP vs ours vs upstream")]
+struct Args {
+    /// What to run: all, throughput, latency, concurrency, churn, isolation.
+    #[arg(default_value = "all")]
+    what: String,
+    /// Small sizes; finishes in under two minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Comma-separated setups.
+    #[arg(
+        long,
+        default_value = "direct,ours-grpc,upstream-grpc,ours-connect,upstream-connect"
+    )]
+    setups: String,
+    /// Bytes moved per direction in the throughput rows (MiB).
+    #[arg(long)]
+    bulk_mib: Option<usize>,
+    /// Round trips for the established-connection latency.
+    #[arg(long)]
+    latency_iters: Option<usize>,
+    /// Fresh connections for the dial latency.
+    #[arg(long)]
+    fresh_iters: Option<usize>,
+    /// Concurrent connection counts, comma-separated.
+    #[arg(long)]
+    concurrency: Option<String>,
+    /// Open/close cycles for churn.
+    #[arg(long)]
+    churn_cycles: Option<usize>,
+    /// Parallel workers for churn.
+    #[arg(long, default_value_t = 16)]
+    churn_workers: usize,
+    /// Per-step timeout.
+    #[arg(long, default_value = "120s", value_parser = konnectivity_runtime::duration::parse)]
+    timeout: Duration,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench-results.json")]
+    json: String,
+}
+
+struct Sizes {
+    bulk: usize,
+    lat: usize,
+    fresh: usize,
+    conc: Vec<usize>,
+    churn: usize,
+    iso: usize,
+}
+
+fn sizes(a: &Args) -> anyhow::Result<Sizes> {
+    let (bulk, lat, fresh, conc, churn, iso) = if a.quick {
+        (64, 500, 100, vec![100, 1000], 2000, 32)
+    } else {
+        (256, 2000, 500, vec![1000, 10000], 100_000, 128)
+    };
+    Ok(Sizes {
+        bulk: a.bulk_mib.unwrap_or(bulk) << 20,
+        lat: a.latency_iters.unwrap_or(lat),
+        fresh: a.fresh_iters.unwrap_or(fresh),
+        conc: match &a.concurrency {
+            Some(s) => s
+                .split(',')
+                .map(|x| x.trim().parse())
+                .collect::<Result<_, _>>()?,
+            None => conc,
+        },
+        churn: a.churn_cycles.unwrap_or(churn),
+        iso: iso << 20,
+    })
+}
+
+fn want(a: &Args, w: &str) -> bool {
+    a.what == "all" || a.what == w
+}
+
+async fn step<F: std::future::Future<Output = anyhow::Result<Value>>>(
+    name: &str,
+    timeout: Duration,
+    f: F,
+) -> Value {
+    eprintln!("  {name} ...");
+    match tokio::time::timeout(timeout, f).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => json!({"error": format!("{e:#}")}),
+        Err(_) => json!({"error": format!("timed out after {timeout:?}")}),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let sz = sizes(&a)?;
+    // Thousands of connections need thousands of descriptors (inherited by the
+    // server and agent processes).
+    let _ = rlimit::increase_nofile_limit(1 << 20);
+    let kinds: Vec<SetupKind> = a
+        .setups
+        .split(',')
+        .map(|s| SetupKind::parse(s.trim()))
+        .collect::<Result<_, _>>()?;
+    let bins = Binaries::prepare(kinds.iter().any(|k| k.imp == Impl::Upstream))?;
+    let pki = tests::pki::Pki::new();
+    let dests = workloads::dests().await?;
+    let mut results = serde_json::Map::new();
+
+    for kind in &kinds {
+        eprintln!("== {}", kind.name());
+        let r = Arc::new(setup::start(*kind, &bins, &pki).await?);
+        let mut row = serde_json::Map::new();
+        row.insert(
+            "idle".into(),
+            json!({"server": rss(r.server_pid), "agent": rss(r.agent_pid)}),
+        );
+        let t = a.timeout;
+        let mut alone = None;
+        if want(&a, "throughput") || want(&a, "isolation") {
+            let down = step("download", t, async {
+                workloads::download(&r, &dests, sz.bulk)
+                    .await
+                    .map(|v| json!(v))
+            })
+            .await;
+            alone = down.as_f64();
+            row.insert("download_mb_s".into(), down);
+        }
+        if want(&a, "throughput") {
+            let up = step("upload", t, async {
+                workloads::upload(&r, &dests, sz.bulk)
+                    .await
+                    .map(|v| json!(v))
+            })
+            .await;
+            row.insert("upload_mb_s".into(), up);
+        }
+        if want(&a, "latency") {
+            row.insert(
+                "latency_established".into(),
+                step(
+                    "latency (established)",
+                    t,
+                    workloads::latency_established(&r, &dests, sz.lat),
+                )
+                .await,
+            );
+            row.insert(
+                "latency_fresh".into(),
+                step(
+                    "latency (fresh)",
+                    t,
+                    workloads::latency_fresh(&r, &dests, sz.fresh),
+                )
+                .await,
+            );
+        }
+        if want(&a, "concurrency") {
+            for &n in &sz.conc {
+                let v = step(
+                    &format!("concurrency {n}"),
+                    t * 2,
+                    workloads::concurrency(&r, &dests, n, t),
+                )
+                .await;
+                row.insert(format!("concurrency_{n}"), v);
+            }
+        }
+        if want(&a, "churn") {
+            row.insert(
+                "churn".into(),
+                step(
+                    "churn",
+                    t * 5,
+                    workloads::churn(&r, &dests, sz.churn, a.churn_workers),
+                )
+                .await,
+            );
+        }
+        if want(&a, "isolation") {
+            let v = match alone {
+                Some(alone) => {
+                    step(
+                        "isolation",
+                        t,
+                        workloads::isolation(&r, &dests, sz.iso, alone, Duration::from_secs(20)),
+                    )
+                    .await
+                }
+                None => json!({"error": "no baseline download"}),
+            };
+            row.insert("isolation".into(), v);
+        }
+        row.insert(
+            "final".into(),
+            json!({"server": rss(r.server_pid), "agent": rss(r.agent_pid)}),
+        );
+        results.insert(kind.name().into(), Value::Object(row));
+        drop(r);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = json!({
+        "machine": machine(),
+        "sizes": {"bulk_bytes": sz.bulk, "latency_iters": sz.lat, "fresh_iters": sz.fresh,
+                  "concurrency": sz.conc, "churn_cycles": sz.churn, "isolation_bytes": sz.iso},
+        "results": results,
+    });
+    std::fs::write(&a.json, serde_json::to_string_pretty(&out)?)?;
+    print_table(&out, &kinds, &sz);
+    eprintln!("JSON written to {}", a.json);
+    Ok(())
+}
+
+fn rss(pid: Option<u32>) -> Value {
+    match setup::rss_kib(pid) {
+        Some((r, p)) => json!({"rss_kib": r, "peak_kib": p}),
+        None => Value::Null,
+    }
+}
+
+fn machine() -> Value {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|t| {
+        t.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
+    json!({"cpus": cpus, "cpu": model})
+}
+
+fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(*p)?;
+    }
+    cur.as_f64()
+}
+
+fn print_table(out: &Value, kinds: &[SetupKind], sz: &Sizes) {
+    let res = &out["results"];
+    let direct = res.get("direct");
+    // (label, JSON path, scale)
+    let mut rows: Vec<(String, Vec<&str>, f64)> = vec![
+        ("download MB/s".into(), vec!["download_mb_s"], 1.0),
+        ("upload MB/s".into(), vec!["upload_mb_s"], 1.0),
+        (
+            "established p50 us".into(),
+            vec!["latency_established", "p50_us"],
+            1.0,
+        ),
+        (
+            "established p99 us".into(),
+            vec!["latency_established", "p99_us"],
+            1.0,
+        ),
+        (
+            "fresh conn p50 us".into(),
+            vec!["latency_fresh", "p50_us"],
+            1.0,
+        ),
+        (
+            "fresh conn p99 us".into(),
+            vec!["latency_fresh", "p99_us"],
+            1.0,
+        ),
+    ];
+    let conc_keys: Vec<String> = sz.conc.iter().map(|n| format!("concurrency_{n}")).collect();
+    for k in &conc_keys {
+        let k: &'static str = Box::leak(k.clone().into_boxed_str());
+        rows.push((format!("{k} success"), vec![k, "success_rate"], 1.0));
+        rows.push((format!("{k} MB/s"), vec![k, "aggregate_mb_s"], 1.0));
+        rows.push((
+            format!("{k} server peak MiB"),
+            vec![k, "server", "peak_kib"],
+            1.0 / 1024.0,
+        ));
+        rows.push((
+            format!("{k} agent peak MiB"),
+            vec![k, "agent", "peak_kib"],
+            1.0 / 1024.0,
+        ));
+        rows.push((
+            format!("{k} server B/conn"),
+            vec![k, "server_bytes_per_conn"],
+            1.0,
+        ));
+        rows.push((
+            format!("{k} agent B/conn"),
+            vec![k, "agent_bytes_per_conn"],
+            1.0,
+        ));
+    }
+    rows.extend([
+        ("churn conn/s".into(), vec!["churn", "per_second"], 1.0),
+        (
+            "churn server RSS before MiB".into(),
+            vec!["churn", "server_before", "rss_kib"],
+            1.0 / 1024.0,
+        ),
+        (
+            "churn server RSS after MiB".into(),
+            vec!["churn", "server_after", "rss_kib"],
+            1.0 / 1024.0,
+        ),
+        (
+            "churn agent RSS before MiB".into(),
+            vec!["churn", "agent_before", "rss_kib"],
+            1.0 / 1024.0,
+        ),
+        (
+            "churn agent RSS after MiB".into(),
+            vec!["churn", "agent_after", "rss_kib"],
+            1.0 / 1024.0,
+        ),
+        (
+            "isolation % of alone".into(),
+            vec!["isolation", "percent_of_alone"],
+            1.0,
+        ),
+    ]);
+    print!("{:<34}", "metric");
+    for k in kinds {
+        print!("{:>18}", k.name());
+    }
+    println!();
+    for (label, path, scale) in rows {
+        print!("{label:<34}");
+        for k in kinds {
+            let v = res
+                .get(k.name())
+                .and_then(|r| num(r, &path))
+                .map(|x| x * scale);
+            let cell = match v {
+                Some(x) => {
+                    let ratio = direct
+                        .and_then(|d| num(d, &path))
+                        .filter(|d| *d > 0.0 && k.imp != Impl::Direct)
+                        .map(|d| x / (d * scale));
+                    match ratio {
+                        Some(r) => format!("{x:.1} ({r:.2}x)"),
+                        None => format!("{x:.1}"),
+                    }
+                }
+                None => match res.get(k.name()).and_then(|r| {
+                    let mut cur = r;
+                    for p in &path[..1] {
+                        cur = cur.get(*p)?;
+                    }
+                    cur.get("error").map(|_| ())
+                }) {
+                    Some(()) => "error".into(),
+                    None => "-".into(),
+                },
+            };
+            print!("{cell:>18}");
+        }
+        println!();
+    }
+    println!(
+        "(x) = ratio to direct TCP. Ours vs upstream: compare the ours-* and upstream-* columns."
+    );
+}

@@ -1,0 +1,333 @@
+//! Destinations and the measured workloads. Everything runs on loopback.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::setup::{rss_kib, Running};
+
+/// Destination servers.
+#[derive(Clone, Copy)]
+pub struct Dests {
+    /// `SRC n\n` -> n bytes, then close.
+    pub source: SocketAddr,
+    /// `SNK n\n` + n bytes -> `ok\n`.
+    pub sink: SocketAddr,
+    /// Echo until EOF.
+    pub echo: SocketAddr,
+}
+
+/// Starts the destinations in this process.
+pub async fn dests() -> anyhow::Result<Dests> {
+    let source = TcpListener::bind("127.0.0.1:0").await?;
+    let sink = TcpListener::bind("127.0.0.1:0").await?;
+    let echo = TcpListener::bind("127.0.0.1:0").await?;
+    let d = Dests {
+        source: source.local_addr()?,
+        sink: sink.local_addr()?,
+        echo: echo.local_addr()?,
+    };
+    tokio::spawn(async move {
+        while let Ok((s, _)) = source.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let (r, mut w) = s.into_split();
+                let mut line = String::new();
+                if BufReader::new(r).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let mut left: usize = line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let buf = vec![0x5au8; 256 * 1024];
+                while left > 0 {
+                    let k = left.min(buf.len());
+                    if w.write_all(&buf[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k;
+                }
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((s, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::with_capacity(256 * 1024, r);
+                let mut line = String::new();
+                if r.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let n: u64 = line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let got = tokio::io::copy(&mut (&mut r).take(n), &mut tokio::io::sink()).await;
+                if matches!(got, Ok(g) if g == n) {
+                    let _ = w.write_all(b"ok\n").await;
+                }
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(d)
+}
+
+const MB: f64 = 1_000_000.0;
+
+/// One connection downloads `n` bytes; MB/s.
+pub async fn download(r: &Running, d: &Dests, n: usize) -> anyhow::Result<f64> {
+    let mut c = r.connect(d.source).await?;
+    let start = Instant::now();
+    c.write_all(format!("SRC {n}\n").as_bytes()).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < n {
+        let k = c.read(&mut buf).await?;
+        anyhow::ensure!(k > 0, "EOF after {got} of {n} bytes");
+        got += k;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    c.close().await;
+    Ok(n as f64 / MB / secs)
+}
+
+/// One connection uploads `n` bytes; MB/s.
+pub async fn upload(r: &Running, d: &Dests, n: usize) -> anyhow::Result<f64> {
+    let mut c = r.connect(d.sink).await?;
+    let start = Instant::now();
+    c.write_all(format!("SNK {n}\n").as_bytes()).await?;
+    let chunk = vec![0xa5u8; 32 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        c.write_all(&chunk[..k]).await?;
+        left -= k;
+    }
+    let mut ok = [0u8; 3];
+    c.read_exact(&mut ok).await?;
+    let secs = start.elapsed().as_secs_f64();
+    c.close().await;
+    Ok(n as f64 / MB / secs)
+}
+
+fn percentiles(mut v: Vec<Duration>) -> Value {
+    v.sort();
+    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e6;
+    json!({"p50_us": p(0.5), "p99_us": p(0.99), "n": v.len()})
+}
+
+/// Round trips of 64 bytes on one established connection.
+pub async fn latency_established(r: &Running, d: &Dests, iters: usize) -> anyhow::Result<Value> {
+    let mut c = r.connect(d.echo).await?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        c.write_all(&msg).await?;
+        c.read_exact(&mut back).await?;
+        v.push(t.elapsed());
+    }
+    c.close().await;
+    Ok(percentiles(v))
+}
+
+/// Fresh connection: dial plus the first response byte, as `kubectl logs` does.
+pub async fn latency_fresh(r: &Running, d: &Dests, iters: usize) -> anyhow::Result<Value> {
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let mut c = r.connect(d.echo).await?;
+        c.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).await?;
+        v.push(t.elapsed());
+        c.close().await;
+    }
+    Ok(percentiles(v))
+}
+
+fn kib(pid: Option<u32>) -> Value {
+    match rss_kib(pid) {
+        Some((rss, hwm)) => json!({"rss_kib": rss, "peak_kib": hwm}),
+        None => Value::Null,
+    }
+}
+
+/// `n` connections open at once, each echoing 1 KiB.
+pub async fn concurrency(
+    r: &Arc<Running>,
+    d: &Dests,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let before_server = rss_kib(r.server_pid).map(|x| x.0);
+    let before_agent = rss_kib(r.agent_pid).map(|x| x.0);
+    let dialing = Arc::new(Semaphore::new(256));
+    let all_open = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = r.clone();
+        let dialing = dialing.clone();
+        let all_open = all_open.clone();
+        let mut released = released.clone();
+        let echo = d.echo;
+        tasks.push(tokio::spawn(async move {
+            let conn = {
+                let _p = dialing.acquire().await;
+                r.connect(echo).await
+            };
+            let ok = async {
+                let mut c = conn?;
+                let msg = vec![1u8; 1024];
+                c.write_all(&msg).await?;
+                let mut back = vec![0u8; 1024];
+                c.read_exact(&mut back).await?;
+                Ok::<_, anyhow::Error>(c)
+            }
+            .await;
+            all_open.wait().await;
+            // Hold the connection until every one is measured.
+            let _ = released.wait_for(|r| *r).await;
+            match ok {
+                Ok(c) => {
+                    c.close().await;
+                    true
+                }
+                Err(_) => false,
+            }
+        }));
+    }
+    let waited = tokio::time::timeout(timeout, all_open.wait()).await.is_ok();
+    let phase = start.elapsed().as_secs_f64();
+    let server = kib(r.server_pid);
+    let agent = kib(r.agent_pid);
+    let _ = release.send(true);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut ok = 0;
+    for t in tasks {
+        let abort = t.abort_handle();
+        match tokio::time::timeout_at(deadline, t).await {
+            Ok(Ok(true)) => ok += 1,
+            Ok(_) => {}
+            Err(_) => abort.abort(),
+        }
+    }
+    let per_conn = |now: &Value, before: Option<u64>| -> Value {
+        match (now.get("rss_kib").and_then(Value::as_u64), before) {
+            (Some(a), Some(b)) if n > 0 => json!(((a.saturating_sub(b)) * 1024) / n as u64),
+            _ => Value::Null,
+        }
+    };
+    Ok(json!({
+        "connections": n,
+        "all_open": waited,
+        "success_rate": ok as f64 / n as f64,
+        "aggregate_mb_s": (n * 2048) as f64 / MB / phase,
+        "open_phase_s": phase,
+        "server": server,
+        "agent": agent,
+        "server_bytes_per_conn": per_conn(&server, before_server),
+        "agent_bytes_per_conn": per_conn(&agent, before_agent),
+    }))
+}
+
+/// Open/close cycles with `workers` in parallel; rate and memory before/after.
+pub async fn churn(
+    r: &Arc<Running>,
+    d: &Dests,
+    cycles: usize,
+    workers: usize,
+) -> anyhow::Result<Value> {
+    let before = (kib(r.server_pid), kib(r.agent_pid));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (r, next, failures, echo) = (r.clone(), next.clone(), failures.clone(), d.echo);
+        tasks.push(tokio::spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            while next.fetch_add(1, Relaxed) < cycles {
+                let res = async {
+                    let mut c = r.connect(echo).await?;
+                    c.write_all(b"x").await?;
+                    let mut b = [0u8; 1];
+                    c.read_exact(&mut b).await?;
+                    c.close().await;
+                    Ok::<_, anyhow::Error>(())
+                }
+                .await;
+                if res.is_err() {
+                    failures.fetch_add(1, Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.context("churn worker")?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = (kib(r.server_pid), kib(r.agent_pid));
+    Ok(json!({
+        "cycles": cycles,
+        "per_second": cycles as f64 / secs,
+        "failures": failures.load(std::sync::atomic::Ordering::Relaxed),
+        "server_before": before.0, "server_after": after.0,
+        "agent_before": before.1, "agent_after": after.1,
+    }))
+}
+
+/// Throughput of one download while another connection on the same agent has
+/// stopped reading, as a share of `alone` (MB/s).
+pub async fn isolation(
+    r: &Running,
+    d: &Dests,
+    n: usize,
+    alone: f64,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let mut stalled = r.connect(d.source).await?;
+    stalled
+        .write_all(format!("SRC {}\n", 64usize << 30).as_bytes())
+        .await?;
+    let mut b = [0u8; 1024];
+    stalled.read(&mut b).await?;
+    // Let the stalled connection fill every buffer on its way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let res = tokio::time::timeout(timeout, download(r, d, n)).await;
+    drop(stalled);
+    Ok(match res {
+        Ok(Ok(mbs)) => json!({"mb_s": mbs, "percent_of_alone": 100.0 * mbs / alone}),
+        Ok(Err(e)) => json!({"error": e.to_string(), "percent_of_alone": 0.0}),
+        Err(_) => {
+            json!({"error": format!("stalled: no completion within {timeout:?}"), "percent_of_alone": 0.0})
+        }
+    })
+}
