@@ -27,6 +27,10 @@ use crate::metrics::Metrics;
 /// Largest gRPC message accepted (the Go client writes one `DATA` per call,
 /// up to gRPC's 4 MiB default; leave room above it).
 const MAX_MESSAGE: usize = 16 << 20;
+/// HTTP/2 receive windows. The 64 KiB protocol default caps one stream at a
+/// window per round trip; these let one connection fill the link.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONN_WINDOW: u32 = 16 << 20;
 
 /// Where the frontend listens, once bound.
 #[derive(Debug, Clone)]
@@ -191,6 +195,8 @@ impl BoundServer {
         let agent_incoming =
             listen::tls_incoming(self.agent, self.agent_tls, "agent", stop_all.clone());
         let agent_server = tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONN_WINDOW))
             .http2_keepalive_interval(Some(cfg.keepalive_time))
             .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
             .add_service(
@@ -216,6 +222,8 @@ impl BoundServer {
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);
                 let builder = tonic::transport::Server::builder()
+                    .initial_stream_window_size(Some(STREAM_WINDOW))
+                    .initial_connection_window_size(Some(CONN_WINDOW))
                     .http2_keepalive_interval(Some(cfg.frontend_keepalive_time));
                 match listener {
                     FrontendListener::Unix(l, _) => {

@@ -22,7 +22,10 @@ use tokio::sync::Notify;
 /// Initial credit per connection and direction, in bytes.
 pub const WINDOW: i64 = 1 << 20;
 /// Largest read from a socket, so the largest `DATA` we produce.
-pub const READ_CHUNK: usize = 64 * 1024;
+pub const READ_CHUNK: usize = 128 * 1024;
+/// First read size; reads grow towards [`READ_CHUNK`] while they come back
+/// full, so an idle connection holds a small buffer and a busy one large reads.
+pub const FIRST_READ: usize = 8 * 1024;
 /// Packets a connection's inbound queue holds (bytes are bounded by the window
 /// when credit is on, by `QUEUE_PACKETS * max message size` otherwise).
 pub const QUEUE_PACKETS: usize = 64;
@@ -128,8 +131,9 @@ where
 {
     let mut total = 0u64;
     let mut buf = BytesMut::new();
+    let mut want = FIRST_READ;
     loop {
-        let allowed = credit.wait(READ_CHUNK).await;
+        let allowed = credit.wait(want).await;
         buf.reserve(allowed);
         let n = (&mut reader)
             .take(allowed as u64)
@@ -137,6 +141,9 @@ where
             .await?;
         if n == 0 {
             return Ok(total);
+        }
+        if n == allowed && want < READ_CHUNK {
+            want *= 2;
         }
         total += n as u64;
         credit.consume(n);

@@ -27,6 +27,8 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// Largest frame payload we emit (the HTTP/2 default, which h2 advertises).
 const MAX_FRAME: usize = 16_384;
+/// Largest read buffer a busy connection grows to.
+const MAX_READ: usize = 256 * 1024;
 /// Largest header block we accept from a client.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
 /// Replacement authority.
@@ -50,7 +52,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Start small (most connections carry little) and grow with the traffic.
+    let mut want = 8 * 1024;
+    let mut buf = BytesMut::with_capacity(want);
     while buf.len() < PREFACE.len() {
         if client.read_buf(&mut buf).await? == 0 {
             return Ok(());
@@ -68,7 +72,7 @@ where
     let mut decoder = loona_hpack::Decoder::new();
     let mut encoder = loona_hpack::Encoder::new();
     let mut pending: Option<PendingBlock> = None;
-    let mut out = Vec::with_capacity(64 * 1024);
+    let mut out = Vec::new();
     loop {
         // Forward every complete frame in the buffer.
         while buf.len() >= 9 {
@@ -140,12 +144,17 @@ where
             server.write_all(&out).await?;
             out.clear();
         }
-        if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
+        if buf.capacity() - buf.len() < want / 2 {
+            buf.reserve(want);
         }
-        if client.read_buf(&mut buf).await? == 0 {
+        let room = buf.capacity() - buf.len();
+        let n = client.read_buf(&mut buf).await?;
+        if n == 0 {
             server.shutdown().await.ok();
             return Ok(());
+        }
+        if n == room && want < MAX_READ {
+            want *= 2;
         }
     }
 }
