@@ -19,7 +19,8 @@ use setup::{Binaries, Impl, SetupKind};
 #[derive(Parser, Debug)]
 #[command(about = "Tunnel benchmark: direct TCP vs ours vs upstream")]
 struct Args {
-    /// What to run: all, throughput, latency, concurrency, churn, isolation.
+    /// What to run: all, throughput, latency, concurrency, churn, isolation
+    /// (`dest` is internal: the destination servers' own process).
     #[arg(default_value = "all")]
     what: String,
     /// Small sizes; finishes in under two minutes.
@@ -108,10 +109,15 @@ async fn step<F: std::future::Future<Output = anyhow::Result<Value>>>(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    raise_fd_limit();
+    if a.what == "dest" {
+        let d = workloads::dests().await?;
+        println!("{} {} {}", d.source, d.sink, d.echo);
+        std::future::pending::<()>().await;
+    }
     let sz = sizes(&a)?;
     // Thousands of connections need thousands of descriptors (inherited by the
     // server and agent processes).
-    let _ = rlimit::increase_nofile_limit(1 << 20);
     let kinds: Vec<SetupKind> = a
         .setups
         .split(',')
@@ -119,7 +125,9 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let bins = Binaries::prepare(kinds.iter().any(|k| k.imp == Impl::Upstream))?;
     let pki = tests::pki::Pki::new();
-    let dests = workloads::dests().await?;
+    // Destinations run in their own process so that 10,000 connections fit
+    // the per-process descriptor limit on both ends.
+    let (dests, _dest_proc) = workloads::spawn_dests().await?;
     let mut results = serde_json::Map::new();
 
     for kind in &kinds {
@@ -225,6 +233,15 @@ async fn main() -> anyhow::Result<()> {
     print_table(&out, &kinds, &sz);
     eprintln!("JSON written to {}", a.json);
     Ok(())
+}
+
+/// Thousands of connections need thousands of descriptors (inherited by the
+/// server and agent processes). Root may raise the hard limit; otherwise the
+/// soft limit goes up to the hard one.
+fn raise_fd_limit() {
+    if rlimit::setrlimit(rlimit::Resource::NOFILE, 1 << 18, 1 << 18).is_err() {
+        let _ = rlimit::increase_nofile_limit(1 << 18);
+    }
 }
 
 fn rss(pid: Option<u32>) -> Value {

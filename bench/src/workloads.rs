@@ -34,7 +34,12 @@ pub async fn dests() -> anyhow::Result<Dests> {
         echo: echo.local_addr()?,
     };
     tokio::spawn(async move {
-        while let Ok((s, _)) = source.accept().await {
+        loop {
+            let Ok((s, _)) = source.accept().await else {
+                // EMFILE under 10,000 connections: wait, never stop serving.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
             tokio::spawn(async move {
                 let _ = s.set_nodelay(true);
                 let (r, mut w) = s.into_split();
@@ -60,7 +65,12 @@ pub async fn dests() -> anyhow::Result<Dests> {
         }
     });
     tokio::spawn(async move {
-        while let Ok((s, _)) = sink.accept().await {
+        loop {
+            let Ok((s, _)) = sink.accept().await else {
+                // EMFILE under 10,000 connections: wait, never stop serving.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
             tokio::spawn(async move {
                 let _ = s.set_nodelay(true);
                 let (r, mut w) = s.into_split();
@@ -83,7 +93,12 @@ pub async fn dests() -> anyhow::Result<Dests> {
         }
     });
     tokio::spawn(async move {
-        while let Ok((s, _)) = echo.accept().await {
+        loop {
+            let Ok((s, _)) = echo.accept().await else {
+                // EMFILE under 10,000 connections: wait, never stop serving.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
             tokio::spawn(async move {
                 let _ = s.set_nodelay(true);
                 let (mut r, mut w) = s.into_split();
@@ -93,6 +108,32 @@ pub async fn dests() -> anyhow::Result<Dests> {
         }
     });
     Ok(d)
+}
+
+/// Starts the destinations in a child process (`bench dest`).
+pub async fn spawn_dests() -> anyhow::Result<(Dests, tokio::process::Child)> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("dest")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).await?;
+    let a: Vec<SocketAddr> = line
+        .split_whitespace()
+        .map(|x| x.parse())
+        .collect::<Result<_, _>>()
+        .context("destination addresses")?;
+    anyhow::ensure!(a.len() == 3, "bad destination line {line:?}");
+    Ok((
+        Dests {
+            source: a[0],
+            sink: a[1],
+            echo: a[2],
+        },
+        child,
+    ))
 }
 
 const MB: f64 = 1_000_000.0;

@@ -18,6 +18,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::frontend::authority::AuthorityFix;
+
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in progress at once per listener.
@@ -153,16 +155,12 @@ pub fn tls_incoming(
     rx
 }
 
-/// Bytes buffered between a Unix-socket gRPC client and the HTTP/2 server.
-const UNIX_PIPE: usize = 256 * 1024;
-
-/// Accepts gRPC clients on a Unix socket until `stop`. Each connection passes
-/// through [`crate::frontend::authority::rewrite_authority`] (kube-apiserver
-/// sends the socket path as `:authority`) on its way to the server.
+/// Accepts gRPC clients on a Unix socket until `stop`, each wrapped in
+/// [`AuthorityFix`] (kube-apiserver sends the socket path as `:authority`).
 pub fn unix_grpc_incoming(
     listener: tokio::net::UnixListener,
     stop: CancellationToken,
-) -> mpsc::Receiver<Result<tokio::io::DuplexStream, io::Error>> {
+) -> mpsc::Receiver<Result<AuthorityFix<tokio::net::UnixStream>, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -173,32 +171,9 @@ pub fn unix_grpc_incoming(
                     Err(e) => { accept_backoff("frontend", &e).await; continue; }
                 },
             };
-            let (ours, theirs) = tokio::io::duplex(UNIX_PIPE);
-            if tx.send(Ok(theirs)).await.is_err() {
+            if tx.send(Ok(AuthorityFix::new(sock))).await.is_err() {
                 return;
             }
-            tokio::spawn(async move {
-                let (client_r, mut client_w) = sock.into_split();
-                let (pipe_r, pipe_w) = tokio::io::split(ours);
-                let up = crate::frontend::authority::rewrite_authority(client_r, pipe_w);
-                let down = async move {
-                    let mut pipe_r = pipe_r;
-                    let r = tokio::io::copy(&mut pipe_r, &mut client_w).await;
-                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut client_w).await;
-                    r
-                };
-                tokio::pin!(down);
-                tokio::select! {
-                    r = up => {
-                        if let Err(e) = r {
-                            debug!(error = %e, "frontend connection ended");
-                        }
-                        // The client is done sending; let the answer finish.
-                        let _ = down.await;
-                    }
-                    _ = &mut down => {}
-                }
-            });
         }
     });
     rx

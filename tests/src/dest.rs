@@ -137,3 +137,23 @@ pub async fn blackhole() -> SocketAddr {
     });
     addr
 }
+
+/// An address whose TCP handshake never completes: a listener with a zero
+/// backlog that is already full and never accepts. Dials to it hang until the
+/// dialer gives up (on loopback, without sending anything elsewhere).
+pub fn hanging() -> (SocketAddr, Vec<std::net::TcpStream>, socket2::Socket) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    s.listen(0).expect("listen");
+    let addr = s.local_addr().expect("addr").as_socket().expect("inet");
+    let mut fill = Vec::new();
+    for _ in 0..4 {
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)) {
+            Ok(c) => fill.push(c),
+            Err(_) => break,
+        }
+    }
+    (addr, fill, s)
+}

@@ -4,18 +4,22 @@
 //! target, so grpc-go sends the percent-encoded path (`%2Fetc%2Fkubernetes%2F...`)
 //! as the HTTP/2 `:authority`. The `h2` crate under tonic rejects such a request
 //! with `RST_STREAM(PROTOCOL_ERROR)` (hyperium/h2 issue 442; the fix, PR 487, is
-//! unmerged). Every Unix-socket gRPC connection therefore passes through
-//! [`rewrite_authority`], which parses the client's HTTP/2 frames, re-encodes
+//! unmerged). Every Unix-socket gRPC connection is therefore wrapped in
+//! [`AuthorityFix`], whose reads parse the client's HTTP/2 frames, re-encode
 //! each request header block with an `:authority` that is not a valid authority
-//! replaced by `localhost`, and forwards every other frame untouched.
+//! replaced by `localhost`, and hand every other frame over untouched. It sits
+//! inside the connection's own reads: no extra task, pipe or copy.
 //!
 //! The client's HPACK dynamic table is tracked by our decoder; the server sees
 //! only our encoder's blocks, so both tables stay consistent.
 
+use std::collections::VecDeque;
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The HTTP/2 client connection preface.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -27,7 +31,9 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// Largest frame payload we emit (the HTTP/2 default, which h2 advertises).
 const MAX_FRAME: usize = 16_384;
-/// Largest read buffer a busy connection grows to.
+/// First read size; grows while reads come back full.
+const FIRST_READ: usize = 8 * 1024;
+/// Largest read a busy connection grows to.
 const MAX_READ: usize = 256 * 1024;
 /// Largest header block we accept from a client.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
@@ -45,48 +51,68 @@ struct PendingBlock {
     block: Vec<u8>,
 }
 
-/// Copies an HTTP/2 client byte stream from `client` to `server`, rewriting
-/// invalid `:authority` values. Returns when the client closes.
-pub async fn rewrite_authority<R, W>(mut client: R, mut server: W) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // Start small (most connections carry little) and grow with the traffic.
-    let mut want = 8 * 1024;
-    let mut buf = BytesMut::with_capacity(want);
-    while buf.len() < PREFACE.len() {
-        if client.read_buf(&mut buf).await? == 0 {
-            return Ok(());
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the 24-byte client preface.
+    Preface,
+    /// Parsing frames.
+    Frames,
+    /// Not HTTP/2: bytes pass untouched (the server will answer them).
+    Passthrough,
+}
+
+/// The byte-stream rewriter, with no I/O: bytes in, rewritten chunks out.
+struct Rewriter {
+    phase: Phase,
+    input: BytesMut,
+    output: VecDeque<Bytes>,
+    decoder: loona_hpack::Decoder<'static>,
+    encoder: loona_hpack::Encoder<'static>,
+    pending: Option<PendingBlock>,
+}
+
+impl Rewriter {
+    fn new() -> Self {
+        Rewriter {
+            phase: Phase::Preface,
+            input: BytesMut::new(),
+            output: VecDeque::new(),
+            decoder: loona_hpack::Decoder::new(),
+            encoder: loona_hpack::Encoder::new(),
+            pending: None,
         }
     }
-    if &buf[..PREFACE.len()] != PREFACE {
-        // Not HTTP/2: let the server answer it as it would.
-        server.write_all(&buf).await?;
-        tokio::io::copy(&mut client, &mut server).await?;
-        return Ok(());
-    }
-    server.write_all(PREFACE).await?;
-    buf.advance(PREFACE.len());
 
-    let mut decoder = loona_hpack::Decoder::new();
-    let mut encoder = loona_hpack::Encoder::new();
-    let mut pending: Option<PendingBlock> = None;
-    let mut out = Vec::new();
-    loop {
-        // Forward every complete frame in the buffer.
-        while buf.len() >= 9 {
-            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
-            if buf.len() < 9 + len {
-                buf.reserve(9 + len - buf.len());
+    /// Moves whatever is complete in `input` to `output`.
+    fn process(&mut self) -> io::Result<()> {
+        if self.phase == Phase::Preface {
+            let n = self.input.len().min(PREFACE.len());
+            if self.input[..n] != PREFACE[..n] {
+                self.phase = Phase::Passthrough;
+            } else if n == PREFACE.len() {
+                self.output.push_back(self.input.split_to(n).freeze());
+                self.phase = Phase::Frames;
+            } else {
+                return Ok(());
+            }
+        }
+        if self.phase == Phase::Passthrough {
+            if !self.input.is_empty() {
+                self.output.push_back(self.input.split().freeze());
+            }
+            return Ok(());
+        }
+        while self.input.len() >= 9 {
+            let b = &self.input;
+            let len = u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize;
+            if b.len() < 9 + len {
                 break;
             }
-            let kind = buf[3];
-            let flags = buf[4];
-            let stream_id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-            match (kind, pending.as_mut()) {
+            let (kind, flags) = (b[3], b[4]);
+            let stream_id = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff;
+            let frame = self.input.split_to(9 + len);
+            match (kind, self.pending.as_mut()) {
                 (HEADERS, None) => {
-                    let frame = buf.split_to(9 + len);
                     let mut payload = &frame[9..];
                     let mut pad = 0usize;
                     if flags & PADDED != 0 {
@@ -109,53 +135,137 @@ where
                     if pad > payload.len() {
                         return Err(bad("HEADERS padding longer than payload"));
                     }
-                    let block = payload[..payload.len() - pad].to_vec();
                     let p = PendingBlock {
                         stream_id,
                         flags,
                         priority,
-                        block,
+                        block: payload[..payload.len() - pad].to_vec(),
                     };
                     if flags & END_HEADERS != 0 {
-                        emit(&mut decoder, &mut encoder, p, &mut out)?;
+                        self.emit(p)?;
                     } else {
-                        pending = Some(p);
+                        self.pending = Some(p);
                     }
                 }
                 (CONTINUATION, Some(p)) if p.stream_id == stream_id => {
-                    let frame = buf.split_to(9 + len);
                     p.block.extend_from_slice(&frame[9..]);
                     if p.block.len() > MAX_HEADER_BLOCK {
                         return Err(bad("header block too large"));
                     }
                     if flags & END_HEADERS != 0 {
-                        let p = pending.take().expect("pending block");
-                        emit(&mut decoder, &mut encoder, p, &mut out)?;
+                        let p = self.pending.take().expect("pending block");
+                        self.emit(p)?;
                     }
                 }
                 (_, Some(_)) => return Err(bad("frame interleaved in a header block")),
-                (_, None) => {
-                    let frame = buf.split_to(9 + len);
-                    out.extend_from_slice(&frame);
-                }
+                (_, None) => self.output.push_back(frame.freeze()),
             }
         }
-        if !out.is_empty() {
-            server.write_all(&out).await?;
-            out.clear();
+        Ok(())
+    }
+
+    fn emit(&mut self, p: PendingBlock) -> io::Result<()> {
+        let mut out = Vec::new();
+        emit(&mut self.decoder, &mut self.encoder, p, &mut out)?;
+        self.output.push_back(Bytes::from(out));
+        Ok(())
+    }
+}
+
+/// A client connection whose reads come out with `:authority` fixed; writes
+/// pass straight through. No extra task or copy on the way.
+pub struct AuthorityFix<S> {
+    inner: S,
+    rw: Rewriter,
+    want: usize,
+    eof: bool,
+}
+
+impl<S> AuthorityFix<S> {
+    /// Wraps an accepted client connection.
+    pub fn new(inner: S) -> Self {
+        AuthorityFix {
+            inner,
+            rw: Rewriter::new(),
+            want: FIRST_READ,
+            eof: false,
         }
-        if buf.capacity() - buf.len() < want / 2 {
-            buf.reserve(want);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if let Some(front) = this.rw.output.front_mut() {
+                let n = front.len().min(buf.remaining());
+                buf.put_slice(&front[..n]);
+                front.advance(n);
+                if front.is_empty() {
+                    this.rw.output.pop_front();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            if this.rw.input.capacity() - this.rw.input.len() < this.want / 2 {
+                this.rw.input.reserve(this.want);
+            }
+            let room = this.rw.input.capacity() - this.rw.input.len();
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.rw.input
+            ))?;
+            if n == 0 {
+                this.eof = true;
+                continue;
+            }
+            if n == room && this.want < MAX_READ {
+                this.want *= 2;
+            }
+            this.rw.process()?;
         }
-        let room = buf.capacity() - buf.len();
-        let n = client.read_buf(&mut buf).await?;
-        if n == 0 {
-            server.shutdown().await.ok();
-            return Ok(());
-        }
-        if n == room && want < MAX_READ {
-            want *= 2;
-        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
+    for AuthorityFix<S>
+{
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
     }
 }
 
@@ -212,6 +322,33 @@ fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream_id: u32, payload: &[u8])
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Writes `input` from a client in small pieces; returns what the server reads.
+    async fn through(input: &[u8]) -> Vec<u8> {
+        let (mut client, server_side) = tokio::io::duplex(1 << 16);
+        let input = input.to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in input.chunks(7) {
+                client.write_all(piece).await.unwrap();
+            }
+        });
+        let mut fixed = AuthorityFix::new(server_side);
+        let mut got = Vec::new();
+        let reader = async {
+            let mut buf = [0u8; 1000];
+            loop {
+                let n = fixed.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        let ((), w) = tokio::join!(reader, writer);
+        w.unwrap();
+        got
+    }
 
     fn headers_frame(enc: &mut loona_hpack::Encoder<'_>, authority: &[u8], stream: u32) -> Vec<u8> {
         let block = enc.encode([
@@ -240,15 +377,7 @@ mod tests {
         input.extend(headers_frame(&mut enc, path, 3));
         input.extend(headers_frame(&mut enc, b"proxy.example:8090", 5));
 
-        let (mut client, client_side) = tokio::io::duplex(1 << 16);
-        let (server_side, mut server) = tokio::io::duplex(1 << 16);
-        let task = tokio::spawn(rewrite_authority(client_side, server_side));
-        client.write_all(&input).await.unwrap();
-        drop(client);
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        task.await.unwrap().unwrap();
-
+        let got = through(&input).await;
         assert_eq!(&got[..PREFACE.len()], PREFACE);
         let mut rest = &got[PREFACE.len()..];
         let mut dec = loona_hpack::Decoder::new();
@@ -281,17 +410,7 @@ mod tests {
 
     #[tokio::test]
     async fn non_http2_bytes_are_passed_through() {
-        let (mut client, client_side) = tokio::io::duplex(1 << 16);
-        let (server_side, mut server) = tokio::io::duplex(1 << 16);
-        let task = tokio::spawn(rewrite_authority(client_side, server_side));
-        client
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        drop(client);
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        task.await.unwrap().unwrap();
+        let got = through(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(got, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     }
 }

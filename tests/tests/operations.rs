@@ -1,0 +1,165 @@
+//! What an operator relies on: bad configuration exits before binding,
+//! SIGTERM drains and a second signal exits at once, a dead server is noticed
+//! in seconds, dial timeouts and frontend hang-ups clean up.
+
+use std::time::{Duration, Instant};
+
+use tests::client::{self, GrpcConn};
+use tests::inproc::{Agent, Listen, Server};
+use tests::pki::Pki;
+use tests::process::{binary, Proc};
+use tests::{dest, init_logs};
+
+#[tokio::test]
+async fn bad_flags_and_unreadable_certificates_exit_2_with_one_line() {
+    let pki = Pki::new();
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "proxy-server",
+            vec![
+                "--cluster-cert=/nonexistent/cert.pem".into(),
+                format!("--cluster-key={}", pki.server.key.display()),
+                format!("--uds-name={}", pki.path("x.sock")),
+                "--agent-port=0".into(),
+            ],
+            "/nonexistent/cert.pem",
+        ),
+        (
+            "proxy-server",
+            vec![
+                format!("--cluster-cert={}", pki.server.cert.display()),
+                format!("--cluster-key={}", pki.agent.key.display()),
+                format!("--uds-name={}", pki.path("y.sock")),
+            ],
+            "certificate",
+        ),
+        ("proxy-server", vec!["--mode=ftp".into()], "--mode=ftp"),
+        (
+            "proxy-agent",
+            vec![
+                format!("--ca-cert={}", pki.ca.display()),
+                "--sync-interval=20s".into(),
+            ],
+            "--sync-interval",
+        ),
+        ("proxy-agent", vec![], "--ca-cert is required"),
+    ];
+    for (bin, args, needle) in cases {
+        let out = std::process::Command::new(binary(bin))
+            .args(&args)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bin} {args:?}: {err}");
+        assert!(err.contains(needle), "{bin} {args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    // The socket was never created: nothing was bound.
+    assert!(!std::path::Path::new(&pki.path("x.sock")).exists());
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_a_second_signal_exits_at_once() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
+    let mut agent = Proc::spawn(
+        &[],
+        &Agent::args(&pki, server.agent_addr, "term", &["--grace-period=1h"]),
+    );
+    server.wait_agents(1).await;
+    let echo = dest::echo().await;
+    let ch = client::grpc_uds(&server.uds()).await;
+    let mut open = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
+
+    agent.signal("TERM");
+    agent.wait_log(&["draining"], Duration::from_secs(10)).await;
+    // Still serving the open connection during the grace period.
+    open.send(&b"after TERM"[..]).await;
+    assert_eq!(&open.recv().await.expect("echo")[..], b"after TERM");
+    assert!(
+        agent.child.try_wait().expect("wait").is_none(),
+        "must not exit while a connection is open"
+    );
+
+    agent.signal("TERM");
+    let exited = tokio::time::timeout(Duration::from_secs(10), agent.child.wait())
+        .await
+        .expect("second signal must end the agent long before its 1 h grace period")
+        .expect("wait");
+    assert!(exited.success(), "{exited:?}");
+    assert!(open.read_to_end().await.is_empty());
+}
+
+#[tokio::test]
+async fn agent_notices_a_frozen_server_within_seconds() {
+    init_logs();
+    let pki = Pki::new();
+    let uds = pki.path("frozen.sock");
+    let server = Proc::spawn(&[], &Server::args(&pki, "grpc", Listen::Uds, &uds, &[]));
+    let agent_addr = server
+        .log_field("proxy-server started", "agent")
+        .await
+        .parse()
+        .unwrap();
+    let agent = Agent::start(&pki, agent_addr, "watcher", &[]).await;
+    let open = agent.metrics.open_server_connections.clone();
+    tests::eventually(Duration::from_secs(20), "agent connected", || {
+        let n = open.get();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    // Freeze the server: its sockets stay open, nothing answers (a dead path
+    // without FIN or RST). The reference would notice after its 1 h keepalive.
+    server.signal("STOP");
+    let frozen = Instant::now();
+    tests::eventually(
+        Duration::from_secs(20),
+        "agent to drop the silent stream",
+        || {
+            let n = open.get();
+            async move { (n == 0).then_some(()) }
+        },
+    )
+    .await;
+    eprintln!("dead server noticed after {:?}", frozen.elapsed());
+    server.signal("CONT");
+}
+
+#[tokio::test]
+async fn dial_timeout_on_the_agent_is_504_over_http_connect() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
+    let _agent = Agent::start(&pki, server.agent_addr, "agent", &["--dial-timeout=1s"]).await;
+    server.wait_agents(1).await;
+    let (hang, _fill, _listener) = dest::hanging();
+    let (status, body) = client::connect_uds(&server.uds(), &hang.to_string())
+        .await
+        .expect_err("must time out");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("i/o timeout"), "{body}");
+}
+
+#[tokio::test]
+async fn frontend_hang_up_closes_the_connection_on_the_agent() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
+    let agent = Agent::start(&pki, server.agent_addr, "agent", &[]).await;
+    server.wait_agents(1).await;
+    let echo = dest::echo().await;
+    let ch = client::grpc_uds(&server.uds()).await;
+    let c = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
+    assert_eq!(agent.metrics.open_endpoint_connections.get(), 1);
+    // The frontend stream ends without CLOSE_REQ (kube-apiserver restarted).
+    drop(c);
+    drop(ch);
+    let open = agent.metrics.open_endpoint_connections.clone();
+    tests::eventually(Duration::from_secs(10), "agent to close the orphan", || {
+        let n = open.get();
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+    assert_eq!(server.metrics.established_connections.get(), 0);
+}
