@@ -139,15 +139,13 @@ async fn main() -> anyhow::Result<()> {
             json!({"server": rss(r.server_pid), "agent": rss(r.agent_pid)}),
         );
         let t = a.timeout;
-        let mut alone = None;
-        if want(&a, "throughput") || want(&a, "isolation") {
+        if want(&a, "throughput") {
             let down = step("download", t, async {
                 workloads::download(&r, &dests, sz.bulk)
                     .await
                     .map(|v| json!(v))
             })
             .await;
-            alone = down.as_f64();
             row.insert("download_mb_s".into(), down);
         }
         if want(&a, "throughput") {
@@ -202,17 +200,12 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         if want(&a, "isolation") {
-            let v = match alone {
-                Some(alone) => {
-                    step(
-                        "isolation",
-                        t,
-                        workloads::isolation(&r, &dests, sz.iso, alone, Duration::from_secs(20)),
-                    )
-                    .await
-                }
-                None => json!({"error": "no baseline download"}),
-            };
+            let v = step(
+                "isolation",
+                t * 3,
+                workloads::isolation(&r, &dests, sz.iso, 5, Duration::from_secs(20)),
+            )
+            .await;
             row.insert("isolation".into(), v);
         }
         row.insert(

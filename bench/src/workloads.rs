@@ -346,14 +346,24 @@ pub async fn churn(
 }
 
 /// Throughput of one download while another connection on the same agent has
-/// stopped reading, as a share of `alone` (MB/s).
+/// stopped reading, as a share of the same download alone. Both are the median
+/// of `runs` transfers measured back to back, so machine noise hits both alike.
 pub async fn isolation(
     r: &Running,
     d: &Dests,
     n: usize,
-    alone: f64,
+    runs: usize,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut alone = Vec::new();
+    for _ in 0..runs {
+        alone.push(download(r, d, n).await?);
+    }
+    let alone = median(alone);
     let mut stalled = r.connect(d.source).await?;
     stalled
         .write_all(format!("SRC {}\n", 64usize << 30).as_bytes())
@@ -362,13 +372,25 @@ pub async fn isolation(
     stalled.read(&mut b).await?;
     // Let the stalled connection fill every buffer on its way.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let res = tokio::time::timeout(timeout, download(r, d, n)).await;
-    drop(stalled);
-    Ok(match res {
-        Ok(Ok(mbs)) => json!({"mb_s": mbs, "percent_of_alone": 100.0 * mbs / alone}),
-        Ok(Err(e)) => json!({"error": e.to_string(), "percent_of_alone": 0.0}),
-        Err(_) => {
-            json!({"error": format!("stalled: no completion within {timeout:?}"), "percent_of_alone": 0.0})
+    let mut with = Vec::new();
+    for _ in 0..runs {
+        match tokio::time::timeout(timeout, download(r, d, n)).await {
+            Ok(Ok(mbs)) => with.push(mbs),
+            Ok(Err(e)) => {
+                return Ok(
+                    json!({"alone_mb_s": alone, "error": e.to_string(), "percent_of_alone": 0.0}),
+                )
+            }
+            Err(_) => {
+                return Ok(
+                    json!({"alone_mb_s": alone, "error": format!("stalled: no completion within {timeout:?}"), "percent_of_alone": 0.0}),
+                )
+            }
         }
-    })
+    }
+    drop(stalled);
+    let with = median(with);
+    Ok(
+        json!({"alone_mb_s": alone, "with_stalled_mb_s": with, "percent_of_alone": 100.0 * with / alone}),
+    )
 }

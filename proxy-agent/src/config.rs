@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use konnectivity_proto::metadata::AgentIdentifiers;
+use konnectivity_runtime::addr::listen_addr;
 use konnectivity_runtime::{duration, logging, tls};
 
 fn go_bool(s: &str) -> Result<bool, String> {
@@ -213,15 +214,6 @@ pub struct Config {
 /// Reference servers send GOAWAY `too_many_pings` below this ping interval.
 pub const MIN_PING_INTERVAL: Duration = Duration::from_secs(30);
 
-fn bind(host: &str, port: u16) -> String {
-    let host = if host.is_empty() { "0.0.0.0" } else { host };
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 /// Parses Go's string-slice form `[a,b]` (or plain `a,b`).
 fn go_list(s: &str) -> Vec<String> {
     s.trim()
@@ -312,8 +304,8 @@ impl Config {
         if a.max_pending_dials == 0 || a.max_connections == 0 {
             bail!("--max-pending-dials and --max-connections must be positive");
         }
-        let health_addr = bind(&a.health_server_host, a.health_server_port);
-        let admin_addr = bind(&a.admin_bind_address, a.admin_server_port);
+        let health_addr = listen_addr(&a.health_server_host, a.health_server_port);
+        let admin_addr = listen_addr(&a.admin_bind_address, a.admin_server_port);
         Ok(Config {
             server,
             agent_id,

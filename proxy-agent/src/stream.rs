@@ -480,16 +480,8 @@ impl ServerLink {
                 .await;
             return;
         };
-        let data = match tx.try_send(data) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
-            Err(mpsc::error::TrySendError::Full(d)) => d,
-        };
         let stall = self.settings.config.stall_timeout;
-        let sent = tokio::select! {
-            r = tokio::time::timeout(stall, tx.send(data)) => r,
-            _ = kill.cancelled() => return,
-        };
-        if sent.is_err() {
+        if flow::deliver(&tx, data, &kill, stall).await == flow::Delivery::Stalled {
             warn!(connect_id, stall_timeout = ?stall, "destination stopped reading; closing only this connection");
             self.metrics().stalled_closed.inc();
             if self.remove_conn(connect_id) {

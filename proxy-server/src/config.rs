@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use konnectivity_runtime::addr::listen_addr;
 use konnectivity_runtime::{duration, logging, tls};
 
 use crate::backend::auth::TokenFile;
@@ -256,15 +257,6 @@ fn opt_path(s: &str) -> Option<PathBuf> {
     (!s.is_empty()).then(|| PathBuf::from(s))
 }
 
-fn bind(host: &str, port: u16) -> String {
-    let host = if host.is_empty() { "0.0.0.0" } else { host };
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 impl Config {
     /// Validates flags, reading certificates and keys once to fail early.
     pub fn from_args(a: Args) -> anyhow::Result<Self> {
@@ -303,7 +295,7 @@ impl Config {
             };
             tls::server_config(&files, &[b"h2", b"http/1.1"]).context("frontend TLS")?;
             FrontendListen::Tcp {
-                addr: bind(&a.server_bind_address, a.server_port),
+                addr: listen_addr(&a.server_bind_address, a.server_port),
                 tls: files,
             }
         };
@@ -332,8 +324,8 @@ impl Config {
         if a.max_pending_dials_per_agent == 0 || a.max_connections_per_agent == 0 {
             bail!("--max-pending-dials-per-agent and --max-connections-per-agent must be positive");
         }
-        let health_addr = bind(&a.health_bind_address, a.health_port);
-        let admin_addr = bind(&a.admin_bind_address, a.admin_port);
+        let health_addr = listen_addr(&a.health_bind_address, a.health_port);
+        let admin_addr = listen_addr(&a.admin_bind_address, a.admin_port);
         let server_id = if a.server_id.is_empty() {
             format!("{:016x}", rand::random::<u64>())
         } else {
@@ -342,7 +334,7 @@ impl Config {
         Ok(Config {
             mode,
             frontend,
-            agent_addr: bind(&a.agent_bind_address, a.agent_port),
+            agent_addr: listen_addr(&a.agent_bind_address, a.agent_port),
             agent_tls,
             admin_addr: (admin_addr != health_addr).then_some(admin_addr),
             health_addr,

@@ -17,7 +17,8 @@ use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 
 /// Initial credit per connection and direction, in bytes.
 pub const WINDOW: i64 = 1 << 20;
@@ -150,6 +151,43 @@ where
         if !send(buf.split().freeze()).await {
             return Ok(total);
         }
+    }
+}
+
+/// What became of a chunk handed to a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the socket.
+    Queued,
+    /// The connection is already gone; the chunk is dropped.
+    Gone,
+    /// The queue stayed full for the whole stall timeout: the caller closes
+    /// this connection (and only this one).
+    Stalled,
+}
+
+/// Hands `data` to one connection's bounded queue from the task that reads a
+/// shared stream. A free slot is taken at once; a full queue holds the shared
+/// stream for at most `stall` (this only happens with a peer that has no flow
+/// control), after which the connection is declared stalled.
+pub async fn deliver(
+    tx: &mpsc::Sender<Bytes>,
+    data: Bytes,
+    kill: &CancellationToken,
+    stall: std::time::Duration,
+) -> Delivery {
+    let data = match tx.try_send(data) {
+        Ok(()) => return Delivery::Queued,
+        Err(mpsc::error::TrySendError::Closed(_)) => return Delivery::Gone,
+        Err(mpsc::error::TrySendError::Full(d)) => d,
+    };
+    tokio::select! {
+        r = tokio::time::timeout(stall, tx.send(data)) => match r {
+            Ok(Ok(())) => Delivery::Queued,
+            Ok(Err(_)) => Delivery::Gone,
+            Err(_) => Delivery::Stalled,
+        },
+        _ = kill.cancelled() => Delivery::Gone,
     }
 }
 

@@ -5,11 +5,13 @@
 //! - [`pki`]: throw-away certificate authorities for the demo and the tests.
 //! - [`flow`]: per-connection credit (the `WINDOW` extension) and the relay
 //!   that moves bytes between a socket and a tunnelled connection.
+//! - [`addr`]: listener addresses from bind-address and port flags.
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
 //! - [`shutdown`]: first signal drains, second signal exits.
 //! - [`logging`]: `tracing` set-up for text or JSON logs with klog-style verbosity.
 //! - [`duration`]: flag values like `30s`, `1h`, `5m0s`.
 
+pub mod addr;
 pub mod admin;
 pub mod duration;
 pub mod flow;

@@ -423,17 +423,8 @@ impl AgentLink {
             self.state().recent.push_back(connect_id);
             return;
         };
-        let data = match tx.try_send(data) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
-            Err(mpsc::error::TrySendError::Full(d)) => d,
-        };
         let stall = self.settings.stall_timeout;
-        let sent = tokio::select! {
-            r = tokio::time::timeout(stall, tx.send(data)) => r,
-            _ = kill.cancelled() => return,
-        };
-        if sent.is_err() {
+        if flow::deliver(&tx, data, &kill, stall).await == flow::Delivery::Stalled {
             warn!(
                 connect_id,
                 stall_timeout = ?stall,
