@@ -216,3 +216,96 @@ async fn agent_data_for_unknown_connection_is_closed_and_others_keep_working() {
     );
     assert_eq!(server.metrics.ready_backend_connections.get(), 1);
 }
+
+async fn next_message(inbound: &mut tonic::Streaming<Packet>) -> Message {
+    let p = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(inbound))
+        .await
+        .expect("answer");
+    Message::from_packet(p.expect("packet").expect("ok")).unwrap()
+}
+
+/// connectIDs are unique per agent stream only. Two dials on one frontend
+/// stream that land on two agents answering the same id must not cross: the
+/// second is refused and closed on its agent, the first keeps working.
+#[tokio::test]
+async fn colliding_connect_ids_on_one_frontend_stream_do_not_cross() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
+    let a = FakeAgent::connect(server.agent_addr, &pki, "fake-a")
+        .await
+        .expect("a");
+    let b = FakeAgent::connect(server.agent_addr, &pki, "fake-b")
+        .await
+        .expect("b");
+    server.wait_agents(2).await;
+    let mut agents = [a, b];
+    let ch = client::grpc_uds(&server.uds()).await;
+    let mut raw = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(packet::dial_request("10.9.9.1:80", 1001))
+        .await
+        .unwrap();
+    let mut inbound = raw
+        .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Whichever agent got the first dial is `i`; the second dial goes to the other.
+    let (i, first) = {
+        let [a, b] = &mut agents;
+        tokio::select! {
+            m = a.recv_significant() => (0, m),
+            m = b.recv_significant() => (1, m),
+        }
+    };
+    let j = 1 - i;
+    assert!(
+        matches!(first, Some(Message::DialRequest { random: 1001, .. })),
+        "{first:?}"
+    );
+    tx.send(packet::dial_request("10.9.9.2:80", 1002))
+        .await
+        .unwrap();
+    let second = agents[j].recv_significant().await;
+    assert!(
+        matches!(second, Some(Message::DialRequest { random: 1002, .. })),
+        "{second:?}"
+    );
+
+    agents[i].send(packet::dial_ok(1001, 7)).await;
+    assert_eq!(
+        next_message(&mut inbound).await,
+        Message::DialResponse {
+            random: 1001,
+            connect_id: 7,
+            error: String::new()
+        }
+    );
+    agents[j].send(packet::dial_ok(1002, 7)).await;
+    match next_message(&mut inbound).await {
+        Message::DialResponse {
+            random: 1002,
+            connect_id: 0,
+            error,
+        } => {
+            assert!(error.contains("already in use"), "{error}")
+        }
+        other => panic!("expected the second dial refused, got {other:?}"),
+    }
+    match agents[j].recv_significant().await {
+        Some(Message::CloseRequest { connect_id: 7 }) => {}
+        other => panic!("expected CLOSE_REQ for the refused connection, got {other:?}"),
+    }
+    // The first connection still carries data to its own agent.
+    tx.send(packet::data(7, bytes::Bytes::from_static(b"to the first")))
+        .await
+        .unwrap();
+    match agents[i].recv_significant().await {
+        Some(Message::Data {
+            connect_id: 7,
+            data,
+        }) => assert_eq!(&data[..], b"to the first"),
+        other => panic!("expected DATA on the first agent, got {other:?}"),
+    }
+}

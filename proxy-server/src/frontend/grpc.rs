@@ -72,6 +72,8 @@ enum Event {
         connect_id: i64,
         tx: TunnelSender,
         close: CancellationToken,
+        /// False when the id is already used on this frontend stream.
+        accepted: tokio::sync::oneshot::Sender<bool>,
     },
     DialDone {
         random: i64,
@@ -134,9 +136,16 @@ impl FrontendStream {
                 connect_id,
                 tx,
                 close,
+                accepted,
             } => {
                 self.pending.remove(&random);
-                self.conns.insert(connect_id, (tx, close));
+                // connectIDs are unique per agent stream only: two dials of
+                // one frontend stream through two agents may get the same id.
+                let free = !self.conns.contains_key(&connect_id);
+                if free {
+                    self.conns.insert(connect_id, (tx, close));
+                }
+                let _ = accepted.send(free);
             }
             Event::DialDone { random } => {
                 self.pending.remove(&random);
@@ -280,6 +289,7 @@ impl Dial {
         );
         let close = self.cancel.child_token();
         // Register before answering so the frontend's first DATA finds it.
+        let (accepted, answer) = tokio::sync::oneshot::channel();
         let registered = self
             .events
             .send(Event::Established {
@@ -287,14 +297,32 @@ impl Dial {
                 connect_id,
                 tx: tunnel.tx.clone(),
                 close: close.clone(),
+                accepted,
             })
             .await;
-        if registered.is_err()
-            || self
+        if registered.is_err() {
+            return;
+        }
+        if answer.await != Ok(true) {
+            warn!(
+                connect_id,
+                "connectID already in use on this frontend stream; dial refused"
+            );
+            let _ = self
                 .out
-                .send(packet::dial_ok(random, connect_id))
-                .await
-                .is_err()
+                .send(packet::dial_failed(
+                    random,
+                    format!("connectID {connect_id} already in use on this frontend stream"),
+                ))
+                .await;
+            // Dropping the tunnel closes it on the agent.
+            return;
+        }
+        if self
+            .out
+            .send(packet::dial_ok(random, connect_id))
+            .await
+            .is_err()
         {
             return;
         }
