@@ -338,3 +338,52 @@ pub async fn http_status(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
 }
+
+/// A hand-driven server for agent tests: serves `AgentService.Connect` over
+/// TLS on 127.0.0.1:0, answering with `headers` (name, value) and nothing else.
+pub async fn fake_server(pki: &Pki, headers: Vec<(&'static str, &'static str)>) -> SocketAddr {
+    use konnectivity_proto::wire::agent_service_server::{AgentService, AgentServiceServer};
+    use std::pin::Pin;
+
+    struct Fake(Vec<(&'static str, &'static str)>);
+    type Out = Pin<Box<dyn futures::Stream<Item = Result<Packet, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl AgentService for Fake {
+        type ConnectStream = Out;
+        async fn connect(
+            &self,
+            _req: tonic::Request<tonic::Streaming<Packet>>,
+        ) -> Result<tonic::Response<Out>, tonic::Status> {
+            let mut resp = tonic::Response::new(Box::pin(futures::stream::pending()) as Out);
+            for (k, v) in &self.0 {
+                resp.metadata_mut().insert(*k, v.parse().expect("ascii"));
+            }
+            Ok(resp)
+        }
+    }
+
+    let files = konnectivity_runtime::tls::ServerTlsFiles {
+        cert: pki.server.cert.clone(),
+        key: pki.server.key.clone(),
+        client_ca: None,
+    };
+    let cfg = konnectivity_runtime::tls::server_config(&files, &[b"h2"]).expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // The server's own TLS accept loop (its connections carry peer info).
+    let rx = proxy_server::listen::tls_incoming(
+        listener,
+        cfg,
+        "fake",
+        tokio_util::sync::CancellationToken::new(),
+    );
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(Fake(headers)))
+            .serve_with_incoming(ReceiverStream::new(rx)),
+    );
+    addr
+}

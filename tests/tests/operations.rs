@@ -163,3 +163,49 @@ async fn frontend_hang_up_closes_the_connection_on_the_agent() {
     .await;
     assert_eq!(server.metrics.established_connections.get(), 0);
 }
+
+#[tokio::test]
+async fn agent_requires_server_id_and_server_count_headers() {
+    init_logs();
+    let pki = Pki::new();
+    for (headers, missing) in [
+        (vec![("servercount", "1")], "serverid"),
+        (vec![("serverid", "s1")], "servercount"),
+        (
+            vec![("serverid", "s1"), ("servercount", "zero")],
+            "servercount",
+        ),
+    ] {
+        let addr = client::fake_server(&pki, headers).await;
+        let agent = Agent::start(&pki, addr, "strict", &[]).await;
+        let failures = agent.metrics.server_connection_failures.clone();
+        tests::eventually(
+            Duration::from_secs(10),
+            "refusal of a server without headers",
+            || {
+                let n = failures.with_label_values(&["bad_headers"]).get();
+                async move { (n >= 1).then_some(()) }
+            },
+        )
+        .await;
+        assert_eq!(
+            agent.metrics.open_server_connections.get(),
+            0,
+            "missing {missing}"
+        );
+        agent.stop().await;
+    }
+    // With both headers the same fake server is accepted.
+    let addr = client::fake_server(&pki, vec![("serverid", "s1"), ("servercount", "1")]).await;
+    let agent = Agent::start(&pki, addr, "strict", &[]).await;
+    let open = agent.metrics.open_server_connections.clone();
+    tests::eventually(
+        Duration::from_secs(10),
+        "agent to accept a proper server",
+        || {
+            let n = open.get();
+            async move { (n == 1).then_some(()) }
+        },
+    )
+    .await;
+}
