@@ -29,6 +29,15 @@ where
     }
 }
 
+/// Polls a condition until it holds, or panics with `what` after `limit`.
+pub async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    eventually(limit, what, || {
+        let ok = cond();
+        async move { ok.then_some(()) }
+    })
+    .await
+}
+
 /// Installs a test log subscriber once (RUST_LOG controls it).
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()

@@ -54,9 +54,9 @@ async fn agent_without_client_certificate_is_refused_and_logged() {
 
     // A properly identified agent is let in.
     let good = Agent::start(&pki, agent_addr, "good", &[]).await;
-    tests::eventually(WAIT, "good agent connected", || {
+    tests::wait_for(WAIT, "good agent connected", || {
         let n = good.metrics.open_server_connections.get();
-        async move { (n == 1).then_some(()) }
+        n == 1
     })
     .await;
     assert_eq!(client::http_status(health, "/readyz").await.0, 200);
@@ -115,9 +115,9 @@ async fn agent_with_a_bad_token_is_refused_and_logged() {
         &[&format!("--service-account-token-path={good}")],
     )
     .await;
-    tests::eventually(WAIT, "agent with the right token connected", || {
+    tests::wait_for(WAIT, "agent with the right token connected", || {
         let n = ok.metrics.open_server_connections.get();
-        async move { (n == 1).then_some(()) }
+        n == 1
     })
     .await;
 

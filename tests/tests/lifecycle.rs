@@ -90,9 +90,9 @@ async fn agent_reconnects_after_a_server_restart() {
     let agent = Agent::start(&pki, server.agent_addr, "survivor", &[]).await;
     server.wait_agents(1).await;
     server.stop().await;
-    tests::eventually(Duration::from_secs(10), "agent to notice", || {
+    tests::wait_for(Duration::from_secs(10), "agent to notice", || {
         let v = agent.metrics.open_server_connections.get();
-        async move { (v == 0).then_some(()) }
+        v == 0
     })
     .await;
 

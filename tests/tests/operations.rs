@@ -104,9 +104,9 @@ async fn agent_notices_a_frozen_server_within_seconds() {
         .unwrap();
     let agent = Agent::start(&pki, agent_addr, "watcher", &[]).await;
     let open = agent.metrics.open_server_connections.clone();
-    tests::eventually(Duration::from_secs(20), "agent connected", || {
+    tests::wait_for(Duration::from_secs(20), "agent connected", || {
         let n = open.get();
-        async move { (n == 1).then_some(()) }
+        n == 1
     })
     .await;
     // Freeze the server: its sockets stay open, nothing answers (a dead path
@@ -156,9 +156,9 @@ async fn frontend_hang_up_closes_the_connection_on_the_agent() {
     drop(c);
     drop(ch);
     let open = agent.metrics.open_endpoint_connections.clone();
-    tests::eventually(Duration::from_secs(10), "agent to close the orphan", || {
+    tests::wait_for(Duration::from_secs(10), "agent to close the orphan", || {
         let n = open.get();
-        async move { (n == 0).then_some(()) }
+        n == 0
     })
     .await;
     assert_eq!(server.metrics.established_connections.get(), 0);
