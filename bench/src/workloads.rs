@@ -197,18 +197,23 @@ pub async fn latency_established(r: &Running, d: &Dests, iters: usize) -> anyhow
 }
 
 /// Fresh connection: dial plus the first response byte, as `kubectl logs` does.
+/// Also reports the dial alone (tunnel established) to show where time goes.
 pub async fn latency_fresh(r: &Running, d: &Dests, iters: usize) -> anyhow::Result<Value> {
-    let mut v = Vec::with_capacity(iters);
+    let mut total = Vec::with_capacity(iters);
+    let mut dial = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
         let mut c = r.connect(d.echo).await?;
+        dial.push(t.elapsed());
         c.write_all(b"x").await?;
         let mut b = [0u8; 1];
         c.read_exact(&mut b).await?;
-        v.push(t.elapsed());
+        total.push(t.elapsed());
         c.close().await;
     }
-    Ok(percentiles(v))
+    let mut v = percentiles(total);
+    v["dial"] = percentiles(dial);
+    Ok(v)
 }
 
 fn kib(pid: Option<u32>) -> Value {
