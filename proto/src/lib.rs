@@ -7,8 +7,10 @@
 //! - [`metadata`]: stream metadata names and the `agentIdentifiers` encoding.
 //! - [`table`]: the per-stream dial/connection state machine (pending dial ->
 //!   established connection -> closed) both binaries key their state with.
+//! - [`codec`]: the gRPC codec (prost, small starting buffers).
 //! - [`connect`]: the HTTP CONNECT request parser and the dial-error -> status map.
 
+pub mod codec;
 pub mod connect;
 pub mod ids;
 pub mod metadata;

@@ -32,7 +32,7 @@ const PRIORITY: u8 = 0x20;
 /// Largest frame payload we emit (the HTTP/2 default, which h2 advertises).
 const MAX_FRAME: usize = 16_384;
 /// First read size; grows while reads come back full.
-const FIRST_READ: usize = 8 * 1024;
+const FIRST_READ: usize = 2 * 1024;
 /// Largest read a busy connection grows to.
 const MAX_READ: usize = 256 * 1024;
 /// Largest header block we accept from a client.
