@@ -105,21 +105,12 @@ pub struct Args {
     /// Offer per-connection flow control and heartbeats to the server.
     #[arg(long, default_value = "true", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true")]
     pub flow_control: bool,
-    /// Log format: text or json.
-    #[arg(long, default_value = "text")]
-    pub log_format: logging::Format,
-    /// klog verbosity (0-1 info, 2-4 debug, 5+ trace).
-    #[arg(long = "v", default_value_t = 0)]
-    pub verbosity: u8,
+    /// Logging (`--log-format`, klog's `--v`, `--logtostderr`, `--alsologtostderr`).
+    #[command(flatten)]
+    pub log: logging::LogArgs,
 
     // Accepted so upstream manifests and the upstream test framework (which
     // passes every flag) start us unchanged; see the README for what each does.
-    /// Accepted; logs go to stderr.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
-    pub logtostderr: Option<String>,
-    /// Accepted; logs go to stderr.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
-    pub alsologtostderr: Option<String>,
     /// Accepted; no profiling endpoint is served.
     #[arg(long, default_value = "false", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub enable_profiling: bool,
@@ -350,6 +341,6 @@ mod tests {
         ])
         .expect("upstream-style flags parse");
         assert_eq!(a.keepalive_time, Duration::from_secs(3600));
-        assert_eq!(a.verbosity, 4);
+        assert_eq!(a.log.verbosity, 4);
     }
 }

@@ -5,7 +5,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = proxy_agent::config::Args::parse();
-    konnectivity_runtime::logging::init(args.log_format, args.verbosity);
+    args.log.init();
     let config = match proxy_agent::Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {

@@ -116,18 +116,9 @@ pub struct Args {
     /// Negotiate per-connection flow control with agents that offer it.
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub flow_control: bool,
-    /// Log format: text or json.
-    #[arg(long, default_value = "text")]
-    pub log_format: logging::Format,
-    /// klog verbosity (0-1 info, 2-4 debug, 5+ trace).
-    #[arg(long = "v", default_value_t = 0)]
-    pub verbosity: u8,
-    /// Accepted for klog compatibility; logs always go to stderr.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
-    pub logtostderr: Option<String>,
-    /// Accepted for klog compatibility.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
-    pub alsologtostderr: Option<String>,
+    /// Logging (`--log-format`, klog's `--v`, `--logtostderr`, `--alsologtostderr`).
+    #[command(flatten)]
+    pub log: logging::LogArgs,
     /// Accepted for compatibility; profiling is not served.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub enable_profiling: Option<String>,

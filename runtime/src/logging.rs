@@ -24,6 +24,31 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// Logging flags both binaries take: ours (`--log-format`) and klog's, which
+/// upstream manifests pass (`--v=4`, `--logtostderr=true`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: Format,
+    /// klog verbosity (0-1 info, 2-4 debug, 5+ trace).
+    #[arg(long = "v", default_value_t = 0)]
+    pub verbosity: u8,
+    /// Accepted for klog compatibility; logs always go to stderr.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub logtostderr: Option<String>,
+    /// Accepted for klog compatibility; logs always go to stderr.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub alsologtostderr: Option<String>,
+}
+
+impl LogArgs {
+    /// Installs the global subscriber for these flags.
+    pub fn init(&self) {
+        init(self.log_format, self.verbosity);
+    }
+}
+
 /// Installs the global subscriber, writing to stderr. Safe to call twice (the
 /// second call does nothing), which tests rely on.
 pub fn init(format: Format, verbosity: u8) {
