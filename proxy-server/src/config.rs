@@ -29,8 +29,8 @@ pub struct Args {
     /// frontend on --server-port is not started.
     #[arg(long, default_value = "")]
     pub uds_name: String,
-    /// Remove a stale file at --uds-name before listening.
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    /// Remove a stale file at --uds-name before listening (upstream default: true).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub delete_existing_uds_file: bool,
     /// Frontend TCP port (mutual TLS), used when --uds-name is empty.
     #[arg(long, default_value_t = 8090)]
@@ -343,5 +343,41 @@ impl Config {
             grace_period: a.grace_period,
             flow_control: a.flow_control,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_style_flags_parse_with_upstream_defaults() {
+        let a = Args::try_parse_from(["proxy-server"]).unwrap();
+        assert!(
+            a.delete_existing_uds_file,
+            "upstream deletes a stale socket by default"
+        );
+        assert_eq!(
+            (a.server_port, a.agent_port, a.health_port, a.admin_port),
+            (8090, 8091, 8092, 8095)
+        );
+        let a = Args::try_parse_from([
+            "proxy-server",
+            "--delete-existing-uds-file=false",
+            "--keepalive-time=1h0m0s",
+            "--graceful-shutdown-timeout=10s",
+            "--v=4",
+            "--logtostderr=true",
+            "--mode=grpc",
+            "--mode=http-connect",
+        ])
+        .unwrap();
+        assert!(!a.delete_existing_uds_file);
+        assert_eq!(a.keepalive_time, Duration::from_secs(3600));
+        assert_eq!(a.grace_period, Duration::from_secs(10));
+        assert_eq!(
+            a.mode, "http-connect",
+            "a repeated flag takes the last value"
+        );
     }
 }
