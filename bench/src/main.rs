@@ -296,7 +296,8 @@ fn print_table(out: &Value, kinds: &[SetupKind], sz: &Sizes) {
     for k in &conc_keys {
         let k: &'static str = Box::leak(k.clone().into_boxed_str());
         rows.push((format!("{k} success"), vec![k, "success_rate"], 1.0));
-        rows.push((format!("{k} MB/s"), vec![k, "aggregate_mb_s"], 1.0));
+        rows.push((format!("{k} opens/s"), vec![k, "opens_per_s"], 1.0));
+        rows.push((format!("{k} burst MB/s"), vec![k, "aggregate_mb_s"], 1.0));
         rows.push((
             format!("{k} server peak MiB"),
             vec![k, "server", "peak_kib"],

@@ -223,44 +223,63 @@ fn kib(pid: Option<u32>) -> Value {
     }
 }
 
-/// `n` connections open at once, each echoing 1 KiB.
+/// `n` connections open at once. Phase one opens them all (each echoes 1 KiB)
+/// and measures memory with every connection open and idle; phase two has
+/// every connection echo 16 KiB at the same time, for the aggregate throughput.
 pub async fn concurrency(
     r: &Arc<Running>,
     d: &Dests,
     n: usize,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
+    const BURST: usize = 16 * 1024;
     let before_server = rss_kib(r.server_pid).map(|x| x.0);
     let before_agent = rss_kib(r.agent_pid).map(|x| x.0);
     let dialing = Arc::new(Semaphore::new(256));
     let all_open = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let all_moved = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let moved = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (go, gone) = tokio::sync::watch::channel(false);
     let (release, released) = tokio::sync::watch::channel(false);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
         let r = r.clone();
         let dialing = dialing.clone();
-        let all_open = all_open.clone();
-        let mut released = released.clone();
+        let (all_open, all_moved, moved) = (all_open.clone(), all_moved.clone(), moved.clone());
+        let (mut gone, mut released) = (gone.clone(), released.clone());
         let echo = d.echo;
         tasks.push(tokio::spawn(async move {
             let conn = {
                 let _p = dialing.acquire().await;
                 r.connect(echo).await
             };
-            let ok = async {
+            let mut conn = async {
                 let mut c = conn?;
-                let msg = vec![1u8; 1024];
-                c.write_all(&msg).await?;
+                c.write_all(&[1u8; 1024]).await?;
                 let mut back = vec![0u8; 1024];
                 c.read_exact(&mut back).await?;
                 Ok::<_, anyhow::Error>(c)
             }
             .await;
             all_open.wait().await;
+            let _ = gone.wait_for(|g| *g).await;
+            if let Ok(c) = conn.as_mut() {
+                let burst = async {
+                    c.write_all(&vec![2u8; BURST]).await?;
+                    let mut back = vec![0u8; BURST];
+                    c.read_exact(&mut back).await?;
+                    Ok::<_, anyhow::Error>(())
+                }
+                .await;
+                if burst.is_ok() {
+                    moved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            all_moved.wait().await;
             // Hold the connection until every one is measured.
             let _ = released.wait_for(|r| *r).await;
-            match ok {
+            match conn {
                 Ok(c) => {
                     c.close().await;
                     true
@@ -269,10 +288,18 @@ pub async fn concurrency(
             }
         }));
     }
-    let waited = tokio::time::timeout(timeout, all_open.wait()).await.is_ok();
-    let phase = start.elapsed().as_secs_f64();
+    let opened = tokio::time::timeout(timeout, all_open.wait()).await.is_ok();
+    let open_phase = start.elapsed().as_secs_f64();
+    // Memory with every connection open and idle.
     let server = kib(r.server_pid);
     let agent = kib(r.agent_pid);
+    let t0 = Instant::now();
+    let _ = go.send(true);
+    let burst_done = opened
+        && tokio::time::timeout(timeout, all_moved.wait())
+            .await
+            .is_ok();
+    let data_phase = t0.elapsed().as_secs_f64();
     let _ = release.send(true);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut ok = 0;
@@ -284,6 +311,7 @@ pub async fn concurrency(
             Err(_) => abort.abort(),
         }
     }
+    let moved = moved.load(std::sync::atomic::Ordering::Relaxed);
     let per_conn = |now: &Value, before: Option<u64>| -> Value {
         match (now.get("rss_kib").and_then(Value::as_u64), before) {
             (Some(a), Some(b)) if n > 0 => json!(((a.saturating_sub(b)) * 1024) / n as u64),
@@ -292,10 +320,12 @@ pub async fn concurrency(
     };
     Ok(json!({
         "connections": n,
-        "all_open": waited,
-        "success_rate": ok as f64 / n as f64,
-        "aggregate_mb_s": (n * 2048) as f64 / MB / phase,
-        "open_phase_s": phase,
+        "all_open": opened,
+        "success_rate": ok.min(moved) as f64 / n as f64,
+        "open_phase_s": open_phase,
+        "opens_per_s": n as f64 / open_phase,
+        "data_phase_complete": burst_done,
+        "aggregate_mb_s": (moved * 2 * BURST) as f64 / MB / data_phase,
         "server": server,
         "agent": agent,
         "server_bytes_per_conn": per_conn(&server, before_server),
