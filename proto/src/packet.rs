@@ -296,6 +296,16 @@ pub fn window(connect_id: i64, bytes: i64) -> Packet {
     Message::Window { connect_id, bytes }.into()
 }
 
+/// Checks a `DIAL_REQ` protocol: only "tcp" is carried. The error is the
+/// `DIAL_RSP` text for anything else.
+pub fn check_protocol(protocol: &str) -> Result<(), String> {
+    if protocol == "tcp" {
+        Ok(())
+    } else {
+        Err(format!("protocol {protocol:?} not supported, only tcp"))
+    }
+}
+
 /// Error text the reference answers for an unknown connection id.
 pub const UNKNOWN_CONNECT_ID: &str = "Unknown connectID";
 /// Error text of a dial the server could not place on any agent.
@@ -362,6 +372,15 @@ mod tests {
         // DIAL_RSP: connectID is field 2, random field 3.
         let bytes = dial_ok(9, 3).encode_to_vec();
         assert_eq!(bytes, vec![0x08, 0x01, 0x1a, 0x04, 0x10, 0x03, 0x18, 0x09]);
+    }
+
+    #[test]
+    fn only_tcp_is_dialled() {
+        assert_eq!(check_protocol("tcp"), Ok(()));
+        assert_eq!(
+            check_protocol("udp"),
+            Err("protocol \"udp\" not supported, only tcp".to_string())
+        );
     }
 
     #[test]

@@ -409,12 +409,8 @@ impl ServerLink {
                 address,
                 random,
             } => {
-                if protocol != "tcp" {
-                    self.send(packet::dial_failed(
-                        random,
-                        format!("protocol {protocol:?} not supported, only tcp"),
-                    ))
-                    .await;
+                if let Err(e) = packet::check_protocol(&protocol) {
+                    self.send(packet::dial_failed(random, e)).await;
                     return;
                 }
                 let cancel = self.closed.child_token();

@@ -190,3 +190,17 @@ fn rand_suffix() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
+
+/// A server with a Unix-socket frontend and one agent named "agent",
+/// connected. `server_extra` and `agent_extra` are appended flags.
+pub async fn pair(
+    pki: &Pki,
+    mode: &str,
+    server_extra: &[&str],
+    agent_extra: &[&str],
+) -> (Server, Agent) {
+    let server = Server::start(pki, mode, Listen::Uds, server_extra).await;
+    let agent = Agent::start(pki, server.agent_addr, "agent", agent_extra).await;
+    server.wait_agents(1).await;
+    (server, agent)
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use konnectivity_proto::{packet, Message, Packet, PacketType};
 use tests::client::{self, FakeAgent, GrpcConn};
-use tests::inproc::{Agent, Listen, Server};
+use tests::inproc::{Listen, Server};
 use tests::pki::Pki;
 use tests::{dest, init_logs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,9 +36,7 @@ async fn drain<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
 async fn garbage_on_the_agent_port_and_frontend_socket_is_dropped() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "agent", &[]).await;
-    server.wait_agents(1).await;
+    let (server, _agent) = tests::inproc::pair(&pki, "grpc", &[], &[]).await;
 
     let mut t = TcpStream::connect(server.agent_addr).await.unwrap();
     t.write_all(GARBAGE).await.unwrap();
@@ -56,9 +54,7 @@ async fn garbage_on_the_agent_port_and_frontend_socket_is_dropped() {
 async fn http_connect_refuses_other_methods_and_garbage_with_a_status() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "agent", &[]).await;
-    server.wait_agents(1).await;
+    let (server, _agent) = tests::inproc::pair(&pki, "http-connect", &[], &[]).await;
 
     let mut u = UnixStream::connect(server.uds()).await.unwrap();
     u.write_all(b"GET http://10.0.0.5:10250/ HTTP/1.1\r\nHost: 10.0.0.5\r\n\r\n")
@@ -93,9 +89,7 @@ async fn http_connect_refuses_other_methods_and_garbage_with_a_status() {
 async fn frontend_packets_for_unknown_connections_are_answered_and_harmless() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "agent", &[]).await;
-    server.wait_agents(1).await;
+    let (server, _agent) = tests::inproc::pair(&pki, "grpc", &[], &[]).await;
     let echo = dest::echo().await;
     let ch = client::grpc_uds(&server.uds()).await;
     let mut c = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
@@ -146,9 +140,7 @@ async fn frontend_packets_for_unknown_connections_are_answered_and_harmless() {
 async fn unknown_close_request_gets_the_reference_error() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "agent", &[]).await;
-    server.wait_agents(1).await;
+    let (server, _agent) = tests::inproc::pair(&pki, "grpc", &[], &[]).await;
     let echo = dest::echo().await;
     let ch = client::grpc_uds(&server.uds()).await;
     let c = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");

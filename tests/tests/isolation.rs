@@ -9,10 +9,22 @@ use tests::inproc::{Agent, Listen, Server};
 use tests::pki::Pki;
 use tests::{dest, init_logs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
 
 const MIB: usize = 1 << 20;
 /// Generous bound for a 20 MiB loopback transfer; only a stall reaches it.
 const LIMIT: Duration = Duration::from_secs(60);
+
+/// Starts a 512 MiB download on its own gRPC connection (as kube-apiserver's
+/// client does), reads its first bytes, and never reads again. The channel is
+/// returned too: dropping it would close the stalled connection.
+async fn start_stalled_download(server: &Server, dst: &str) -> (Channel, GrpcConn) {
+    let ch = client::grpc_uds(&server.uds()).await;
+    let mut stalled = GrpcConn::dial(&ch, dst).await.expect("dial");
+    stalled.send(format!("GET {} 1\n", 512 * MIB)).await;
+    stalled.recv().await.expect("first bytes");
+    (ch, stalled)
+}
 
 async fn download(ch: &tonic::transport::Channel, dst: &str, n: usize, seed: u64) {
     let mut c = GrpcConn::dial(ch, dst).await.expect("dial");
@@ -32,17 +44,16 @@ async fn download(ch: &tonic::transport::Channel, dst: &str, n: usize, seed: u64
 async fn stalled_frontend_reader_does_not_stop_another_download() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "grpc", Listen::Uds, &["--stall-timeout=1h"]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "agent", &["--stall-timeout=1h"]).await;
-    server.wait_agents(1).await;
+    let (server, _agent) = tests::inproc::pair(
+        &pki,
+        "grpc",
+        &["--stall-timeout=1h"],
+        &["--stall-timeout=1h"],
+    )
+    .await;
     let dst = dest::bulk("bulk").await.to_string();
 
-    // Each tunnel has its own gRPC connection, as kube-apiserver's client does.
-    let stalled_ch = client::grpc_uds(&server.uds()).await;
-    let mut stalled = GrpcConn::dial(&stalled_ch, &dst).await.expect("dial");
-    stalled.send(format!("GET {} 1\n", 512 * MIB)).await;
-    // Read a little, then stop reading for good.
-    stalled.recv().await.expect("first bytes");
+    let (_stalled_ch, stalled) = start_stalled_download(&server, &dst).await;
 
     let ch = client::grpc_uds(&server.uds()).await;
     tokio::time::timeout(LIMIT, download(&ch, &dst, 20 * MIB, 2))
@@ -67,9 +78,13 @@ async fn stalled_frontend_reader_does_not_stop_another_download() {
 async fn stalled_destination_does_not_stop_another_upload() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "http-connect", Listen::Uds, &["--stall-timeout=1h"]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "agent", &["--stall-timeout=1h"]).await;
-    server.wait_agents(1).await;
+    let (server, _agent) = tests::inproc::pair(
+        &pki,
+        "http-connect",
+        &["--stall-timeout=1h"],
+        &["--stall-timeout=1h"],
+    )
+    .await;
     let hole = dest::blackhole().await;
     let bulk = dest::bulk("bulk").await;
 
@@ -119,10 +134,7 @@ async fn without_flow_control_only_the_stalled_connection_is_closed() {
     server.wait_agents(1).await;
     let dst = dest::bulk("bulk").await.to_string();
 
-    let stalled_ch = client::grpc_uds(&server.uds()).await;
-    let mut stalled = GrpcConn::dial(&stalled_ch, &dst).await.expect("dial");
-    stalled.send(format!("GET {} 1\n", 512 * MIB)).await;
-    stalled.recv().await.expect("first bytes");
+    let (_stalled_ch, stalled) = start_stalled_download(&server, &dst).await;
 
     let ch = client::grpc_uds(&server.uds()).await;
     tokio::time::timeout(LIMIT, download(&ch, &dst, 20 * MIB, 2))

@@ -130,9 +130,8 @@ async fn agent_notices_a_frozen_server_within_seconds() {
 async fn dial_timeout_on_the_agent_is_504_over_http_connect() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "agent", &["--dial-timeout=1s"]).await;
-    server.wait_agents(1).await;
+    let (server, _agent) =
+        tests::inproc::pair(&pki, "http-connect", &[], &["--dial-timeout=1s"]).await;
     let (hang, _fill, _listener) = dest::hanging();
     let (status, body) = client::connect_uds(&server.uds(), &hang.to_string())
         .await
@@ -145,9 +144,7 @@ async fn dial_timeout_on_the_agent_is_504_over_http_connect() {
 async fn frontend_hang_up_closes_the_connection_on_the_agent() {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
-    let agent = Agent::start(&pki, server.agent_addr, "agent", &[]).await;
-    server.wait_agents(1).await;
+    let (server, agent) = tests::inproc::pair(&pki, "grpc", &[], &[]).await;
     let echo = dest::echo().await;
     let ch = client::grpc_uds(&server.uds()).await;
     let c = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");

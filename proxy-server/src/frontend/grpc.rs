@@ -167,12 +167,8 @@ impl FrontendStream {
                 address,
                 random,
             } => {
-                if protocol != "tcp" {
-                    self.reply(packet::dial_failed(
-                        random,
-                        format!("protocol {protocol:?} not supported, only tcp"),
-                    ))
-                    .await;
+                if let Err(e) = packet::check_protocol(&protocol) {
+                    self.reply(packet::dial_failed(random, e)).await;
                     return;
                 }
                 if self.pending.len() + self.conns.len() >= MAX_PER_STREAM
