@@ -1,5 +1,7 @@
 //! `proxy-agent`: parse flags, validate, run. Everything else is in the library.
 
+use std::io::Write;
+
 use clap::Parser;
 
 #[tokio::main]
@@ -9,7 +11,8 @@ async fn main() -> std::process::ExitCode {
     let config = match proxy_agent::Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("proxy-agent: {e:#}");
+            // Not eprintln!: it panics when stderr is a broken pipe.
+            let _ = writeln!(std::io::stderr(), "proxy-agent: {e:#}");
             return std::process::ExitCode::from(2);
         }
     };
@@ -17,7 +20,8 @@ async fn main() -> std::process::ExitCode {
     match proxy_agent::run(config, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("proxy-agent: {e:#}");
+            // Not eprintln!: it panics when stderr is a broken pipe.
+            let _ = writeln!(std::io::stderr(), "proxy-agent: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -20,6 +20,7 @@ use konnectivity_proto::table::{Pending, Table, TableError};
 use konnectivity_proto::wire::agent_service_client::AgentServiceClient;
 use konnectivity_proto::{packet, Message, Packet};
 use konnectivity_runtime::flow::{self, Credit, Grants, Inbound};
+use konnectivity_runtime::queue;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -261,7 +262,7 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
 }
 
 struct Conn {
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender<Bytes>,
     credit: Arc<Credit>,
     kill: CancellationToken,
 }
@@ -419,7 +420,8 @@ impl ServerLink {
                     return;
                 }
                 let span = tracing::info_span!("conn", dst.addr = %address, random, connect_id = tracing::field::Empty);
-                tokio::spawn(self.clone().dial(address, random, cancel).instrument(span));
+                let fut = self.clone().dial(address, random, cancel).instrument(span);
+                tokio::spawn(fut);
             }
             Message::Data { connect_id, data } => self.on_data(connect_id, data).await,
             Message::CloseRequest { connect_id } => {
@@ -491,7 +493,9 @@ impl ServerLink {
         let m = self.metrics().clone();
         let started = Instant::now();
         let result = tokio::select! {
-            r = tokio::time::timeout(cfg.dial_timeout, TcpStream::connect(address.as_str())) => r,
+            // Boxed: the connect state (resolver included) is freed once the
+            // dial is done instead of sizing the long-lived relay task.
+            r = Box::pin(tokio::time::timeout(cfg.dial_timeout, TcpStream::connect(address.as_str()))) => r,
             _ = cancel.cancelled() => {
                 self.take_pending(random);
                 debug!("dial aborted");
@@ -523,7 +527,7 @@ impl ServerLink {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (tx, rx) = mpsc::channel(flow::QUEUE_PACKETS);
+        let (tx, rx) = queue::queue(flow::QUEUE_PACKETS);
         let credit = Arc::new(if self.flow {
             Credit::new(flow::WINDOW)
         } else {
@@ -562,7 +566,7 @@ impl ServerLink {
         self: Arc<Self>,
         tcp: TcpStream,
         connect_id: i64,
-        rx: mpsc::Receiver<Bytes>,
+        rx: queue::Receiver<Bytes>,
         credit: Arc<Credit>,
         kill: CancellationToken,
     ) {
@@ -604,7 +608,7 @@ impl ServerLink {
 struct ConnInbound {
     link: Arc<ServerLink>,
     connect_id: i64,
-    rx: mpsc::Receiver<Bytes>,
+    rx: queue::Receiver<Bytes>,
     kill: CancellationToken,
     grants: Grants,
 }

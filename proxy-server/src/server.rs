@@ -265,12 +265,13 @@ impl BoundServer {
                                 Err(e) => { listen::accept_backoff("frontend", &e).await; continue; }
                             },
                         };
-                        tokio::spawn(http_connect::serve_conn(
+                        let fut = http_connect::serve_conn(
                             sock,
                             "unix".into(),
                             registry.clone(),
                             metrics.clone(),
-                        ));
+                        );
+                        tokio::spawn(fut);
                     }
                 })
             }

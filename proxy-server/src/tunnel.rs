@@ -13,7 +13,7 @@ use bytes::Bytes;
 use konnectivity_proto::packet;
 use konnectivity_proto::table::TableError;
 use konnectivity_runtime::flow::{Credit, Grants, Inbound};
-use tokio::sync::mpsc;
+use konnectivity_runtime::queue;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::agent::AgentLink;
@@ -99,7 +99,7 @@ impl Tunnel {
     pub(crate) fn new(
         link: Arc<AgentLink>,
         connect_id: i64,
-        rx: mpsc::Receiver<Bytes>,
+        rx: queue::Receiver<Bytes>,
         credit: Arc<Credit>,
         kill: CancellationToken,
     ) -> Self {
@@ -195,7 +195,7 @@ impl TunnelSender {
 pub struct TunnelReceiver {
     link: Arc<AgentLink>,
     connect_id: i64,
-    rx: mpsc::Receiver<Bytes>,
+    rx: queue::Receiver<Bytes>,
     kill: CancellationToken,
     grants: Grants,
     _guard: Arc<CloseGuard>,

@@ -13,12 +13,15 @@
 //! timeout decide (see the server and agent docs).
 
 use std::future::Future;
+use std::io;
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::queue;
 
 /// Initial credit per connection and direction, in bytes.
 pub const WINDOW: i64 = 1 << 20;
@@ -117,38 +120,82 @@ impl Grants {
     }
 }
 
+/// The read side of a relayed socket. Sockets with readiness (TCP and Unix
+/// stream halves) wait for data *before* a buffer is allocated, so an idle
+/// connection holds no read buffer at all; other readers (TLS) hold one while
+/// they wait.
+pub trait ChunkReader: Send {
+    /// Reads at most `max` bytes into a new buffer; an empty result is EOF.
+    fn read_chunk(&mut self, max: usize) -> impl Future<Output = io::Result<Bytes>> + Send;
+}
+
+macro_rules! ready_then_read {
+    ($($t:ty),*) => {$(
+        impl ChunkReader for $t {
+            async fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
+                loop {
+                    self.readable().await?;
+                    let mut buf = BytesMut::with_capacity(max);
+                    match self.try_read_buf(&mut buf) {
+                        Ok(_) => return Ok(buf.freeze()),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    )*};
+}
+ready_then_read!(
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::unix::OwnedReadHalf
+);
+
+/// Any [`AsyncRead`] as a [`ChunkReader`] that waits with its buffer allocated.
+#[derive(Debug)]
+pub struct Buffered<R>(pub R);
+
+impl<R: AsyncRead + Unpin + Send> ChunkReader for Buffered<R> {
+    async fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
+        let mut buf = BytesMut::with_capacity(max);
+        self.0.read_buf(&mut buf).await?;
+        Ok(buf.freeze())
+    }
+}
+
 /// Reads `reader` until EOF, handing each chunk to `send` while respecting
 /// `credit`. Stops early, without error, when `send` returns false (the tunnel
 /// side is gone). Returns the bytes read.
+///
+/// Read sizes adapt: they double (up to [`READ_CHUNK`]) while reads come back
+/// full and halve (down to [`FIRST_READ`]) when they come back mostly empty.
 pub async fn socket_to_tunnel<R, F, Fut>(
     mut reader: R,
     credit: &Credit,
     mut send: F,
-) -> std::io::Result<u64>
+) -> io::Result<u64>
 where
-    R: AsyncRead + Unpin,
+    R: ChunkReader,
     F: FnMut(Bytes) -> Fut,
     Fut: Future<Output = bool>,
 {
     let mut total = 0u64;
-    let mut buf = BytesMut::new();
     let mut want = FIRST_READ;
     loop {
         let allowed = credit.wait(want).await;
-        buf.reserve(allowed);
-        let n = (&mut reader)
-            .take(allowed as u64)
-            .read_buf(&mut buf)
-            .await?;
+        let chunk = reader.read_chunk(allowed).await?;
+        let n = chunk.len();
         if n == 0 {
             return Ok(total);
         }
         if n == allowed && want < READ_CHUNK {
             want *= 2;
+        } else if n < want / 4 && want > FIRST_READ {
+            want /= 2;
         }
         total += n as u64;
         credit.consume(n);
-        if !send(buf.split().freeze()).await {
+        if !send(chunk).await {
             return Ok(total);
         }
     }
@@ -171,15 +218,15 @@ pub enum Delivery {
 /// stream for at most `stall` (this only happens with a peer that has no flow
 /// control), after which the connection is declared stalled.
 pub async fn deliver(
-    tx: &mpsc::Sender<Bytes>,
+    tx: &queue::Sender<Bytes>,
     data: Bytes,
     kill: &CancellationToken,
     stall: std::time::Duration,
 ) -> Delivery {
     let data = match tx.try_send(data) {
         Ok(()) => return Delivery::Queued,
-        Err(mpsc::error::TrySendError::Closed(_)) => return Delivery::Gone,
-        Err(mpsc::error::TrySendError::Full(d)) => d,
+        Err(queue::TrySendError::Closed(_)) => return Delivery::Gone,
+        Err(queue::TrySendError::Full(d)) => d,
     };
     tokio::select! {
         r = tokio::time::timeout(stall, tx.send(data)) => match r {
@@ -202,7 +249,7 @@ pub trait Inbound {
 /// Writes every chunk from `inbound` to `writer` until the connection closes,
 /// reporting each written chunk, then shuts the writer down. Returns the bytes
 /// written.
-pub async fn tunnel_to_socket<I, W>(inbound: &mut I, mut writer: W) -> std::io::Result<u64>
+pub async fn tunnel_to_socket<I, W>(inbound: &mut I, mut writer: W) -> io::Result<u64>
 where
     I: Inbound,
     W: AsyncWrite + Unpin,
@@ -267,7 +314,7 @@ mod tests {
         let mut chunks = 0;
         // Never grant: the reader must stop after 100_000 bytes.
         let res = tokio::time::timeout(std::time::Duration::from_millis(200), async {
-            socket_to_tunnel(a, &credit, |c| {
+            socket_to_tunnel(Buffered(a), &credit, |c| {
                 got.extend_from_slice(&c);
                 chunks += 1;
                 async { true }

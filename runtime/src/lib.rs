@@ -17,5 +17,6 @@ pub mod duration;
 pub mod flow;
 pub mod logging;
 pub mod pki;
+pub mod queue;
 pub mod shutdown;
 pub mod tls;

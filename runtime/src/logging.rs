@@ -60,8 +60,12 @@ pub fn init(format: Format, verbosity: u8) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!("{level},h2=info,hyper=info,tower=info,rustls=info"))
     });
+    // A log line that cannot be written (stderr is a pipe whose reader went
+    // away) is dropped. The default would report it with `eprintln!`, which
+    // panics on that same broken stderr and takes the task down with it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     let _ = match format {
         Format::Text => builder.try_init(),

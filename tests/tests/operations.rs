@@ -206,3 +206,53 @@ async fn agent_requires_server_id_and_server_count_headers() {
     )
     .await;
 }
+
+/// A log collector that went away (stderr is a pipe nobody reads any more)
+/// must not keep a component from shutting down: every log line then fails
+/// to write, including the one announcing the signal.
+#[tokio::test]
+async fn sigterm_still_stops_both_binaries_when_stderr_is_a_broken_pipe() {
+    let pki = Pki::new();
+    let uds = pki.path("broken-stderr.sock");
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let runs = [
+        Server::args(&pki, "grpc", Listen::Uds, &uds, &[]),
+        Agent::args(&pki, closed_port, "broken-stderr", &[]),
+    ];
+    for args in runs {
+        let mut child = tokio::process::Command::new(binary(&args[0]))
+            .args(&args[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        // Close the read end: from now on every write to stderr fails (EPIPE).
+        drop(child.stderr.take());
+        if args[0] == "proxy-server" {
+            let path = std::path::PathBuf::from(&uds);
+            tests::eventually(Duration::from_secs(20), "frontend socket", || {
+                let up = path.exists().then_some(());
+                async move { up }
+            })
+            .await;
+        } else {
+            // Let it fail (and fail to log) a few connection attempts.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let pid = child.id().expect("pid").to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        let exited = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} ignored SIGTERM with a broken stderr", args[0]))
+            .expect("wait");
+        assert!(exited.success(), "{}: {exited:?}", args[0]);
+    }
+}

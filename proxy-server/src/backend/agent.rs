@@ -21,6 +21,7 @@ use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_proto::table::{Pending, Table};
 use konnectivity_proto::{packet, Message, Packet};
 use konnectivity_runtime::flow::{self, Credit};
+use konnectivity_runtime::queue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -50,7 +51,7 @@ pub(crate) struct PendingDial {
 /// An established connection as the agent stream sees it.
 pub(crate) struct Slot {
     /// Bytes for the frontend.
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender<Bytes>,
     /// Credit for bytes towards the agent (granted by the agent).
     credit: Arc<Credit>,
     /// Cancelled when the server closes the connection on its own (stall).
@@ -376,7 +377,7 @@ impl AgentLink {
             }));
             return;
         }
-        let (tx, rx) = mpsc::channel(flow::QUEUE_PACKETS);
+        let (tx, rx) = queue::queue(flow::QUEUE_PACKETS);
         let credit = Arc::new(if self.flow {
             Credit::new(flow::WINDOW)
         } else {

@@ -13,8 +13,7 @@ use futures::{Stream, StreamExt};
 use konnectivity_proto::wire::proxy_service_server::ProxyService;
 use konnectivity_proto::{packet, Message, Packet};
 use konnectivity_runtime::flow::Inbound;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use konnectivity_runtime::queue;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
@@ -51,7 +50,7 @@ impl ProxyService for GrpcFrontend {
         &self,
         req: Request<Streaming<Packet>>,
     ) -> Result<Response<Self::ProxyStream>, Status> {
-        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        let (out_tx, out_rx) = queue::queue(OUT_QUEUE);
         let stream = FrontendStream {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
@@ -61,8 +60,12 @@ impl ProxyService for GrpcFrontend {
             conns: HashMap::new(),
         };
         let span = tracing::debug_span!("frontend", mode = "grpc");
-        tokio::spawn(stream.serve(req.into_inner()).instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx).map(Ok))))
+        let fut = stream.serve(req.into_inner()).instrument(span);
+        tokio::spawn(fut);
+        let replies = futures::stream::unfold(out_rx, |mut rx| async move {
+            rx.recv().await.map(|p| (Ok(p), rx))
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 }
 
@@ -86,7 +89,7 @@ enum Event {
 struct FrontendStream {
     registry: Arc<AgentRegistry>,
     metrics: Metrics,
-    out: mpsc::Sender<Packet>,
+    out: queue::Sender<Packet>,
     /// Cancelled when the frontend stream ends: every dial and connection of
     /// it is then abandoned or closed.
     gone: CancellationToken,
@@ -101,7 +104,7 @@ impl FrontendStream {
             .frontend_connections
             .with_label_values(&["grpc"]);
         gauge.inc();
-        let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(MAX_PER_STREAM);
+        let (ev_tx, mut ev_rx) = queue::queue::<Event>(MAX_PER_STREAM);
         loop {
             tokio::select! {
                 biased;
@@ -160,7 +163,7 @@ impl FrontendStream {
         let _ = self.out.send(p).await;
     }
 
-    async fn on_message(&mut self, m: Message, ev_tx: &mpsc::Sender<Event>) {
+    async fn on_message(&mut self, m: Message, ev_tx: &queue::Sender<Event>) {
         match m {
             Message::DialRequest {
                 protocol,
@@ -192,7 +195,8 @@ impl FrontendStream {
                     random,
                 };
                 let span = tracing::info_span!("conn", dst.addr = %dial.address, random, connect_id = tracing::field::Empty);
-                tokio::spawn(dial.run().instrument(span));
+                let fut = dial.run().instrument(span);
+                tokio::spawn(fut);
             }
             Message::Data { connect_id, data } => match self.conns.get(&connect_id) {
                 Some((tx, _)) => {
@@ -246,8 +250,8 @@ impl FrontendStream {
 /// One dial of a frontend stream, then its connection's agent-to-frontend pump.
 struct Dial {
     registry: Arc<AgentRegistry>,
-    out: mpsc::Sender<Packet>,
-    events: mpsc::Sender<Event>,
+    out: queue::Sender<Packet>,
+    events: queue::Sender<Event>,
     cancel: CancellationToken,
     address: String,
     random: i64,

@@ -9,24 +9,56 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use konnectivity_proto::connect::{self, Parsed};
 use konnectivity_proto::ids;
-use konnectivity_runtime::flow;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use konnectivity_runtime::flow::{self, Buffered, ChunkReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{unix, UnixStream};
 
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::registry::AgentRegistry;
 use crate::frontend::grpc::CLOSE_WAIT;
+use crate::listen::TlsConn;
 use crate::metrics::Metrics;
 use crate::tunnel::DialError;
 
 /// Longest wait for a complete request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A client connection that splits into a relay reader and a writer. Unix
+/// sockets wait for readiness without a read buffer; TLS connections keep one.
+pub trait ClientConn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Read side.
+    type Reader: ChunkReader;
+    /// Write side.
+    type Writer: AsyncWrite + Unpin + Send;
+    /// Splits the connection for the relay.
+    fn split_conn(self) -> (Self::Reader, Self::Writer);
+}
+
+impl ClientConn for UnixStream {
+    type Reader = unix::OwnedReadHalf;
+    type Writer = unix::OwnedWriteHalf;
+    fn split_conn(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+impl ClientConn for TlsConn {
+    type Reader = Buffered<ReadHalf<TlsConn>>;
+    type Writer = WriteHalf<TlsConn>;
+    fn split_conn(self) -> (Self::Reader, Self::Writer) {
+        let (r, w) = tokio::io::split(self);
+        (Buffered(r), w)
+    }
+}
+
 /// Serves one client connection.
-pub async fn serve_conn<S>(sock: S, peer: String, registry: Arc<AgentRegistry>, metrics: Metrics)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+pub async fn serve_conn<S: ClientConn>(
+    sock: S,
+    peer: String,
+    registry: Arc<AgentRegistry>,
+    metrics: Metrics,
+) {
     let gauge = metrics
         .frontend_connections
         .with_label_values(&["http-connect"]);
@@ -53,10 +85,7 @@ async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
-async fn serve_inner<S>(mut sock: S, registry: Arc<AgentRegistry>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+async fn serve_inner<S: ClientConn>(mut sock: S, registry: Arc<AgentRegistry>) {
     let mut buf = BytesMut::with_capacity(1024);
     let parsed = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut sock, &mut buf)).await {
         Ok(Ok(p)) => p,
@@ -108,11 +137,12 @@ where
         return;
     }
     let early = buf.split_off(head_len).freeze();
+    drop(buf);
     let (tx, mut rx) = (tunnel.tx, tunnel.rx);
     if !early.is_empty() && tx.send(early).await.is_err() {
         return;
     }
-    let (reader, mut writer) = tokio::io::split(sock);
+    let (reader, mut writer) = sock.split_conn();
     let up = {
         let tx = tx.clone();
         async move {
