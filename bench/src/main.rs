@@ -53,6 +53,11 @@ struct Args {
     /// Per-step timeout.
     #[arg(long, default_value = "120s", value_parser = konnectivity_runtime::duration::parse)]
     timeout: Duration,
+    /// Pause this long with every connection of the concurrency row open and
+    /// idle, before the burst: time to attach a profiler or read
+    /// /proc/<pid>/smaps. The step timeout must cover it.
+    #[arg(long, value_parser = konnectivity_runtime::duration::parse)]
+    hold_idle: Option<Duration>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results.json")]
     json: String,
@@ -182,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
                 let v = step(
                     &format!("concurrency {n}"),
                     t * 2,
-                    workloads::concurrency(&r, &dests, n, t),
+                    workloads::concurrency(&r, &dests, n, t, a.hold_idle),
                 )
                 .await;
                 row.insert(format!("concurrency_{n}"), v);

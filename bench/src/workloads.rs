@@ -231,6 +231,7 @@ pub async fn concurrency(
     d: &Dests,
     n: usize,
     timeout: Duration,
+    hold_idle: Option<Duration>,
 ) -> anyhow::Result<Value> {
     const BURST: usize = 16 * 1024;
     let before_server = rss_kib(r.server_pid).map(|x| x.0);
@@ -293,6 +294,13 @@ pub async fn concurrency(
     // Memory with every connection open and idle.
     let server = kib(r.server_pid);
     let agent = kib(r.agent_pid);
+    if let Some(h) = hold_idle {
+        eprintln!(
+            "  holding {n} idle connections for {h:?} (server pid {:?}, agent pid {:?})",
+            r.server_pid, r.agent_pid
+        );
+        tokio::time::sleep(h).await;
+    }
     let t0 = Instant::now();
     let _ = go.send(true);
     let burst_done = opened

@@ -20,6 +20,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixStream;
 
 /// The HTTP/2 client connection preface.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -193,7 +194,26 @@ impl<S> AuthorityFix<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+/// A socket that reports readability without a read buffer.
+pub trait ReadReady {
+    /// Ready when a read would not block.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for UnixStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        UnixStream::poll_read_ready(self, cx)
+    }
+}
+
+#[cfg(test)]
+impl ReadReady for tokio::io::DuplexStream {
+    fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for AuthorityFix<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -213,6 +233,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
+            if this.rw.input.is_empty() {
+                // Nothing half-read: wait for the socket before taking a
+                // buffer, so an idle connection holds none.
+                ready!(this.inner.poll_read_ready(cx))?;
+            }
             if this.rw.input.capacity() - this.rw.input.len() < this.want / 2 {
                 this.rw.input.reserve(this.want);
             }
@@ -230,6 +255,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 this.want *= 2;
             }
             this.rw.process()?;
+            if this.rw.input.is_empty() {
+                // What was read now lives in `output`; give back the rest.
+                this.rw.input = BytesMut::new();
+            }
         }
     }
 }

@@ -261,7 +261,8 @@ impl Dial {
     async fn run(self) {
         let random = self.random;
         let result = tokio::select! {
-            r = self.registry.dial(&self.address, random) => r,
+            // Boxed: freed once answered, so the pump task stays small.
+            r = Box::pin(self.registry.dial(&self.address, random)) => r,
             _ = self.cancel.cancelled() => Err(DialError::Cancelled),
         };
         let tunnel = match result {

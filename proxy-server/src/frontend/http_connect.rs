@@ -19,7 +19,7 @@ use crate::backend::registry::AgentRegistry;
 use crate::frontend::grpc::CLOSE_WAIT;
 use crate::listen::TlsConn;
 use crate::metrics::Metrics;
-use crate::tunnel::DialError;
+use crate::tunnel::{DialError, Tunnel};
 
 /// Longest wait for a complete request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -85,17 +85,31 @@ async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
-async fn serve_inner<S: ClientConn>(mut sock: S, registry: Arc<AgentRegistry>) {
+async fn serve_inner<S: ClientConn>(sock: S, registry: Arc<AgentRegistry>) {
+    // Boxed: the request and dial state is freed once the tunnel is open, so
+    // the long-lived task is only as large as the relay.
+    let Some((sock, tunnel, early)) = Box::pin(open(sock, registry)).await else {
+        return;
+    };
+    relay(sock, tunnel, early).await;
+}
+
+/// Reads the CONNECT request and dials; answers errors itself. Returns the
+/// socket, the tunnel, and any bytes the client sent after the request head.
+async fn open<S: ClientConn>(
+    mut sock: S,
+    registry: Arc<AgentRegistry>,
+) -> Option<(S, Tunnel, Bytes)> {
     let mut buf = BytesMut::with_capacity(1024);
     let parsed = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut sock, &mut buf)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             debug!(error = e, "no CONNECT request");
-            return;
+            return None;
         }
         Err(_) => {
             debug!("timed out waiting for the CONNECT request");
-            return;
+            return None;
         }
     };
     let (target, head_len) = match parsed {
@@ -106,9 +120,9 @@ async fn serve_inner<S: ClientConn>(mut sock: S, registry: Arc<AgentRegistry>) {
                 .write_all(&connect::error_response(status, &reason))
                 .await;
             let _ = sock.shutdown().await;
-            return;
+            return None;
         }
-        Parsed::Partial => return,
+        Parsed::Partial => return None,
     };
     tracing::Span::current().record("dst.addr", target.as_str());
     let random = ids::random_dial_id();
@@ -129,15 +143,20 @@ async fn serve_inner<S: ClientConn>(mut sock: S, registry: Arc<AgentRegistry>) {
                 .write_all(&connect::error_response(status, &body))
                 .await;
             let _ = sock.shutdown().await;
-            return;
+            return None;
         }
     };
     tracing::Span::current().record("connect_id", tunnel.connect_id());
     if sock.write_all(connect::ESTABLISHED).await.is_err() {
-        return;
+        return None;
     }
-    let early = buf.split_off(head_len).freeze();
-    drop(buf);
+    // A copy, so the head buffer is freed rather than kept alive by a slice.
+    let early = Bytes::copy_from_slice(&buf[head_len..]);
+    Some((sock, tunnel, early))
+}
+
+/// Moves bytes both ways until either side closes.
+async fn relay<S: ClientConn>(sock: S, tunnel: Tunnel, early: Bytes) {
     let (tx, mut rx) = (tunnel.tx, tunnel.rx);
     if !early.is_empty() && tx.send(early).await.is_err() {
         return;
