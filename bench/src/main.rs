@@ -19,7 +19,8 @@ use setup::{Binaries, Impl, SetupKind};
 #[derive(Parser, Debug)]
 #[command(about = "Tunnel benchmark: direct TCP vs ours vs upstream")]
 struct Args {
-    /// What to run: all, throughput, latency, concurrency, churn, isolation
+    /// What to run: all, or a comma-separated list of throughput, latency,
+    /// concurrency, churn, isolation
     /// (`dest` is internal: the destination servers' own process).
     #[arg(default_value = "all")]
     what: String,
@@ -95,7 +96,7 @@ fn sizes(a: &Args) -> anyhow::Result<Sizes> {
 }
 
 fn want(a: &Args, w: &str) -> bool {
-    a.what == "all" || a.what == w
+    a.what == "all" || a.what.split(',').any(|x| x == w)
 }
 
 async fn step<F: std::future::Future<Output = anyhow::Result<Value>>>(
