@@ -306,8 +306,9 @@ fn emit(
     p: PendingBlock,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
+    let raw = super::hpack_raw::dehuffman(&p.block)?;
     let mut headers = decoder
-        .decode(&p.block)
+        .decode(&raw)
         .map_err(|e| bad(format!("HPACK: {e:?}")))?;
     for (name, value) in headers.iter_mut() {
         if name.as_slice() == b":authority"
