@@ -119,6 +119,11 @@ impl BoundAgent {
         if let Some(a) = self.admin {
             tokio::spawn(admin::serve(a, state, stop_all.clone()));
         }
+        let open = s.metrics.open_endpoint_connections.clone();
+        tokio::spawn(konnectivity_runtime::memory::trim_after_bursts(
+            move || open.get(),
+            stop_all.clone(),
+        ));
 
         supervise(&s, &links, &shutdown).await;
 

@@ -176,6 +176,11 @@ impl BoundServer {
         if let Some(a) = self.admin {
             tokio::spawn(admin::serve(a, state, stop_all.clone()));
         }
+        let open = metrics.established_connections.clone();
+        tokio::spawn(konnectivity_runtime::memory::trim_after_bursts(
+            move || open.get(),
+            stop_all.clone(),
+        ));
 
         // Agent listener.
         let endpoint = AgentEndpoint {

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod duration;
 pub mod flow;
 pub mod logging;
+pub mod memory;
 pub mod pki;
 pub mod queue;
 pub mod shutdown;

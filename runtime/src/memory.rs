@@ -1,0 +1,104 @@
+//! Giving freed heap back to the kernel after a burst of connections.
+//!
+//! glibc keeps what a burst freed in its arenas: after 10,000 tunnels close,
+//! a process stays at its peak RSS (measured: 700 MiB server RSS stayed at
+//! 580 MiB after the connections were gone). A DaemonSet's memory limit then
+//! has to cover every past peak. `malloc_trim(0)` returns free pages inside
+//! the heap too (`madvise`). It walks and locks every arena, so it runs only
+//! after a burst has drained, on a blocking thread, at most once a tick.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// How often the connection count is looked at.
+pub const TRIM_TICK: Duration = Duration::from_secs(10);
+/// A drop of at least this many connections, to at most half of the high
+/// mark since the last trim, triggers a trim.
+pub const TRIM_MIN_DROP: i64 = 1000;
+
+/// Decides when a drop in open connections is worth a trim.
+#[derive(Debug, Default)]
+pub struct TrimPolicy {
+    high: i64,
+}
+
+impl TrimPolicy {
+    /// Records the current count; true when it is time to trim.
+    pub fn observe(&mut self, open: i64) -> bool {
+        self.high = self.high.max(open);
+        if self.high - open >= TRIM_MIN_DROP && open <= self.high / 2 {
+            self.high = open;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Watches `open` (the process's open connections) every [`TRIM_TICK`] and
+/// trims the allocator after a burst has drained, until `stop`.
+pub async fn trim_after_bursts<F>(open: F, stop: CancellationToken)
+where
+    F: Fn() -> i64 + Send + 'static,
+{
+    let mut policy = TrimPolicy::default();
+    let mut tick = tokio::time::interval(TRIM_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = open();
+        if policy.observe(now) {
+            let released = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
+            tracing::debug!(
+                open = now,
+                released,
+                "returned freed heap to the kernel after a burst"
+            );
+        }
+    }
+}
+
+/// `malloc_trim(0)`; true when glibc gave memory back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim() -> bool {
+    // SAFETY: malloc_trim takes a plain integer, touches only the allocator's
+    // own state under its own locks, and has no caller-side preconditions.
+    unsafe { libc::malloc_trim(0) != 0 }
+}
+
+/// Other allocators (musl) have no equivalent and do not hold pages the same way.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_once_after_a_large_drain_only() {
+        let mut p = TrimPolicy::default();
+        assert!(!p.observe(100));
+        assert!(!p.observe(900), "small populations never trigger");
+        assert!(!p.observe(10));
+        assert!(!p.observe(5_000));
+        assert!(!p.observe(3_000), "more than half still open");
+        assert!(p.observe(2_400), "dropped 2,600 to under half of 5,000");
+        assert!(!p.observe(2_000), "the high mark restarted at 2,400");
+        assert!(!p.observe(12_000));
+        assert!(p.observe(0));
+        assert!(!p.observe(0));
+    }
+
+    #[test]
+    fn trimming_is_callable() {
+        // Whatever glibc answers, the call must be sound on this platform.
+        let _ = trim();
+    }
+}
