@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// How often the connection count is looked at.
-pub const TRIM_TICK: Duration = Duration::from_secs(10);
+/// How often the connection count is looked at (an atomic read). At 10 s a
+/// burst shorter than the tick was never seen and nothing was trimmed.
+pub const TRIM_TICK: Duration = Duration::from_secs(1);
 /// A drop of at least this many connections, to at most half of the high
 /// mark since the last trim, triggers a trim.
 pub const TRIM_MIN_DROP: i64 = 1000;
