@@ -56,7 +56,7 @@ struct Args {
     timeout: Duration,
     /// Pause this long with every connection of the concurrency row open and
     /// idle, before the burst: time to attach a profiler or read
-    /// /proc/<pid>/smaps. The step timeout must cover it.
+    /// `/proc/<pid>/smaps`. The step timeout must cover it.
     #[arg(long, value_parser = konnectivity_runtime::duration::parse)]
     hold_idle: Option<Duration>,
     /// Where to write the JSON results.
