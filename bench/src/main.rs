@@ -185,13 +185,18 @@ async fn main() -> anyhow::Result<()> {
         }
         if want(&a, "concurrency") {
             for &n in &sz.conc {
+                // Fresh processes: bytes per connection must not depend on
+                // what earlier rows left in the heap.
+                let fresh = Arc::new(setup::start(*kind, &bins, &pki).await?);
                 let v = step(
                     &format!("concurrency {n}"),
                     t * 2,
-                    workloads::concurrency(&r, &dests, n, t, a.hold_idle),
+                    workloads::concurrency(&fresh, &dests, n, t, a.hold_idle),
                 )
                 .await;
                 row.insert(format!("concurrency_{n}"), v);
+                drop(fresh);
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
         }
         if want(&a, "churn") {
@@ -323,6 +328,16 @@ fn print_table(out: &Value, kinds: &[SetupKind], sz: &Sizes) {
             format!("{k} agent B/conn"),
             vec![k, "agent_bytes_per_conn"],
             1.0,
+        ));
+        rows.push((
+            format!("{k} server MiB 3 s after close"),
+            vec![k, "server_after_close", "rss_kib"],
+            1.0 / 1024.0,
+        ));
+        rows.push((
+            format!("{k} agent MiB 3 s after close"),
+            vec![k, "agent_after_close", "rss_kib"],
+            1.0 / 1024.0,
         ));
     }
     rows.extend([

@@ -320,6 +320,10 @@ pub async fn concurrency(
         }
     }
     let moved = moved.load(std::sync::atomic::Ordering::Relaxed);
+    // Does the memory come back once the connections are gone?
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let server_after = kib(r.server_pid);
+    let agent_after = kib(r.agent_pid);
     let per_conn = |now: &Value, before: Option<u64>| -> Value {
         match (now.get("rss_kib").and_then(Value::as_u64), before) {
             (Some(a), Some(b)) if n > 0 => json!(((a.saturating_sub(b)) * 1024) / n as u64),
@@ -338,6 +342,8 @@ pub async fn concurrency(
         "agent": agent,
         "server_bytes_per_conn": per_conn(&server, before_server),
         "agent_bytes_per_conn": per_conn(&agent, before_agent),
+        "server_after_close": server_after,
+        "agent_after_close": agent_after,
     }))
 }
 
