@@ -183,22 +183,6 @@ async fn main() -> anyhow::Result<()> {
                 .await,
             );
         }
-        if want(&a, "concurrency") {
-            for &n in &sz.conc {
-                // Fresh processes: bytes per connection must not depend on
-                // what earlier rows left in the heap.
-                let fresh = Arc::new(setup::start(*kind, &bins, &pki).await?);
-                let v = step(
-                    &format!("concurrency {n}"),
-                    t * 2,
-                    workloads::concurrency(&fresh, &dests, n, t, a.hold_idle),
-                )
-                .await;
-                row.insert(format!("concurrency_{n}"), v);
-                drop(fresh);
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        }
         if want(&a, "churn") {
             row.insert(
                 "churn".into(),
@@ -223,9 +207,26 @@ async fn main() -> anyhow::Result<()> {
             "final".into(),
             json!({"server": rss(r.server_pid), "agent": rss(r.agent_pid)}),
         );
-        results.insert(kind.name().into(), Value::Object(row));
         drop(r);
         tokio::time::sleep(Duration::from_millis(300)).await;
+        if want(&a, "concurrency") {
+            for &n in &sz.conc {
+                // Fresh processes (after the others are gone: they share the
+                // socket path): bytes per connection must not depend on what
+                // earlier rows left in the heap.
+                let fresh = Arc::new(setup::start(*kind, &bins, &pki).await?);
+                let v = step(
+                    &format!("concurrency {n}"),
+                    t * 2,
+                    workloads::concurrency(&fresh, &dests, n, t, a.hold_idle),
+                )
+                .await;
+                row.insert(format!("concurrency_{n}"), v);
+                drop(fresh);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        results.insert(kind.name().into(), Value::Object(row));
     }
     let out = json!({
         "machine": machine(),

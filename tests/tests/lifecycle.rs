@@ -211,3 +211,45 @@ async fn late_dial_response_after_cancel_is_closed_on_the_agent() {
     }
     assert_eq!(server.metrics.established_connections.get(), 0);
 }
+
+/// A frontend's `CLOSE_REQ` completes even when the agent never answers: the
+/// server gives up after its close wait, answers `CLOSE_RSP` itself and
+/// forgets the connection.
+#[tokio::test]
+async fn frontend_close_completes_when_the_agent_never_answers() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
+    let mut fake = FakeAgent::connect(server.agent_addr, &pki, "mute")
+        .await
+        .expect("fake agent");
+    server.wait_agents(1).await;
+    let agent = tokio::spawn(async move {
+        let Some(Message::DialRequest { random, .. }) = fake.recv_significant().await else {
+            panic!("expected DIAL_REQ")
+        };
+        fake.send(packet::dial_ok(random, 9)).await;
+        match fake.recv_significant().await {
+            Some(Message::CloseRequest { connect_id }) => assert_eq!(connect_id, 9),
+            other => panic!("expected CLOSE_REQ, got {other:?}"),
+        }
+        // Never answer; keep the stream open.
+        fake
+    });
+    let ch = client::grpc_uds(&server.uds()).await;
+    let mut conn = GrpcConn::dial(&ch, "10.0.0.9:443").await.expect("dial");
+    assert_eq!(server.metrics.established_connections.get(), 1);
+    conn.send_packet(packet::close_request(conn.connect_id))
+        .await;
+    let _fake = agent.await.expect("agent side");
+    let rest = tokio::time::timeout(Duration::from_secs(30), conn.read_to_end())
+        .await
+        .expect("the server must answer the close itself");
+    assert!(rest.is_empty());
+    assert!(conn.closed, "CLOSE_RSP from the server");
+    tests::eventually(Duration::from_secs(10), "connection forgotten", || {
+        let n = server.metrics.established_connections.get();
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+}

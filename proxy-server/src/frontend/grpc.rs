@@ -74,6 +74,7 @@ enum Event {
         random: i64,
         connect_id: i64,
         tx: TunnelSender,
+        /// Cancelled when the frontend sends `CLOSE_REQ`.
         close: CancellationToken,
         /// False when the id is already used on this frontend stream.
         accepted: tokio::sync::oneshot::Sender<bool>,
@@ -217,13 +218,12 @@ impl FrontendStream {
                 }
             },
             Message::CloseRequest { connect_id } => match self.conns.get(&connect_id) {
-                Some((tx, close)) => {
+                Some((tx, closing)) => {
                     tx.close().await;
-                    let close = close.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(CLOSE_WAIT).await;
-                        close.cancel();
-                    });
+                    // The connection's pump gives up after CLOSE_WAIT (no
+                    // timer task per close: at thousands of closes a second
+                    // those piled up for CLOSE_WAIT each).
+                    closing.cancel();
                 }
                 None => {
                     self.reply(packet::close_response(
@@ -288,7 +288,9 @@ impl Dial {
             agent.id = tunnel.agent_id(),
             "connection established"
         );
-        let close = self.cancel.child_token();
+        // Cancelled when the frontend asks to close (not a child token: the
+        // stream's own `cancel` is watched separately).
+        let closing = CancellationToken::new();
         // Register before answering so the frontend's first DATA finds it.
         let (accepted, answer) = tokio::sync::oneshot::channel();
         let registered = self
@@ -297,7 +299,7 @@ impl Dial {
                 random,
                 connect_id,
                 tx: tunnel.tx.clone(),
-                close: close.clone(),
+                close: closing.clone(),
                 accepted,
             })
             .await;
@@ -329,10 +331,18 @@ impl Dial {
         }
         let mut rx = tunnel.rx;
         drop(tunnel.tx);
+        // After the frontend's CLOSE_REQ, wait CLOSE_WAIT for the agent's
+        // CLOSE_RSP, then close anyway (one timer, not restarted per chunk).
+        let give_up = async {
+            closing.cancelled().await;
+            tokio::time::sleep(CLOSE_WAIT).await;
+        };
+        tokio::pin!(give_up);
         loop {
             let chunk = tokio::select! {
                 c = rx.recv() => c,
-                _ = close.cancelled() => None,
+                _ = self.cancel.cancelled() => None,
+                _ = &mut give_up => None,
             };
             let Some(chunk) = chunk else { break };
             let n = chunk.len();
