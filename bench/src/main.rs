@@ -54,6 +54,10 @@ struct Args {
     /// Per-step timeout.
     #[arg(long, default_value = "120s", value_parser = konnectivity_runtime::duration::parse)]
     timeout: Duration,
+    /// Transfers per direction in the throughput rows; the table shows the
+    /// median (single runs vary by up to 30% on a shared machine).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Pause this long with every connection of the concurrency row open and
     /// idle, before the burst: time to attach a profiler or read
     /// `/proc/<pid>/smaps`. The step timeout must cover it.
@@ -93,6 +97,16 @@ fn sizes(a: &Args) -> anyhow::Result<Sizes> {
         churn: a.churn_cycles.unwrap_or(churn),
         iso: iso << 20,
     })
+}
+
+/// Median of the numeric results; an error result if none succeeded.
+fn median(runs: &[Value]) -> Value {
+    let mut v: Vec<f64> = runs.iter().filter_map(Value::as_f64).collect();
+    if v.is_empty() {
+        return runs.first().cloned().unwrap_or(Value::Null);
+    }
+    v.sort_by(f64::total_cmp);
+    json!(v[v.len() / 2])
 }
 
 fn want(a: &Args, w: &str) -> bool {
@@ -146,22 +160,28 @@ async fn main() -> anyhow::Result<()> {
         );
         let t = a.timeout;
         if want(&a, "throughput") {
-            let down = step("download", t, async {
-                workloads::download(&r, &dests, sz.bulk)
-                    .await
-                    .map(|v| json!(v))
-            })
-            .await;
-            row.insert("download_mb_s".into(), down);
-        }
-        if want(&a, "throughput") {
-            let up = step("upload", t, async {
-                workloads::upload(&r, &dests, sz.bulk)
-                    .await
-                    .map(|v| json!(v))
-            })
-            .await;
-            row.insert("upload_mb_s".into(), up);
+            let mut downs = Vec::new();
+            let mut ups = Vec::new();
+            for _ in 0..a.repeat.max(1) {
+                let down = step("download", t, async {
+                    workloads::download(&r, &dests, sz.bulk)
+                        .await
+                        .map(|v| json!(v))
+                })
+                .await;
+                downs.push(down);
+                let up = step("upload", t, async {
+                    workloads::upload(&r, &dests, sz.bulk)
+                        .await
+                        .map(|v| json!(v))
+                })
+                .await;
+                ups.push(up);
+            }
+            row.insert("download_mb_s".into(), median(&downs));
+            row.insert("upload_mb_s".into(), median(&ups));
+            row.insert("download_runs".into(), Value::Array(downs));
+            row.insert("upload_runs".into(), Value::Array(ups));
         }
         if want(&a, "latency") {
             row.insert(
