@@ -183,10 +183,15 @@ where
     let mut want = FIRST_READ;
     loop {
         let allowed = credit.wait(want).await;
-        let chunk = reader.read_chunk(allowed).await?;
+        let mut chunk = reader.read_chunk(allowed).await?;
         let n = chunk.len();
         if n == 0 {
             return Ok(total);
+        }
+        if n < allowed / 4 {
+            // Do not pin a mostly empty read buffer while the chunk waits in
+            // queues: a small copy instead.
+            chunk = Bytes::copy_from_slice(&chunk);
         }
         if n == allowed && want < READ_CHUNK {
             want *= 2;

@@ -170,11 +170,13 @@ impl<T> Receiver<T> {
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        {
+        let left = {
             let mut st = self.shared.lock();
             st.rx_closed = true;
-            st.items = VecDeque::new();
-        }
+            std::mem::take(&mut st.items)
+        };
+        // Dropped outside the lock: an item's own `Drop` may use the queue.
+        drop(left);
         self.shared.writable.notify_waiters();
     }
 }

@@ -255,8 +255,9 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for AuthorityFix<S> {
                 this.want *= 2;
             }
             this.rw.process()?;
-            if this.rw.input.is_empty() {
-                // What was read now lives in `output`; give back the rest.
+            if this.rw.input.is_empty() && n < room {
+                // The socket is drained and what was read now lives in
+                // `output`: give the rest back rather than hold it while idle.
                 this.rw.input = BytesMut::new();
             }
         }

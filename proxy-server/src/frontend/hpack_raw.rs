@@ -79,6 +79,14 @@ fn copy_string(
         scratch.clear();
         httlib_huffman::decode(&block[start..end], scratch, DecoderSpeed::FiveBits)
             .map_err(|_| bad("invalid Huffman string"))?;
+        // The decoder accepts padding that is not the EOS prefix, which RFC
+        // 7541 section 5.2 requires to be an error. A valid encoding is
+        // unique, so re-encoding must give the same octets back.
+        let mut check = Vec::with_capacity(end - start);
+        httlib_huffman::encode(scratch, &mut check).map_err(|_| bad("invalid Huffman string"))?;
+        if check != block[start..end] {
+            return Err(bad("invalid Huffman padding"));
+        }
         write_raw(out, scratch);
     } else {
         out.extend_from_slice(&block[pos..end]);
@@ -181,11 +189,15 @@ mod tests {
 
     #[test]
     fn malformed_blocks_are_errors_never_panics() {
+        // "a" is 00011: padded with the EOS prefix (111) it is valid; padded
+        // with zeros it is not (RFC 7541 section 5.2).
+        assert_eq!(decode(&dehuffman(b"\x41\x81\x1f").unwrap())[0].1, b"a");
         for bad in [
             &b"\x41"[..],
             b"\x41\x85ab",
             b"\xff\xff\xff\xff\xff\xff",
             b"\x40\x81",
+            b"\x41\x81\x18",
         ] {
             assert!(dehuffman(bad).is_err(), "{bad:?}");
         }
