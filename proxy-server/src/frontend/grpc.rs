@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -56,8 +56,7 @@ impl ProxyService for GrpcFrontend {
             metrics: self.metrics.clone(),
             out: out_tx,
             gone: self.stop.child_token(),
-            pending: HashMap::new(),
-            conns: HashMap::new(),
+            book: Arc::default(),
         };
         let span = tracing::debug_span!("frontend", mode = "grpc");
         let fut = stream.serve(req.into_inner()).instrument(span);
@@ -69,22 +68,39 @@ impl ProxyService for GrpcFrontend {
     }
 }
 
-enum Event {
-    Established {
-        random: i64,
-        connect_id: i64,
-        tx: TunnelSender,
-        /// Cancelled when the frontend sends `CLOSE_REQ`.
-        close: CancellationToken,
-        /// False when the id is already used on this frontend stream.
-        accepted: tokio::sync::oneshot::Sender<bool>,
-    },
-    DialDone {
-        random: i64,
-    },
-    Closed {
-        connect_id: i64,
-    },
+/// An established connection of a frontend stream.
+struct Conn {
+    tx: TunnelSender,
+    /// Cancelled when the frontend sends `CLOSE_REQ`.
+    closing: CancellationToken,
+}
+
+/// The dials and connections of one frontend stream, shared by the task that
+/// reads the stream and the connections' own tasks. The lock is short and
+/// never held across an await, so a dial registers its connection directly
+/// instead of a round trip through the reading task.
+#[derive(Default)]
+struct Book {
+    pending: HashMap<i64, CancellationToken>,
+    conns: HashMap<i64, Arc<Conn>>,
+}
+
+type SharedBook = Arc<Mutex<Book>>;
+
+fn lock(book: &SharedBook) -> std::sync::MutexGuard<'_, Book> {
+    book.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes a registered connection from its stream's book when its task ends.
+struct Registered {
+    book: SharedBook,
+    connect_id: i64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.book).conns.remove(&self.connect_id);
+    }
 }
 
 struct FrontendStream {
@@ -94,8 +110,7 @@ struct FrontendStream {
     /// Cancelled when the frontend stream ends: every dial and connection of
     /// it is then abandoned or closed.
     gone: CancellationToken,
-    pending: HashMap<i64, CancellationToken>,
-    conns: HashMap<i64, (TunnelSender, CancellationToken)>,
+    book: SharedBook,
 }
 
 impl FrontendStream {
@@ -105,14 +120,11 @@ impl FrontendStream {
             .frontend_connections
             .with_label_values(&["grpc"]);
         gauge.inc();
-        let (ev_tx, mut ev_rx) = queue::queue::<Event>(MAX_PER_STREAM);
         loop {
             tokio::select! {
-                biased;
-                Some(ev) = ev_rx.recv() => self.on_event(ev),
                 next = inbound.next() => match next {
                     Some(Ok(p)) => match Message::from_packet(p) {
-                        Ok(m) => self.on_message(m, &ev_tx).await,
+                        Ok(m) => self.on_message(m).await,
                         Err(e) => {
                             self.metrics.bad_packets.with_label_values(&["frontend"]).inc();
                             warn!(error = %e, "malformed packet from frontend ignored");
@@ -133,38 +145,15 @@ impl FrontendStream {
         gauge.dec();
     }
 
-    fn on_event(&mut self, ev: Event) {
-        match ev {
-            Event::Established {
-                random,
-                connect_id,
-                tx,
-                close,
-                accepted,
-            } => {
-                self.pending.remove(&random);
-                // connectIDs are unique per agent stream only: two dials of
-                // one frontend stream through two agents may get the same id.
-                let free = !self.conns.contains_key(&connect_id);
-                if free {
-                    self.conns.insert(connect_id, (tx, close));
-                }
-                let _ = accepted.send(free);
-            }
-            Event::DialDone { random } => {
-                self.pending.remove(&random);
-            }
-            Event::Closed { connect_id } => {
-                self.conns.remove(&connect_id);
-            }
-        }
+    fn conn(&self, connect_id: i64) -> Option<Arc<Conn>> {
+        lock(&self.book).conns.get(&connect_id).cloned()
     }
 
     async fn reply(&self, p: Packet) {
         let _ = self.out.send(p).await;
     }
 
-    async fn on_message(&mut self, m: Message, ev_tx: &queue::Sender<Event>) {
+    async fn on_message(&mut self, m: Message) {
         match m {
             Message::DialRequest {
                 protocol,
@@ -175,22 +164,30 @@ impl FrontendStream {
                     self.reply(packet::dial_failed(random, e)).await;
                     return;
                 }
-                if self.pending.len() + self.conns.len() >= MAX_PER_STREAM
-                    || self.pending.contains_key(&random)
-                {
+                let cancel = {
+                    let mut book = lock(&self.book);
+                    if book.pending.len() + book.conns.len() >= MAX_PER_STREAM
+                        || book.pending.contains_key(&random)
+                    {
+                        None
+                    } else {
+                        let cancel = self.gone.child_token();
+                        book.pending.insert(random, cancel.clone());
+                        Some(cancel)
+                    }
+                };
+                let Some(cancel) = cancel else {
                     self.reply(packet::dial_failed(
                         random,
                         "too many dials on this frontend stream, or a duplicate dial id",
                     ))
                     .await;
                     return;
-                }
-                let cancel = self.gone.child_token();
-                self.pending.insert(random, cancel.clone());
+                };
                 let dial = Dial {
                     registry: self.registry.clone(),
                     out: self.out.clone(),
-                    events: ev_tx.clone(),
+                    book: self.book.clone(),
                     cancel,
                     address,
                     random,
@@ -199,12 +196,12 @@ impl FrontendStream {
                 let fut = dial.run().instrument(span);
                 tokio::spawn(fut);
             }
-            Message::Data { connect_id, data } => match self.conns.get(&connect_id) {
-                Some((tx, _)) => {
+            Message::Data { connect_id, data } => match self.conn(connect_id) {
+                Some(conn) => {
                     // Waiting here is per frontend stream: the single-use
                     // client has one connection per stream, so this is that
                     // connection's own backpressure.
-                    let _ = tx.send(data).await;
+                    let _ = conn.tx.send(data).await;
                 }
                 None => {
                     self.metrics
@@ -217,13 +214,13 @@ impl FrontendStream {
                     );
                 }
             },
-            Message::CloseRequest { connect_id } => match self.conns.get(&connect_id) {
-                Some((tx, closing)) => {
-                    tx.close().await;
+            Message::CloseRequest { connect_id } => match self.conn(connect_id) {
+                Some(conn) => {
+                    conn.tx.close().await;
                     // The connection's pump gives up after CLOSE_WAIT (no
                     // timer task per close: at thousands of closes a second
                     // those piled up for CLOSE_WAIT each).
-                    closing.cancel();
+                    conn.closing.cancel();
                 }
                 None => {
                     self.reply(packet::close_response(
@@ -234,7 +231,8 @@ impl FrontendStream {
                 }
             },
             Message::CloseDial { random } => {
-                if let Some(c) = self.pending.remove(&random) {
+                let pending = lock(&self.book).pending.remove(&random);
+                if let Some(c) = pending {
                     c.cancel();
                 }
             }
@@ -251,7 +249,7 @@ impl FrontendStream {
 struct Dial {
     registry: Arc<AgentRegistry>,
     out: queue::Sender<Packet>,
-    events: queue::Sender<Event>,
+    book: SharedBook,
     cancel: CancellationToken,
     address: String,
     random: i64,
@@ -277,7 +275,7 @@ impl Dial {
                 } else {
                     debug!("dial cancelled by frontend");
                 }
-                let _ = self.events.send(Event::DialDone { random }).await;
+                lock(&self.book).pending.remove(&random);
                 return;
             }
         };
@@ -292,21 +290,23 @@ impl Dial {
         // stream's own `cancel` is watched separately).
         let closing = CancellationToken::new();
         // Register before answering so the frontend's first DATA finds it.
-        let (accepted, answer) = tokio::sync::oneshot::channel();
-        let registered = self
-            .events
-            .send(Event::Established {
-                random,
-                connect_id,
-                tx: tunnel.tx.clone(),
-                close: closing.clone(),
-                accepted,
-            })
-            .await;
-        if registered.is_err() {
-            return;
-        }
-        if answer.await != Ok(true) {
+        // connectIDs are unique per agent stream only: two dials of one
+        // frontend stream through two agents may get the same id.
+        let accepted = {
+            let mut book = lock(&self.book);
+            book.pending.remove(&random);
+            match book.conns.entry(connect_id) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Arc::new(Conn {
+                        tx: tunnel.tx.clone(),
+                        closing: closing.clone(),
+                    }));
+                    true
+                }
+            }
+        };
+        if !accepted {
             warn!(
                 connect_id,
                 "connectID already in use on this frontend stream; dial refused"
@@ -319,6 +319,14 @@ impl Dial {
                 ))
                 .await;
             // Dropping the tunnel closes it on the agent.
+            return;
+        }
+        let _registered = Registered {
+            book: self.book.clone(),
+            connect_id,
+        };
+        if self.cancel.is_cancelled() {
+            // The frontend stream ended meanwhile.
             return;
         }
         if self
@@ -360,6 +368,5 @@ impl Dial {
         if !self.cancel.is_cancelled() {
             let _ = self.out.send(packet::close_response(connect_id, "")).await;
         }
-        let _ = self.events.send(Event::Closed { connect_id }).await;
     }
 }
