@@ -226,6 +226,45 @@ mod tests {
         ));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_senders_on_two_threads_lose_nothing_and_keep_order() {
+        const SENDERS: u8 = 8;
+        const EACH: u32 = 5_000;
+        let (tx, mut rx) = queue(4);
+        let mut tasks = Vec::new();
+        for s in 0..SENDERS {
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..EACH {
+                    let mut b = vec![s];
+                    b.extend_from_slice(&i.to_be_bytes());
+                    if i % 2 == 0 {
+                        tx.send(Bytes::from(b)).await.unwrap();
+                    } else {
+                        // The other path: try first, wait only when full.
+                        match tx.try_send(Bytes::from(b)) {
+                            Ok(()) => {}
+                            Err(TrySendError::Full(b)) => tx.send(b).await.unwrap(),
+                            Err(TrySendError::Closed(_)) => panic!("receiver alive"),
+                        }
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        let mut next = [0u32; SENDERS as usize];
+        while let Some(b) = rx.recv().await {
+            let s = b[0] as usize;
+            let i = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+            assert_eq!(i, next[s], "sender {s} out of order");
+            next[s] += 1;
+        }
+        assert!(next.iter().all(|&n| n == EACH), "all delivered: {next:?}");
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn storage_is_given_back_when_drained() {
         let (tx, mut rx) = queue(64);
