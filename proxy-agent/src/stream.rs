@@ -19,8 +19,7 @@ use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
 use konnectivity_proto::table::{Pending, Table, TableError};
 use konnectivity_proto::wire::agent_service_client::AgentServiceClient;
 use konnectivity_proto::{packet, Message, Packet};
-use konnectivity_runtime::flow::{self, Credit, Grants, Inbound};
-use konnectivity_runtime::queue;
+use konnectivity_runtime::flow::{self, ConnEntry, ConnInbox, Credit, Inbound};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -261,14 +260,8 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
     })
 }
 
-struct Conn {
-    tx: queue::Sender<Bytes>,
-    credit: Arc<Credit>,
-    kill: CancellationToken,
-}
-
 struct State {
-    table: Table<CancellationToken, Conn>,
+    table: Table<CancellationToken, ConnEntry>,
     ids: ConnectIds,
     recent: VecDeque<i64>,
 }
@@ -463,12 +456,12 @@ impl ServerLink {
         let target = {
             let st = self.state();
             match st.table.conn(connect_id) {
-                Some(c) => Some((c.tx.clone(), c.kill.clone())),
+                Some(c) => Some(c.clone()),
                 None if st.recent.contains(&connect_id) => return,
                 None => None,
             }
         };
-        let Some((tx, kill)) = target else {
+        let Some(conn) = target else {
             self.metrics()
                 .unknown_packets
                 .with_label_values(&["DATA"])
@@ -479,7 +472,7 @@ impl ServerLink {
             return;
         };
         let stall = self.settings.config.stall_timeout;
-        if flow::deliver(&tx, data, &kill, stall).await == flow::Delivery::Stalled {
+        if conn.deliver(data, stall).await == flow::Delivery::Stalled {
             warn!(connect_id, stall_timeout = ?stall, "destination stopped reading; closing only this connection");
             self.metrics().stalled_closed.inc();
             if self.remove_conn(connect_id) {
@@ -527,22 +520,12 @@ impl ServerLink {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (tx, rx) = queue::queue(flow::QUEUE_PACKETS);
-        let credit = Arc::new(if self.flow {
-            Credit::new(flow::WINDOW)
-        } else {
-            Credit::unlimited()
-        });
-        let kill = self.closed.child_token();
+        let (conn, inbox) = flow::connection(self.flow, self.closed.child_token());
+        let (credit, kill) = (conn.credit.clone(), conn.kill.clone());
         let connect_id = {
             let mut st = self.state();
             let State { table, ids, .. } = &mut *st;
             let id = ids.next_free(|id| table.has_conn(id));
-            let conn = Conn {
-                tx,
-                credit: credit.clone(),
-                kill: kill.clone(),
-            };
             table.establish(pending, id, conn).ok().map(|_| id)
         };
         let Some(connect_id) = connect_id else {
@@ -559,14 +542,14 @@ impl ServerLink {
             return;
         }
         debug!("connected");
-        self.relay(tcp, connect_id, rx, credit, kill).await;
+        self.relay(tcp, connect_id, inbox, credit, kill).await;
     }
 
     async fn relay(
         self: Arc<Self>,
         tcp: TcpStream,
         connect_id: i64,
-        rx: queue::Receiver<Bytes>,
+        inbox: ConnInbox,
         credit: Arc<Credit>,
         kill: CancellationToken,
     ) {
@@ -586,9 +569,7 @@ impl ServerLink {
         let mut inbound = ConnInbound {
             link: self.clone(),
             connect_id,
-            rx,
-            kill: kill.clone(),
-            grants: Grants::default(),
+            inbox,
         };
         let down = flow::tunnel_to_socket(&mut inbound, writer);
         tokio::select! {
@@ -608,18 +589,12 @@ impl ServerLink {
 struct ConnInbound {
     link: Arc<ServerLink>,
     connect_id: i64,
-    rx: queue::Receiver<Bytes>,
-    kill: CancellationToken,
-    grants: Grants,
+    inbox: ConnInbox,
 }
 
 impl Inbound for ConnInbound {
     async fn recv(&mut self) -> Option<Bytes> {
-        tokio::select! {
-            biased;
-            d = self.rx.recv() => d,
-            _ = self.kill.cancelled() => None,
-        }
+        self.inbox.recv().await
     }
 
     async fn delivered(&mut self, n: usize) {
@@ -628,10 +603,8 @@ impl Inbound for ConnInbound {
             .bytes
             .with_label_values(&["to_endpoint"])
             .inc_by(n as u64);
-        if self.link.flow {
-            if let Some(g) = self.grants.written(n) {
-                self.link.send(packet::window(self.connect_id, g)).await;
-            }
+        if let Some(g) = self.inbox.written(n) {
+            self.link.send(packet::window(self.connect_id, g)).await;
         }
     }
 }

@@ -12,8 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use konnectivity_proto::packet;
 use konnectivity_proto::table::TableError;
-use konnectivity_runtime::flow::{Credit, Grants, Inbound};
-use konnectivity_runtime::queue;
+use konnectivity_runtime::flow::{ConnInbox, Credit, Inbound};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::agent::AgentLink;
@@ -99,7 +98,7 @@ impl Tunnel {
     pub(crate) fn new(
         link: Arc<AgentLink>,
         connect_id: i64,
-        rx: queue::Receiver<Bytes>,
+        inbox: ConnInbox,
         credit: Arc<Credit>,
         kill: CancellationToken,
     ) -> Self {
@@ -112,15 +111,13 @@ impl Tunnel {
                 link: link.clone(),
                 connect_id,
                 credit,
-                kill: kill.clone(),
+                kill,
                 _guard: guard.clone(),
             },
             rx: TunnelReceiver {
                 link,
                 connect_id,
-                rx,
-                kill,
-                grants: Grants::default(),
+                inbox,
                 _guard: guard,
             },
         }
@@ -195,20 +192,14 @@ impl TunnelSender {
 pub struct TunnelReceiver {
     link: Arc<AgentLink>,
     connect_id: i64,
-    rx: queue::Receiver<Bytes>,
-    kill: CancellationToken,
-    grants: Grants,
+    inbox: ConnInbox,
     _guard: Arc<CloseGuard>,
 }
 
 impl Inbound for TunnelReceiver {
     /// The next chunk, or `None` once the connection is closed.
     async fn recv(&mut self) -> Option<Bytes> {
-        tokio::select! {
-            biased;
-            d = self.rx.recv() => d,
-            _ = self.kill.cancelled() => None,
-        }
+        self.inbox.recv().await
     }
 
     /// Reports `n` bytes delivered to the frontend: counts them and grants
@@ -219,10 +210,8 @@ impl Inbound for TunnelReceiver {
             .bytes
             .with_label_values(&["to_frontend"])
             .inc_by(n as u64);
-        if self.link.flow {
-            if let Some(g) = self.grants.written(n) {
-                self.link.send(packet::window(self.connect_id, g)).await;
-            }
+        if let Some(g) = self.inbox.written(n) {
+            self.link.send(packet::window(self.connect_id, g)).await;
         }
     }
 }

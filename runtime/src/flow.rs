@@ -14,7 +14,7 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -218,29 +218,88 @@ pub enum Delivery {
     Stalled,
 }
 
-/// Hands `data` to one connection's bounded queue from the task that reads a
-/// shared stream. A free slot is taken at once; a full queue holds the shared
-/// stream for at most `stall` (this only happens with a peer that has no flow
-/// control), after which the connection is declared stalled.
-pub async fn deliver(
-    tx: &queue::Sender<Bytes>,
-    data: Bytes,
-    kill: &CancellationToken,
-    stall: std::time::Duration,
-) -> Delivery {
-    let data = match tx.try_send(data) {
-        Ok(()) => return Delivery::Queued,
-        Err(queue::TrySendError::Closed(_)) => return Delivery::Gone,
-        Err(queue::TrySendError::Full(d)) => d,
-    };
-    tokio::select! {
-        r = tokio::time::timeout(stall, tx.send(data)) => match r {
-            Ok(Ok(())) => Delivery::Queued,
-            Ok(Err(_)) => Delivery::Gone,
-            Err(_) => Delivery::Stalled,
-        },
-        _ = kill.cancelled() => Delivery::Gone,
+/// The shared-stream side of one tunnelled connection, kept in the stream's
+/// connection table: where its inbound chunks go, its send credit (topped up
+/// by the peer's `WINDOW` grants) and its kill switch.
+#[derive(Debug, Clone)]
+pub struct ConnEntry {
+    /// The connection's inbound queue.
+    pub tx: queue::Sender<Bytes>,
+    /// Credit for bytes this side sends on the connection.
+    pub credit: Arc<Credit>,
+    /// Cancelled to end the connection from the shared stream's side.
+    pub kill: CancellationToken,
+}
+
+impl ConnEntry {
+    /// Hands `data` to the connection's bounded queue from the task that reads
+    /// the shared stream. A free slot is taken at once; a full queue holds the
+    /// shared stream for at most `stall` (this only happens with a peer that
+    /// has no flow control), after which the connection is declared stalled.
+    pub async fn deliver(&self, data: Bytes, stall: std::time::Duration) -> Delivery {
+        let data = match self.tx.try_send(data) {
+            Ok(()) => return Delivery::Queued,
+            Err(queue::TrySendError::Closed(_)) => return Delivery::Gone,
+            Err(queue::TrySendError::Full(d)) => d,
+        };
+        tokio::select! {
+            r = tokio::time::timeout(stall, self.tx.send(data)) => match r {
+                Ok(Ok(())) => Delivery::Queued,
+                Ok(Err(_)) => Delivery::Gone,
+                Err(_) => Delivery::Stalled,
+            },
+            _ = self.kill.cancelled() => Delivery::Gone,
+        }
     }
+}
+
+/// The connection's own side of its inbound queue: chunks until the queue ends
+/// or the connection is killed, and the `WINDOW` grants owed as bytes go out.
+#[derive(Debug)]
+pub struct ConnInbox {
+    rx: queue::Receiver<Bytes>,
+    kill: CancellationToken,
+    /// `None` without flow control: nothing is ever granted.
+    grants: Option<Grants>,
+}
+
+impl ConnInbox {
+    /// The next chunk, or `None` once the connection is closed or killed.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        tokio::select! {
+            biased;
+            d = self.rx.recv() => d,
+            _ = self.kill.cancelled() => None,
+        }
+    }
+
+    /// Records `n` bytes written out; returns a grant to send when one is due.
+    pub fn written(&mut self, n: usize) -> Option<i64> {
+        self.grants.as_mut()?.written(n)
+    }
+}
+
+/// A new connection's two sides: a bounded queue of [`QUEUE_PACKETS`], one
+/// window of credit when `flow_control` is negotiated (unlimited otherwise),
+/// and `kill` to end it.
+pub fn connection(flow_control: bool, kill: CancellationToken) -> (ConnEntry, ConnInbox) {
+    let (tx, rx) = queue::queue(QUEUE_PACKETS);
+    let credit = Arc::new(if flow_control {
+        Credit::new(WINDOW)
+    } else {
+        Credit::unlimited()
+    });
+    let entry = ConnEntry {
+        tx,
+        credit,
+        kill: kill.clone(),
+    };
+    let inbox = ConnInbox {
+        rx,
+        kill,
+        grants: flow_control.then(Grants::default),
+    };
+    (entry, inbox)
 }
 
 /// The receiving side of one tunnelled connection, as a relay sees it.
@@ -272,7 +331,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[tokio::test]
     async fn sender_stops_at_the_window_and_resumes_on_grant() {

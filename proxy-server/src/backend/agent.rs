@@ -20,8 +20,7 @@ use bytes::Bytes;
 use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_proto::table::{Pending, Table};
 use konnectivity_proto::{packet, Message, Packet};
-use konnectivity_runtime::flow::{self, Credit};
-use konnectivity_runtime::queue;
+use konnectivity_runtime::flow::{self, ConnEntry};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -48,18 +47,10 @@ pub(crate) struct PendingDial {
     started: Instant,
 }
 
-/// An established connection as the agent stream sees it.
-pub(crate) struct Slot {
-    /// Bytes for the frontend.
-    tx: queue::Sender<Bytes>,
-    /// Credit for bytes towards the agent (granted by the agent).
-    credit: Arc<Credit>,
-    /// Cancelled when the server closes the connection on its own (stall).
-    kill: CancellationToken,
-}
-
 struct LinkState {
-    table: Table<PendingDial, Slot>,
+    /// Established connections: their queue towards the frontend, credit
+    /// towards the agent, and the kill switch for closing on our own (stall).
+    table: Table<PendingDial, ConnEntry>,
     /// Connections closed recently; late DATA for them is dropped quietly.
     recent: VecDeque<i64>,
 }
@@ -377,24 +368,14 @@ impl AgentLink {
             }));
             return;
         }
-        let (tx, rx) = queue::queue(flow::QUEUE_PACKETS);
-        let credit = Arc::new(if self.flow {
-            Credit::new(flow::WINDOW)
-        } else {
-            Credit::unlimited()
-        });
-        let kill = CancellationToken::new();
-        let slot = Slot {
-            tx,
-            credit: credit.clone(),
-            kill: kill.clone(),
-        };
+        let (slot, inbox) = flow::connection(self.flow, CancellationToken::new());
+        let (credit, kill) = (slot.credit.clone(), slot.kill.clone());
         let established = self.state().table.establish(pending, connect_id, slot);
         match established {
             Ok(dial) => {
                 self.load.fetch_add(1, Ordering::Relaxed);
                 m.established_connections.inc();
-                let tunnel = Tunnel::new(self.clone(), connect_id, rx, credit, kill);
+                let tunnel = Tunnel::new(self.clone(), connect_id, inbox, credit, kill);
                 // If the frontend left meanwhile the tunnel comes back and is
                 // dropped here, which closes it on the agent.
                 let _ = dial.reply.send(Ok(tunnel));
@@ -412,12 +393,12 @@ impl AgentLink {
         let target = {
             let st = self.state();
             match st.table.conn(connect_id) {
-                Some(s) => Some((s.tx.clone(), s.kill.clone())),
+                Some(s) => Some(s.clone()),
                 None if st.recent.contains(&connect_id) => return,
                 None => None,
             }
         };
-        let Some((tx, kill)) = target else {
+        let Some(slot) = target else {
             self.unknown("DATA", connect_id);
             // Tell the agent so it stops sending for a connection we do not have.
             self.send(packet::close_request(connect_id)).await;
@@ -425,7 +406,7 @@ impl AgentLink {
             return;
         };
         let stall = self.settings.stall_timeout;
-        if flow::deliver(&tx, data, &kill, stall).await == flow::Delivery::Stalled {
+        if slot.deliver(data, stall).await == flow::Delivery::Stalled {
             warn!(
                 connect_id,
                 stall_timeout = ?stall,
