@@ -101,12 +101,11 @@ fn sizes(a: &Args) -> anyhow::Result<Sizes> {
 
 /// Median of the numeric results; an error result if none succeeded.
 fn median(runs: &[Value]) -> Value {
-    let mut v: Vec<f64> = runs.iter().filter_map(Value::as_f64).collect();
+    let v: Vec<f64> = runs.iter().filter_map(Value::as_f64).collect();
     if v.is_empty() {
         return runs.first().cloned().unwrap_or(Value::Null);
     }
-    v.sort_by(f64::total_cmp);
-    json!(v[v.len() / 2])
+    json!(workloads::median(v))
 }
 
 fn want(a: &Args, w: &str) -> bool {

@@ -174,6 +174,12 @@ pub async fn upload(r: &Running, d: &Dests, n: usize) -> anyhow::Result<f64> {
     Ok(n as f64 / MB / secs)
 }
 
+/// The median (the upper one for an even count); `v` must not be empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn percentiles(mut v: Vec<Duration>) -> Value {
     v.sort();
     let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e6;
@@ -404,10 +410,6 @@ pub async fn isolation(
     runs: usize,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     let mut alone_runs = Vec::new();
     for _ in 0..runs {
         alone_runs.push(download(r, d, n).await?);

@@ -127,11 +127,6 @@ impl<T> Sender<T> {
             notified.await;
         }
     }
-
-    /// Has the receiver gone away?
-    pub fn is_closed(&self) -> bool {
-        self.shared.lock().rx_closed
-    }
 }
 
 /// Popping side.
@@ -219,7 +214,6 @@ mod tests {
         tokio::task::yield_now().await;
         drop(rx);
         assert_eq!(waiter.await.unwrap(), Err(Bytes::from_static(b"b")));
-        assert!(tx.is_closed());
         assert!(matches!(
             tx.try_send(Bytes::new()),
             Err(TrySendError::Closed(_))
