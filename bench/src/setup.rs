@@ -233,21 +233,15 @@ pub async fn start(kind: SetupKind, bins: &Binaries, pki: &Pki) -> anyhow::Resul
     match kind.imp {
         Impl::Direct => {}
         Impl::Ours => {
-            let args = vec![
-                format!("--mode={mode}"),
-                format!("--uds-name={}", uds.display()),
-                "--delete-existing-uds-file=true".into(),
-                "--agent-port=0".into(),
-                "--agent-bind-address=127.0.0.1".into(),
-                "--health-port=0".into(),
-                "--health-bind-address=127.0.0.1".into(),
-                "--admin-port=0".into(),
-                "--admin-bind-address=127.0.0.1".into(),
-                format!("--cluster-cert={}", cert(&pki.server.cert)),
-                format!("--cluster-key={}", cert(&pki.server.key)),
-                "--log-format=json".into(),
-            ];
-            let mut server = spawn(&bins.ours.join("proxy-server"), &args, true)?;
+            // The test harness's flags (port 0 everywhere), minus the binary name.
+            let args = tests::inproc::Server::args(
+                pki,
+                mode,
+                tests::inproc::Listen::Uds,
+                &uds.display().to_string(),
+                &["--log-format=json".into()],
+            );
+            let mut server = spawn(&bins.ours.join("proxy-server"), &args[1..], true)?;
             r.server_pid = server.id();
             let stderr = server.stderr.take().context("stderr")?;
             r.children.push(server);
