@@ -8,7 +8,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".Data.data")
         // `AgentService.Connect` would clash with the generated `connect()` constructor.
         .build_transport(false)
-        .codec_path("crate::codec::PacketCodec")
         .compile_fds(fds)?;
     Ok(())
 }

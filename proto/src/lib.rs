@@ -7,11 +7,12 @@
 //! - [`metadata`]: stream metadata names and the `agentIdentifiers` encoding.
 //! - [`table`]: the per-stream dial/connection state machine (pending dial ->
 //!   established connection -> closed) both binaries key their state with.
-//! - [`codec`]: the gRPC codec (prost, small starting buffers).
+//! - [`grpc`]: `Packet` streams straight on HTTP/2 bodies (no codec copies),
+//!   served through tonic's router and opened on tonic's `Channel`.
 //! - [`connect`]: the HTTP CONNECT request parser and the dial-error -> status map.
 
-pub mod codec;
 pub mod connect;
+pub mod grpc;
 pub mod ids;
 pub mod metadata;
 pub mod packet;

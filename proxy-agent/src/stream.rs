@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use konnectivity_proto::grpc::{self, Incoming};
 use konnectivity_proto::ids::ConnectIds;
 use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
 use konnectivity_proto::table::{Pending, Table, TableError};
-use konnectivity_proto::wire::agent_service_client::AgentServiceClient;
 use konnectivity_proto::{packet, Message, Packet};
 use konnectivity_runtime::flow::{self, ConnEntry, ConnInbox, Credit, Inbound};
 use tokio::net::TcpStream;
@@ -25,7 +25,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
-use tonic::Streaming;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::Config;
@@ -110,7 +109,7 @@ pub struct Opened {
     pub server_count: u32,
     /// The stream's state.
     pub link: Arc<ServerLink>,
-    inbound: Streaming<Packet>,
+    inbound: Incoming<tonic::body::Body>,
 }
 
 impl Opened {
@@ -142,6 +141,7 @@ async fn channel(s: &Settings) -> Result<Channel, OpenError> {
         .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(grpc::MAX_FRAME)
         .tcp_nodelay(true);
     let tls = tokio_rustls::TlsConnector::from(s.tls.clone());
     let user_timeout = cfg.keepalive_time.min(cfg.keepalive_timeout * 2);
@@ -183,13 +183,9 @@ fn header(md: &tonic::metadata::MetadataMap, key: &str, addr: &str) -> Result<St
 pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
     let cfg = &s.config;
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
-    let ch = channel(s).await?;
-    let mut client = AgentServiceClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let mut ch = channel(s).await?;
     let (out_tx, out_rx) = mpsc::channel::<Packet>(OUT_QUEUE);
-    let mut req = tonic::Request::new(ReceiverStream::new(out_rx));
-    let md = req.metadata_mut();
+    let mut md = tonic::metadata::MetadataMap::new();
     let ascii = |v: &str, what: &str| {
         v.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
             .map_err(|_| OpenError::Header {
@@ -221,7 +217,16 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
             ascii(metadata::FEATURE_FLOW_CONTROL, "features")?,
         );
     }
-    let resp = client.connect(req).await.map_err(|st| OpenError::Refused {
+    let outgoing = ReceiverStream::new(out_rx).map(Ok);
+    let resp = grpc::call(
+        &mut ch,
+        konnectivity_proto::CONNECT_METHOD,
+        md,
+        outgoing,
+        MAX_MESSAGE,
+    )
+    .await
+    .map_err(|st| OpenError::Refused {
         addr: addr.clone(),
         code: st.code(),
         message: st.message().to_string(),
@@ -345,7 +350,11 @@ impl ServerLink {
         }
     }
 
-    async fn serve(self: Arc<Self>, mut inbound: Streaming<Packet>, stop: CancellationToken) {
+    async fn serve(
+        self: Arc<Self>,
+        mut inbound: Incoming<tonic::body::Body>,
+        stop: CancellationToken,
+    ) {
         let watchdog = HEARTBEAT_INTERVAL * HEARTBEAT_MISSES;
         let mut last_rx = Instant::now();
         loop {

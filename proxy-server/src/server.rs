@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use konnectivity_proto::wire::agent_service_server::AgentServiceServer;
-use konnectivity_proto::wire::proxy_service_server::ProxyServiceServer;
+use konnectivity_proto::grpc::{GrpcService, MAX_FRAME};
 use konnectivity_runtime::admin::{self, AdminState};
 use konnectivity_runtime::shutdown::Shutdown;
 use konnectivity_runtime::tls;
@@ -202,13 +201,10 @@ impl BoundServer {
         let agent_server = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONN_WINDOW))
+            .max_frame_size(Some(MAX_FRAME))
             .http2_keepalive_interval(Some(cfg.keepalive_time))
             .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
-            .add_service(
-                AgentServiceServer::new(endpoint)
-                    .max_decoding_message_size(MAX_MESSAGE)
-                    .max_encoding_message_size(MAX_MESSAGE),
-            )
+            .add_service(GrpcService::new(endpoint, MAX_MESSAGE))
             .serve_with_incoming_shutdown(
                 ReceiverStream::new(agent_incoming),
                 stop_all.clone().cancelled_owned(),
@@ -219,16 +215,16 @@ impl BoundServer {
         let frontend_stop = shutdown.graceful.clone();
         let frontend_task = match (cfg.mode, self.frontend) {
             (Mode::Grpc, listener) => {
-                let svc = ProxyServiceServer::new(GrpcFrontend {
+                let frontend = GrpcFrontend {
                     registry: registry.clone(),
                     metrics: metrics.clone(),
                     stop: stop_all.clone(),
-                })
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE);
+                };
+                let svc = GrpcService::new(frontend, MAX_MESSAGE);
                 let builder = tonic::transport::Server::builder()
                     .initial_stream_window_size(Some(STREAM_WINDOW))
                     .initial_connection_window_size(Some(CONN_WINDOW))
+                    .max_frame_size(Some(MAX_FRAME))
                     .http2_keepalive_interval(Some(cfg.frontend_keepalive_time));
                 match listener {
                     FrontendListener::Unix(l, _) => {

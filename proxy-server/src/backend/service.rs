@@ -1,19 +1,17 @@
 //! `AgentService.Connect`: authenticates an agent stream, answers with
 //! `serverID`/`serverCount`, registers it, and serves it until it ends.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::Stream;
+use konnectivity_proto::grpc::{self, Incoming, Replies};
 use konnectivity_proto::metadata::{self, AgentIdentifiers};
-use konnectivity_proto::wire::agent_service_server::AgentService;
-use konnectivity_proto::{packet, Packet};
+use konnectivity_proto::packet;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use super::agent::{AgentLink, LinkSettings, OUT_QUEUE};
@@ -41,10 +39,7 @@ pub struct AgentEndpoint {
     pub stop: CancellationToken,
 }
 
-fn one_value<'a>(
-    req: &'a Request<Streaming<Packet>>,
-    key: &str,
-) -> Result<Option<&'a str>, String> {
+fn one_value<'a, T>(req: &'a Request<T>, key: &str) -> Result<Option<&'a str>, String> {
     let mut values = req.metadata().get_all(key).iter();
     let first = values.next();
     if values.next().is_some() {
@@ -73,16 +68,14 @@ impl AgentEndpoint {
     }
 }
 
-type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
+impl grpc::Handler for AgentEndpoint {
+    const SERVICE: &'static str = "AgentService";
+    const METHOD: &'static str = konnectivity_proto::CONNECT_METHOD;
 
-#[tonic::async_trait]
-impl AgentService for AgentEndpoint {
-    type ConnectStream = PacketStream;
-
-    async fn connect(
-        &self,
-        req: Request<Streaming<Packet>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
+    async fn call(
+        self: Arc<Self>,
+        req: Request<Incoming<tonic::body::Body>>,
+    ) -> Result<Response<Replies>, Status> {
         let peer = req
             .extensions()
             .get::<PeerInfo>()
@@ -172,7 +165,7 @@ impl AgentService for AgentEndpoint {
         // End the response when the stream's state ends, even while tunnels
         // still hold the sending side.
         let ended = link.closed.clone().cancelled_owned();
-        let stream: PacketStream =
+        let stream: Replies =
             Box::pin(futures::StreamExt::take_until(ReceiverStream::new(out_rx), ended).map(Ok));
         let mut resp = Response::new(stream);
         let md = resp.metadata_mut();

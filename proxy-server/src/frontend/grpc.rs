@@ -5,17 +5,16 @@
 //! each other's agents.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
-use konnectivity_proto::wire::proxy_service_server::ProxyService;
+use futures::StreamExt;
+use konnectivity_proto::grpc::{self, Incoming, Replies};
 use konnectivity_proto::{packet, Message, Packet};
 use konnectivity_runtime::flow::Inbound;
 use konnectivity_runtime::queue;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::registry::AgentRegistry;
@@ -40,16 +39,14 @@ pub struct GrpcFrontend {
     pub stop: CancellationToken,
 }
 
-type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
+impl grpc::Handler for GrpcFrontend {
+    const SERVICE: &'static str = "ProxyService";
+    const METHOD: &'static str = konnectivity_proto::PROXY_METHOD;
 
-#[tonic::async_trait]
-impl ProxyService for GrpcFrontend {
-    type ProxyStream = PacketStream;
-
-    async fn proxy(
-        &self,
-        req: Request<Streaming<Packet>>,
-    ) -> Result<Response<Self::ProxyStream>, Status> {
+    async fn call(
+        self: Arc<Self>,
+        req: Request<Incoming<tonic::body::Body>>,
+    ) -> Result<Response<Replies>, Status> {
         let (out_tx, out_rx) = queue::queue(OUT_QUEUE);
         let stream = FrontendStream {
             registry: self.registry.clone(),
@@ -64,7 +61,8 @@ impl ProxyService for GrpcFrontend {
         let replies = futures::stream::unfold(out_rx, |mut rx| async move {
             rx.recv().await.map(|p| (Ok(p), rx))
         });
-        Ok(Response::new(Box::pin(replies)))
+        let replies: Replies = Box::pin(replies);
+        Ok(Response::new(replies))
     }
 }
 
@@ -114,7 +112,7 @@ struct FrontendStream {
 }
 
 impl FrontendStream {
-    async fn serve(mut self, mut inbound: Streaming<Packet>) {
+    async fn serve(mut self, mut inbound: Incoming<tonic::body::Body>) {
         let gauge = self
             .metrics
             .frontend_connections
