@@ -51,7 +51,7 @@ const PREFIX: usize = 5;
 pub const ZERO_COPY_MIN: usize = 4 * 1024;
 /// A decoded payload shorter than this is copied out of the frame it came in,
 /// so a small packet waiting in a queue does not keep a large frame alive.
-pub const COPY_OUT_BELOW: usize = 4 * 1024;
+pub const COPY_OUT_BELOW: usize = 16 * 1024;
 /// Largest HTTP/2 frame our receivers accept (`SETTINGS_MAX_FRAME_SIZE`).
 /// Above the 16 KiB default so that a whole `Data` packet of a full socket
 /// read fits one frame and is decoded in place; peers that keep sending 16 KiB
