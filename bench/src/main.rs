@@ -161,26 +161,34 @@ async fn main() -> anyhow::Result<()> {
         if want(&a, "throughput") {
             let mut downs = Vec::new();
             let mut ups = Vec::new();
+            let mut down_cpu = CpuPerGib::default();
+            let mut up_cpu = CpuPerGib::default();
             for _ in 0..a.repeat.max(1) {
+                let before = down_cpu.start(&r);
                 let down = step("download", t, async {
                     workloads::download(&r, &dests, sz.bulk)
                         .await
                         .map(|v| json!(v))
                 })
                 .await;
+                down_cpu.finish(&r, before, sz.bulk);
                 downs.push(down);
+                let before = up_cpu.start(&r);
                 let up = step("upload", t, async {
                     workloads::upload(&r, &dests, sz.bulk)
                         .await
                         .map(|v| json!(v))
                 })
                 .await;
+                up_cpu.finish(&r, before, sz.bulk);
                 ups.push(up);
             }
             row.insert("download_mb_s".into(), median(&downs));
             row.insert("upload_mb_s".into(), median(&ups));
             row.insert("download_runs".into(), Value::Array(downs));
             row.insert("upload_runs".into(), Value::Array(ups));
+            row.insert("download_cpu_ms_per_gib".into(), down_cpu.median());
+            row.insert("upload_cpu_ms_per_gib".into(), up_cpu.median());
         }
         if want(&a, "latency") {
             row.insert(
@@ -268,6 +276,42 @@ fn raise_fd_limit() {
     }
 }
 
+/// CPU the server and the agent spend per GiB moved, over repeated
+/// transfers: steadier than throughput on a shared machine, since it does
+/// not count time spent waiting for the other processes.
+#[derive(Default)]
+struct CpuPerGib {
+    server: Vec<f64>,
+    agent: Vec<f64>,
+}
+
+impl CpuPerGib {
+    fn start(&self, r: &setup::Running) -> (Option<f64>, Option<f64>) {
+        (setup::cpu_secs(r.server_pid), setup::cpu_secs(r.agent_pid))
+    }
+
+    fn finish(&mut self, r: &setup::Running, before: (Option<f64>, Option<f64>), bytes: usize) {
+        let gib = bytes as f64 / f64::from(1u32 << 30);
+        let per_gib = |b: Option<f64>, pid| Some((setup::cpu_secs(pid)? - b?) * 1000.0 / gib);
+        if let Some(ms) = per_gib(before.0, r.server_pid) {
+            self.server.push(ms);
+        }
+        if let Some(ms) = per_gib(before.1, r.agent_pid) {
+            self.agent.push(ms);
+        }
+    }
+
+    fn median(self) -> Value {
+        if self.server.is_empty() || self.agent.is_empty() {
+            return Value::Null;
+        }
+        json!({
+            "server": workloads::median(self.server),
+            "agent": workloads::median(self.agent),
+        })
+    }
+}
+
 fn rss(pid: Option<u32>) -> Value {
     match setup::rss_kib(pid) {
         Some((r, p)) => json!({"rss_kib": r, "peak_kib": p}),
@@ -302,6 +346,26 @@ fn print_table(out: &Value, kinds: &[SetupKind], sz: &Sizes) {
     let mut rows: Vec<(String, Vec<&str>, f64)> = vec![
         ("download MB/s".into(), vec!["download_mb_s"], 1.0),
         ("upload MB/s".into(), vec!["upload_mb_s"], 1.0),
+        (
+            "download CPU ms/GiB server".into(),
+            vec!["download_cpu_ms_per_gib", "server"],
+            1.0,
+        ),
+        (
+            "download CPU ms/GiB agent".into(),
+            vec!["download_cpu_ms_per_gib", "agent"],
+            1.0,
+        ),
+        (
+            "upload CPU ms/GiB server".into(),
+            vec!["upload_cpu_ms_per_gib", "server"],
+            1.0,
+        ),
+        (
+            "upload CPU ms/GiB agent".into(),
+            vec!["upload_cpu_ms_per_gib", "agent"],
+            1.0,
+        ),
         (
             "established p50 us".into(),
             vec!["latency_established", "p50_us"],

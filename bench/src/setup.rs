@@ -93,6 +93,18 @@ impl Drop for Running {
     }
 }
 
+/// CPU time (user + system, all threads) a process has used so far, in
+/// seconds, from `/proc/<pid>/stat` (clock ticks of 1/100 s, the fixed
+/// `USER_HZ` of the proc interface).
+pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // The fields after the command name (which may contain spaces) start
+    // with field 3; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3)?.parse::<f64>().ok();
+    Some((ticks(14)? + ticks(15)?) / 100.0)
+}
+
 /// Resident and peak resident memory of a process, in KiB.
 pub fn rss_kib(pid: Option<u32>) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;

@@ -8,7 +8,10 @@
 //! [`AuthorityFix`], whose reads parse the client's HTTP/2 frames, re-encode
 //! each request header block with an `:authority` that is not a valid authority
 //! replaced by `localhost`, and hand every other frame over untouched. It sits
-//! inside the connection's own reads: no extra task, pipe or copy.
+//! inside the connection's own reads: no extra task or pipe. Reads go straight
+//! into the HTTP/2 server's buffer and are only scanned for frame boundaries;
+//! a header block (and whatever follows it in the same read) is taken back
+//! out to be rewritten, so the bytes of `DATA` frames are never copied here.
 //!
 //! The client's HPACK dynamic table is tracked by our decoder; the server sees
 //! only our encoder's blocks, so both tables stay consistent.
@@ -32,10 +35,8 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// Largest frame payload we emit (the HTTP/2 default, which h2 advertises).
 const MAX_FRAME: usize = 16_384;
-/// First read size; grows while reads come back full.
-const FIRST_READ: usize = 2 * 1024;
-/// Largest read a busy connection grows to.
-const MAX_READ: usize = 256 * 1024;
+/// Read size while a frame is being reassembled here.
+const BUFFERED_READ: usize = 2 * 1024;
 /// Largest header block we accept from a client.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
 /// Replacement authority.
@@ -70,6 +71,9 @@ struct Rewriter {
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
     pending: Option<PendingBlock>,
+    /// Bytes of a frame already passed on that are still to come; they pass
+    /// without being looked at.
+    skip: usize,
 }
 
 impl Rewriter {
@@ -81,7 +85,42 @@ impl Rewriter {
             decoder: loona_hpack::Decoder::new(),
             encoder: loona_hpack::Encoder::new(),
             pending: None,
+            skip: 0,
         }
+    }
+
+    /// True when nothing is buffered or half-parsed here: reads can go
+    /// straight into the caller's buffer.
+    fn direct(&self) -> bool {
+        self.phase != Phase::Preface
+            && self.input.is_empty()
+            && self.output.is_empty()
+            && self.pending.is_none()
+    }
+
+    /// Scans bytes just read into the caller's buffer (in [`Self::direct`]
+    /// state) and returns how many of them may stay there: everything up to
+    /// the first header-block frame, or a frame header cut short, which the
+    /// caller moves into `input` to be handled here.
+    fn scan(&mut self, new: &[u8]) -> usize {
+        if self.phase == Phase::Passthrough {
+            return new.len();
+        }
+        let mut pos = self.skip.min(new.len());
+        self.skip -= pos;
+        while pos < new.len() {
+            let rest = &new[pos..];
+            if rest.len() < 9 || matches!(rest[3], HEADERS | CONTINUATION) {
+                return pos;
+            }
+            let total = 9 + u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+            if total > rest.len() {
+                self.skip = total - rest.len();
+                return new.len();
+            }
+            pos += total;
+        }
+        pos
     }
 
     /// Moves whatever is complete in `input` to `output`.
@@ -106,10 +145,16 @@ impl Rewriter {
         while self.input.len() >= 9 {
             let b = &self.input;
             let len = u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize;
+            let (kind, flags) = (b[3], b[4]);
             if b.len() < 9 + len {
+                if self.pending.is_none() && kind != HEADERS && kind != CONTINUATION {
+                    // Pass on what there is; the rest of this frame can go
+                    // straight through.
+                    self.skip = 9 + len - b.len();
+                    self.output.push_back(self.input.split().freeze());
+                }
                 break;
             }
-            let (kind, flags) = (b[3], b[4]);
             let stream_id = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff;
             let frame = self.input.split_to(9 + len);
             match (kind, self.pending.as_mut()) {
@@ -174,11 +219,10 @@ impl Rewriter {
 }
 
 /// A client connection whose reads come out with `:authority` fixed; writes
-/// pass straight through. No extra task or copy on the way.
+/// pass straight through. No extra task, and no copy of `DATA` frames.
 pub struct AuthorityFix<S> {
     inner: S,
     rw: Rewriter,
-    want: usize,
     eof: bool,
 }
 
@@ -188,7 +232,6 @@ impl<S> AuthorityFix<S> {
         AuthorityFix {
             inner,
             rw: Rewriter::new(),
-            want: FIRST_READ,
             eof: false,
         }
     }
@@ -233,15 +276,35 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for AuthorityFix<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
+            if this.rw.direct() {
+                let start = buf.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                let read = buf.filled().len() - start;
+                if read == 0 {
+                    this.eof = buf.remaining() > 0;
+                    return Poll::Ready(Ok(()));
+                }
+                let keep = this.rw.scan(&buf.filled()[start..]);
+                if keep == read {
+                    return Poll::Ready(Ok(()));
+                }
+                // A header block: take it (and what follows) back.
+                this.rw
+                    .input
+                    .extend_from_slice(&buf.filled()[start + keep..]);
+                buf.set_filled(start + keep);
+                this.rw.process()?;
+                if keep > 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
             if this.rw.input.is_empty() {
                 // Nothing half-read: wait for the socket before taking a
                 // buffer, so an idle connection holds none.
                 ready!(this.inner.poll_read_ready(cx))?;
             }
-            if this.rw.input.capacity() - this.rw.input.len() < this.want / 2 {
-                this.rw.input.reserve(this.want);
-            }
-            let room = this.rw.input.capacity() - this.rw.input.len();
+            this.rw.input.reserve(BUFFERED_READ);
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut this.inner),
                 cx,
@@ -251,13 +314,9 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for AuthorityFix<S> {
                 this.eof = true;
                 continue;
             }
-            if n == room && this.want < MAX_READ {
-                this.want *= 2;
-            }
             this.rw.process()?;
-            if this.rw.input.is_empty() && n < room {
-                // The socket is drained and what was read now lives in
-                // `output`: give the rest back rather than hold it while idle.
+            if this.rw.input.is_empty() {
+                // What was read now lives in `output`: hold no spare room.
                 this.rw.input = BytesMut::new();
             }
         }
@@ -355,19 +414,20 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Writes `input` from a client in small pieces; returns what the server reads.
-    async fn through(input: &[u8]) -> Vec<u8> {
+    /// Writes `input` from a client in pieces of `piece` bytes; returns what
+    /// the server reads with reads of up to `read` bytes.
+    async fn through_with(input: &[u8], piece: usize, read: usize) -> Vec<u8> {
         let (mut client, server_side) = tokio::io::duplex(1 << 16);
         let input = input.to_vec();
         let writer = tokio::spawn(async move {
-            for piece in input.chunks(7) {
+            for piece in input.chunks(piece) {
                 client.write_all(piece).await.unwrap();
             }
         });
         let mut fixed = AuthorityFix::new(server_side);
         let mut got = Vec::new();
         let reader = async {
-            let mut buf = [0u8; 1000];
+            let mut buf = vec![0u8; read];
             loop {
                 let n = fixed.read(&mut buf).await.unwrap();
                 if n == 0 {
@@ -379,6 +439,10 @@ mod tests {
         let ((), w) = tokio::join!(reader, writer);
         w.unwrap();
         got
+    }
+
+    async fn through(input: &[u8]) -> Vec<u8> {
+        through_with(input, 7, 1000).await
     }
 
     fn headers_frame(enc: &mut loona_hpack::Encoder<'_>, authority: &[u8], stream: u32) -> Vec<u8> {
@@ -437,6 +501,54 @@ mod tests {
             vec!["localhost", "localhost", "proxy.example:8090"]
         );
         assert_eq!(data, b"\x00\x00\x00\x00\x03abc");
+    }
+
+    /// Frames as the server reads them: (type, payload) after the preface.
+    fn frames(mut rest: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+            out.push((rest[3], rest[9..9 + len].to_vec()));
+            rest = &rest[9 + len..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn large_data_frames_pass_whole_between_header_blocks_at_any_split() {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        let path = b"%2Fsocket";
+        input.extend(headers_frame(&mut enc, path, 1));
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        frame(&mut input, 0x0, 0, 1, &big);
+        frame(&mut input, 0x0, 0, 1, b"tail");
+        input.extend(headers_frame(&mut enc, path, 3));
+        frame(&mut input, 0x0, 0, 3, &big[..70_000]);
+        frame(&mut input, 0x8, 0, 0, &[1; 8]); // PING
+        input.extend(headers_frame(&mut enc, path, 5));
+
+        for (piece, read) in [
+            (7, 1000),
+            (65_536, 16_384),
+            (3_000, 300_000),
+            (1, 9),
+            (100_000, 5),
+        ] {
+            let got = through_with(&input, piece, read).await;
+            assert_eq!(&got[..PREFACE.len()], PREFACE);
+            let got = frames(&got[PREFACE.len()..]);
+            let kinds: Vec<u8> = got.iter().map(|f| f.0).collect();
+            assert_eq!(kinds, [1, 0, 0, 1, 0, 8, 1], "piece {piece} read {read}");
+            assert_eq!(got[1].1, big);
+            assert_eq!(got[2].1, b"tail");
+            assert_eq!(got[4].1, &big[..70_000]);
+            let mut dec = loona_hpack::Decoder::new();
+            for i in [0, 3, 6] {
+                let hs = dec.decode(&got[i].1).unwrap();
+                assert!(hs.contains(&(b":authority".to_vec(), b"localhost".to_vec())));
+            }
+        }
     }
 
     #[tokio::test]
