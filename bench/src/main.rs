@@ -54,8 +54,10 @@ struct Args {
     /// Per-step timeout.
     #[arg(long, default_value = "120s", value_parser = konnectivity_runtime::duration::parse)]
     timeout: Duration,
-    /// Transfers per direction in the throughput rows; the table shows the
-    /// median (single runs vary by up to 30% on a shared machine).
+    /// Rounds for the throughput and latency rows. Every setup is up at once
+    /// and each round visits each setup in turn: one transfer per direction
+    /// (the table shows the median; single transfers vary by up to 30% on a
+    /// shared machine) and an equal share of the latency samples.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Pause this long with every connection of the concurrency row open and
@@ -149,67 +151,38 @@ async fn main() -> anyhow::Result<()> {
     let (dests, _dest_proc) = workloads::spawn_dests().await?;
     let mut results = serde_json::Map::new();
 
+    let t = a.timeout;
+    // One connection's speed (throughput and latency) is measured in rounds
+    // with every setup up at once, each round visiting every setup: the
+    // shared machine's state drifts (run to run, latency on this VM moves
+    // between two levels), and interleaving spreads that drift over all
+    // columns instead of handing it to whichever setup ran at the time.
+    let mut up = Vec::new();
     for kind in &kinds {
-        eprintln!("== {}", kind.name());
+        eprintln!("== starting {}", kind.name());
         let r = Arc::new(setup::start(*kind, &bins, &pki).await?);
-        let mut row = serde_json::Map::new();
-        row.insert(
-            "idle".into(),
-            json!({"server": rss(r.server_pid), "agent": rss(r.agent_pid)}),
-        );
-        let t = a.timeout;
-        if want(&a, "throughput") {
-            let mut downs = Vec::new();
-            let mut ups = Vec::new();
-            let mut down_cpu = CpuPerGib::default();
-            let mut up_cpu = CpuPerGib::default();
-            for _ in 0..a.repeat.max(1) {
-                let before = down_cpu.start(&r);
-                let down = step("download", t, async {
-                    workloads::download(&r, &dests, sz.bulk)
-                        .await
-                        .map(|v| json!(v))
-                })
-                .await;
-                down_cpu.finish(&r, before, sz.bulk);
-                downs.push(down);
-                let before = up_cpu.start(&r);
-                let up = step("upload", t, async {
-                    workloads::upload(&r, &dests, sz.bulk)
-                        .await
-                        .map(|v| json!(v))
-                })
-                .await;
-                up_cpu.finish(&r, before, sz.bulk);
-                ups.push(up);
+        let idle = json!({"server": rss(r.server_pid), "agent": rss(r.agent_pid)});
+        up.push((r, Speed::new(idle)));
+    }
+    let rounds = a.repeat.max(1);
+    for round in 1..=rounds {
+        for (r, speed) in &mut up {
+            eprintln!("== {} (round {round} of {rounds})", r.kind.name());
+            if want(&a, "throughput") {
+                speed.transfers(r, &dests, sz.bulk, t).await;
             }
-            row.insert("download_mb_s".into(), median(&downs));
-            row.insert("upload_mb_s".into(), median(&ups));
-            row.insert("download_runs".into(), Value::Array(downs));
-            row.insert("upload_runs".into(), Value::Array(ups));
-            row.insert("download_cpu_ms_per_gib".into(), down_cpu.median());
-            row.insert("upload_cpu_ms_per_gib".into(), up_cpu.median());
+            if want(&a, "latency") {
+                speed
+                    .latency(r, &dests, sz.lat / rounds, sz.fresh / rounds, t)
+                    .await;
+            }
         }
-        if want(&a, "latency") {
-            row.insert(
-                "latency_established".into(),
-                step(
-                    "latency (established)",
-                    t,
-                    workloads::latency_established(&r, &dests, sz.lat),
-                )
-                .await,
-            );
-            row.insert(
-                "latency_fresh".into(),
-                step(
-                    "latency (fresh)",
-                    t,
-                    workloads::latency_fresh(&r, &dests, sz.fresh),
-                )
-                .await,
-            );
-        }
+    }
+
+    for (r, speed) in up {
+        let kind = r.kind;
+        eprintln!("== {}", kind.name());
+        let mut row = speed.finish();
         if want(&a, "churn") {
             row.insert(
                 "churn".into(),
@@ -241,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
                 // Fresh processes (after the others are gone: they share the
                 // socket path): bytes per connection must not depend on what
                 // earlier rows left in the heap.
-                let fresh = Arc::new(setup::start(*kind, &bins, &pki).await?);
+                let fresh = Arc::new(setup::start(kind, &bins, &pki).await?);
                 let v = step(
                     &format!("concurrency {n}"),
                     t * 2,
@@ -273,6 +246,115 @@ async fn main() -> anyhow::Result<()> {
 fn raise_fd_limit() {
     if rlimit::setrlimit(rlimit::Resource::NOFILE, 1 << 18, 1 << 18).is_err() {
         let _ = rlimit::increase_nofile_limit(1 << 18);
+    }
+}
+
+/// One setup's throughput and latency, gathered over the rounds.
+struct Speed {
+    row: serde_json::Map<String, Value>,
+    downs: Vec<Value>,
+    ups: Vec<Value>,
+    down_cpu: CpuPerGib,
+    up_cpu: CpuPerGib,
+    round_trips: Vec<Duration>,
+    dials: Vec<Duration>,
+    fresh: Vec<Duration>,
+}
+
+impl Speed {
+    fn new(idle: Value) -> Self {
+        let mut row = serde_json::Map::new();
+        row.insert("idle".into(), idle);
+        Speed {
+            row,
+            downs: Vec::new(),
+            ups: Vec::new(),
+            down_cpu: CpuPerGib::default(),
+            up_cpu: CpuPerGib::default(),
+            round_trips: Vec::new(),
+            dials: Vec::new(),
+            fresh: Vec::new(),
+        }
+    }
+
+    /// One download and one upload.
+    async fn transfers(
+        &mut self,
+        r: &setup::Running,
+        d: &workloads::Dests,
+        bytes: usize,
+        t: Duration,
+    ) {
+        let before = self.down_cpu.start(r);
+        let down = step("download", t, async {
+            workloads::download(r, d, bytes).await.map(|v| json!(v))
+        })
+        .await;
+        self.down_cpu.finish(r, before, bytes);
+        self.downs.push(down);
+        let before = self.up_cpu.start(r);
+        let up = step("upload", t, async {
+            workloads::upload(r, d, bytes).await.map(|v| json!(v))
+        })
+        .await;
+        self.up_cpu.finish(r, before, bytes);
+        self.ups.push(up);
+    }
+
+    /// Round trips on an established connection, then fresh connections.
+    async fn latency(
+        &mut self,
+        r: &setup::Running,
+        d: &workloads::Dests,
+        round_trips: usize,
+        fresh: usize,
+        t: Duration,
+    ) {
+        let rtt = step("latency (established)", t, async {
+            self.round_trips
+                .extend(workloads::round_trips(r, d, round_trips.max(1)).await?);
+            Ok(Value::Null)
+        })
+        .await;
+        if rtt.get("error").is_some() {
+            self.row.insert("latency_established".into(), rtt);
+        }
+        let f = step("latency (fresh)", t, async {
+            let (dial, total) = workloads::fresh_connections(r, d, fresh.max(1)).await?;
+            self.dials.extend(dial);
+            self.fresh.extend(total);
+            Ok(Value::Null)
+        })
+        .await;
+        if f.get("error").is_some() {
+            self.row.insert("latency_fresh".into(), f);
+        }
+    }
+
+    /// The row so far: medians of the transfers, percentiles of all samples.
+    /// A step that failed keeps its error in the row.
+    fn finish(self) -> serde_json::Map<String, Value> {
+        let mut row = self.row;
+        if !self.downs.is_empty() {
+            row.insert("download_mb_s".into(), median(&self.downs));
+            row.insert("upload_mb_s".into(), median(&self.ups));
+            row.insert("download_runs".into(), Value::Array(self.downs));
+            row.insert("upload_runs".into(), Value::Array(self.ups));
+            row.insert("download_cpu_ms_per_gib".into(), self.down_cpu.median());
+            row.insert("upload_cpu_ms_per_gib".into(), self.up_cpu.median());
+        }
+        if !self.round_trips.is_empty() && !row.contains_key("latency_established") {
+            row.insert(
+                "latency_established".into(),
+                workloads::percentiles(self.round_trips),
+            );
+        }
+        if !self.fresh.is_empty() && !row.contains_key("latency_fresh") {
+            let mut v = workloads::percentiles(self.fresh);
+            v["dial"] = workloads::percentiles(self.dials);
+            row.insert("latency_fresh".into(), v);
+        }
+        row
     }
 }
 

@@ -93,16 +93,19 @@ impl Drop for Running {
     }
 }
 
-/// CPU time (user + system, all threads) a process has used so far, in
-/// seconds, from `/proc/<pid>/stat` (clock ticks of 1/100 s, the fixed
-/// `USER_HZ` of the proc interface).
+/// CPU time a process's live threads have used so far, in seconds: the sum
+/// of `/proc/<pid>/task/*/schedstat` (nanoseconds on the CPU), finer than the
+/// 10 ms ticks of `/proc/<pid>/stat`.
 pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
-    // The fields after the command name (which may contain spaces) start
-    // with field 3; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i - 3)?.parse::<f64>().ok();
-    Some((ticks(14)? + ticks(15)?) / 100.0)
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
 }
 
 /// Resident and peak resident memory of a process, in KiB.

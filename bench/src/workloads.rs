@@ -180,14 +180,15 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn percentiles(mut v: Vec<Duration>) -> Value {
+/// p50 and p99 of the samples, in microseconds; `v` must not be empty.
+pub fn percentiles(mut v: Vec<Duration>) -> Value {
     v.sort();
     let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e6;
     json!({"p50_us": p(0.5), "p99_us": p(0.99), "n": v.len()})
 }
 
-/// Round trips of 64 bytes on one established connection.
-pub async fn latency_established(r: &Running, d: &Dests, iters: usize) -> anyhow::Result<Value> {
+/// Round trips of 64 bytes on one established connection: one sample each.
+pub async fn round_trips(r: &Running, d: &Dests, iters: usize) -> anyhow::Result<Vec<Duration>> {
     let mut c = r.connect(d.echo).await?;
     let msg = [7u8; 64];
     let mut back = [0u8; 64];
@@ -199,12 +200,16 @@ pub async fn latency_established(r: &Running, d: &Dests, iters: usize) -> anyhow
         v.push(t.elapsed());
     }
     c.close().await;
-    Ok(percentiles(v))
+    Ok(v)
 }
 
-/// Fresh connection: dial plus the first response byte, as `kubectl logs` does.
-/// Also reports the dial alone (tunnel established) to show where time goes.
-pub async fn latency_fresh(r: &Running, d: &Dests, iters: usize) -> anyhow::Result<Value> {
+/// Fresh connections, as `kubectl logs` opens them: for each, the dial alone
+/// (tunnel established) and the dial plus the first response byte.
+pub async fn fresh_connections(
+    r: &Running,
+    d: &Dests,
+    iters: usize,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let mut total = Vec::with_capacity(iters);
     let mut dial = Vec::with_capacity(iters);
     for _ in 0..iters {
@@ -217,9 +222,7 @@ pub async fn latency_fresh(r: &Running, d: &Dests, iters: usize) -> anyhow::Resu
         total.push(t.elapsed());
         c.close().await;
     }
-    let mut v = percentiles(total);
-    v["dial"] = percentiles(dial);
-    Ok(v)
+    Ok((dial, total))
 }
 
 fn kib(pid: Option<u32>) -> Value {
