@@ -173,12 +173,21 @@ async fn main() -> anyhow::Result<()> {
             }
             if want(&a, "latency") {
                 speed
-                    .latency(r, &dests, sz.lat / rounds, sz.fresh / rounds, t)
+                    .latency(
+                        r,
+                        &dests,
+                        sz.lat.div_ceil(rounds),
+                        sz.fresh.div_ceil(rounds),
+                        t,
+                    )
                     .await;
             }
         }
     }
 
+    // Churn and isolation on the same processes, one setup at a time (the
+    // others stay up, idle).
+    let mut rows = Vec::new();
     for (r, speed) in up {
         let kind = r.kind;
         eprintln!("== {}", kind.name());
@@ -207,13 +216,21 @@ async fn main() -> anyhow::Result<()> {
             "final".into(),
             json!({"server": rss(r.server_pid), "agent": rss(r.agent_pid)}),
         );
+        rows.push((kind, row, r));
+    }
+    // Every process above is gone before the concurrency rows, which start
+    // fresh processes (bytes per connection must not depend on what earlier
+    // rows left in the heap) with nothing else running.
+    let mut settled = Vec::new();
+    for (kind, row, r) in rows {
         drop(r);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        settled.push((kind, row));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (kind, mut row) in settled {
         if want(&a, "concurrency") {
             for &n in &sz.conc {
-                // Fresh processes (after the others are gone: they share the
-                // socket path): bytes per connection must not depend on what
-                // earlier rows left in the heap.
+                eprintln!("== {} concurrency {n}", kind.name());
                 let fresh = Arc::new(setup::start(kind, &bins, &pki).await?);
                 let v = step(
                     &format!("concurrency {n}"),
@@ -290,14 +307,18 @@ impl Speed {
             workloads::download(r, d, bytes).await.map(|v| json!(v))
         })
         .await;
-        self.down_cpu.finish(r, before, bytes);
+        if down.is_number() {
+            self.down_cpu.finish(r, before, bytes);
+        }
         self.downs.push(down);
         let before = self.up_cpu.start(r);
         let up = step("upload", t, async {
             workloads::upload(r, d, bytes).await.map(|v| json!(v))
         })
         .await;
-        self.up_cpu.finish(r, before, bytes);
+        if up.is_number() {
+            self.up_cpu.finish(r, before, bytes);
+        }
         self.ups.push(up);
     }
 

@@ -95,7 +95,9 @@ impl Drop for Running {
 
 /// CPU time a process's live threads have used so far, in seconds: the sum
 /// of `/proc/<pid>/task/*/schedstat` (nanoseconds on the CPU), finer than the
-/// 10 ms ticks of `/proc/<pid>/stat`.
+/// 10 ms ticks of `/proc/<pid>/stat`. A thread that exits between two
+/// readings takes its time with it; the runtimes' worker threads live as long
+/// as the process.
 pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
     let mut ns = 0u64;
     for task in std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()? {

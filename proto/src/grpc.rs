@@ -45,12 +45,16 @@ use crate::wire::{packet::Payload, Packet, PacketType};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+const GRPC_ENCODING: &str = "grpc-encoding";
+const GRPC_ACCEPT_ENCODING: &str = "grpc-accept-encoding";
 /// gRPC message prefix: compressed flag and big-endian length.
 const PREFIX: usize = 5;
 /// A `Data` payload at least this long travels as its own body chunk.
 pub const ZERO_COPY_MIN: usize = 4 * 1024;
-/// A decoded payload shorter than this is copied out of the frame it came in,
-/// so a small packet waiting in a queue does not keep a large frame alive.
+/// A decoded payload shorter than this is copied out of the frame it came in.
+/// A payload slice keeps alive the whole HTTP/2 read buffer its frame was cut
+/// from; copying small ones means that a queue of small packets waiting for a
+/// slow reader holds their bytes, not a read buffer each.
 pub const COPY_OUT_BELOW: usize = 16 * 1024;
 /// Largest HTTP/2 frame our receivers accept (`SETTINGS_MAX_FRAME_SIZE`).
 /// Above the 16 KiB default so that a whole `Data` packet of a full socket
@@ -144,16 +148,30 @@ pub struct Incoming<B> {
     body: B,
     chunks: Chunks,
     max_message: usize,
+    /// A response must end with `grpc-status` trailers.
+    needs_status: bool,
     done: bool,
 }
 
 impl<B> Incoming<B> {
-    /// Decodes `body`, refusing messages longer than `max_message`.
-    pub fn new(body: B, max_message: usize) -> Self {
+    /// Decodes a request body, refusing messages longer than `max_message`.
+    pub fn request(body: B, max_message: usize) -> Self {
+        Self::new(body, max_message, false)
+    }
+
+    /// Decodes a response body: as [`Self::request`], and an end without a
+    /// `grpc-status` (a reset stream, a truncating proxy) is an error, as in
+    /// tonic and grpc-go.
+    pub fn response(body: B, max_message: usize) -> Self {
+        Self::new(body, max_message, true)
+    }
+
+    fn new(body: B, max_message: usize, needs_status: bool) -> Self {
         Incoming {
             body,
             chunks: Chunks::default(),
             max_message,
+            needs_status,
             done: false,
         }
     }
@@ -225,18 +243,15 @@ where
                 }
                 None => {
                     this.done = true;
-                    return Poll::Ready(this.truncated().map(Err));
+                    return Poll::Ready(this.ended(None).map(Err));
                 }
             };
             match frame.into_data() {
                 Ok(data) => this.chunks.push(data),
                 Err(frame) => {
                     this.done = true;
-                    let status = frame
-                        .trailers_ref()
-                        .and_then(Status::from_header_map)
-                        .filter(|s| s.code() != Code::Ok);
-                    return Poll::Ready(status.or_else(|| this.truncated()).map(Err));
+                    let status = frame.trailers_ref().and_then(Status::from_header_map);
+                    return Poll::Ready(this.ended(status).map(Err));
                 }
             }
         }
@@ -244,13 +259,19 @@ where
 }
 
 impl<B> Incoming<B> {
-    fn truncated(&self) -> Option<Status> {
-        (self.chunks.len > 0).then(|| {
-            Status::internal(format!(
+    /// The error, if any, of a body that ended with `status` in its trailers.
+    fn ended(&self, status: Option<Status>) -> Option<Status> {
+        match status {
+            Some(s) if s.code() != Code::Ok => Some(s),
+            _ if self.chunks.len > 0 => Some(Status::internal(format!(
                 "stream ended inside a gRPC message ({} bytes left over)",
                 self.chunks.len
-            ))
-        })
+            ))),
+            None if self.needs_status => Some(Status::unknown(
+                "stream ended without a grpc-status (reset, or cut by a proxy)",
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -447,7 +468,16 @@ impl<H: Handler> tower::Service<http::Request<TonicBody>> for GrpcService<H> {
                 let path = req.uri().path().to_string();
                 return Ok(Status::unimplemented(format!("unknown method {path}")).into_http());
             }
-            let req = tonic::Request::from_http(req.map(|body| Incoming::new(body, max)));
+            if let Some(enc) = req.headers().get(GRPC_ENCODING) {
+                if enc != "identity" {
+                    let msg = format!("grpc-encoding {enc:?} is not supported");
+                    let mut resp = Status::unimplemented(msg).into_http::<TonicBody>();
+                    resp.headers_mut()
+                        .insert(GRPC_ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+                    return Ok(resp);
+                }
+            }
+            let req = tonic::Request::from_http(req.map(|body| Incoming::request(body, max)));
             match handler.call(req).await {
                 Ok(resp) => {
                     let (metadata, replies, extensions) = resp.into_parts();
@@ -494,9 +524,32 @@ where
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let (parts, body) = resp.into_parts();
     if parts.status != http::StatusCode::OK {
+        // The gRPC spec's HTTP-to-status map, as tonic and grpc-go use it.
+        use http::StatusCode as H;
+        let code = match parts.status {
+            H::BAD_REQUEST => Code::Internal,
+            H::UNAUTHORIZED => Code::Unauthenticated,
+            H::FORBIDDEN => Code::PermissionDenied,
+            H::NOT_FOUND => Code::Unimplemented,
+            H::TOO_MANY_REQUESTS | H::BAD_GATEWAY | H::SERVICE_UNAVAILABLE | H::GATEWAY_TIMEOUT => {
+                Code::Unavailable
+            }
+            _ => Code::Unknown,
+        };
+        return Err(Status::new(
+            code,
+            format!("server answered HTTP {} to a gRPC call", parts.status),
+        ));
+    }
+    let grpc = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
         return Err(Status::unknown(format!(
-            "server answered HTTP {} to a gRPC call",
-            parts.status
+            "server answered with content-type {:?}, not gRPC",
+            parts.headers.get(CONTENT_TYPE)
         )));
     }
     if let Some(status) = Status::from_header_map(&parts.headers) {
@@ -510,7 +563,7 @@ where
     }
     Ok(tonic::Response::from_parts(
         MetadataMap::from_headers(parts.headers),
-        Incoming::new(body, max_message),
+        Incoming::response(body, max_message),
         parts.extensions,
     ))
 }
@@ -583,7 +636,7 @@ mod tests {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        Incoming::new(b, 1 << 20).collect().await
+        Incoming::request(b, 1 << 20).collect().await
     }
 
     #[tokio::test]
@@ -642,7 +695,9 @@ mod tests {
         assert_eq!(got[0].as_ref().unwrap_err().code(), Code::Internal);
         // Over the size limit: refused from the prefix, before the bytes arrive.
         let huge = Bytes::from_static(&[0, 0x10, 0, 0, 0]);
-        let got: Vec<_> = Incoming::new(body(vec![huge], None), 1024).collect().await;
+        let got: Vec<_> = Incoming::request(body(vec![huge], None), 1024)
+            .collect()
+            .await;
         assert_eq!(got[0].as_ref().unwrap_err().code(), Code::ResourceExhausted);
         // Not protobuf.
         let junk = Bytes::from_static(&[0, 0, 0, 0, 2, 0xff, 0xff]);
@@ -660,6 +715,29 @@ mod tests {
         assert!(got[0].is_ok());
         assert_eq!(got[1].as_ref().unwrap_err().code(), Code::Unauthenticated);
         assert_eq!(got.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_response_must_end_with_a_status() {
+        let (wire, _) = encode_all(&[packet::close_request(1)]);
+        let ok = {
+            let mut t = http::HeaderMap::new();
+            Status::ok("").add_header(&mut t).unwrap();
+            t
+        };
+        let run = |trailers| {
+            let b = body(vec![wire.clone().into()], trailers);
+            Incoming::response(b, 1 << 20).collect::<Vec<_>>()
+        };
+        let got = run(Some(ok)).await;
+        assert_eq!(got.len(), 1);
+        assert!(got[0].is_ok());
+        let got = run(None).await;
+        assert!(got[0].is_ok());
+        assert_eq!(got[1].as_ref().unwrap_err().code(), Code::Unknown);
+        // A request needs none.
+        let got = decode_all(body(vec![wire.clone().into()], None)).await;
+        assert_eq!(got.len(), 1);
     }
 
     #[tokio::test]

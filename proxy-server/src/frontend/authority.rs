@@ -33,7 +33,8 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
-/// Largest frame payload we emit (the HTTP/2 default, which h2 advertises).
+/// Largest frame payload we emit: the HTTP/2 default, which every peer
+/// accepts (the server advertises more).
 const MAX_FRAME: usize = 16_384;
 /// Read size while a frame is being reassembled here.
 const BUFFERED_READ: usize = 2 * 1024;
@@ -146,6 +147,9 @@ impl Rewriter {
             let b = &self.input;
             let len = u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize;
             let (kind, flags) = (b[3], b[4]);
+            if (kind == HEADERS || kind == CONTINUATION) && len > MAX_HEADER_BLOCK {
+                return Err(bad("header block frame too large"));
+            }
             if b.len() < 9 + len {
                 if self.pending.is_none() && kind != HEADERS && kind != CONTINUATION {
                     // Pass on what there is; the rest of this frame can go
@@ -294,6 +298,9 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for AuthorityFix<S> {
                     .extend_from_slice(&buf.filled()[start + keep..]);
                 buf.set_filled(start + keep);
                 this.rw.process()?;
+                if this.rw.input.is_empty() {
+                    this.rw.input = BytesMut::new();
+                }
                 if keep > 0 {
                     return Poll::Ready(Ok(()));
                 }
@@ -549,6 +556,28 @@ mod tests {
                 assert!(hs.contains(&(b":authority".to_vec(), b"localhost".to_vec())));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_header_frame_is_refused_before_it_is_buffered() {
+        let (mut client, server_side) = tokio::io::duplex(1 << 16);
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(&[0x10, 0, 0, HEADERS, END_HEADERS, 0, 0, 0, 1]); // 1 MiB
+        client.write_all(&input).await.unwrap();
+        let mut fixed = AuthorityFix::new(server_side);
+        let mut buf = vec![0u8; 1000];
+        let mut result = Ok(0);
+        for _ in 0..4 {
+            // Without the limit the read would wait for the whole megabyte.
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(5), fixed.read(&mut buf));
+            result = read.await.expect("waited for the oversized frame");
+            if result.is_err() {
+                break;
+            }
+        }
+        let e = result.expect_err("oversized HEADERS frame accepted");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]
