@@ -33,6 +33,12 @@ pub const FIRST_READ: usize = 8 * 1024;
 /// Packets a connection's inbound queue holds (bytes are bounded by the window
 /// when credit is on, by `QUEUE_PACKETS * max message size` otherwise).
 pub const QUEUE_PACKETS: usize = 64;
+/// Queued chunks of one connection that may be slices of a shared buffer.
+/// A chunk decoded from the shared stream is a slice of that stream's read
+/// buffer and keeps all of it alive; once a connection's writer is this far
+/// behind, later chunks are copied into their own buffers, so a stalled
+/// connection pins at most this many read buffers.
+pub const PINNED_CHUNKS: usize = 8;
 
 /// Send credit of one connection in one direction.
 #[derive(Debug)]
@@ -237,6 +243,11 @@ impl ConnEntry {
     /// shared stream for at most `stall` (this only happens with a peer that
     /// has no flow control), after which the connection is declared stalled.
     pub async fn deliver(&self, data: Bytes, stall: std::time::Duration) -> Delivery {
+        let data = if self.tx.queued() >= PINNED_CHUNKS {
+            Bytes::copy_from_slice(&data)
+        } else {
+            data
+        };
         let data = match self.tx.try_send(data) {
             Ok(()) => return Delivery::Queued,
             Err(queue::TrySendError::Closed(_)) => return Delivery::Gone,
@@ -346,6 +357,34 @@ mod tests {
         assert!(!waiter.is_finished(), "still -5");
         credit.grant(20);
         assert_eq!(waiter.await.unwrap(), 15);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_connection_pins_few_shared_buffers() {
+        let (entry, mut inbox) = connection(true, CancellationToken::new());
+        let shared = Bytes::from(vec![1u8; 64 * 1024]);
+        let within = |b: &Bytes| {
+            let range = shared.as_ptr() as usize..shared.as_ptr() as usize + shared.len();
+            range.contains(&(b.as_ptr() as usize))
+        };
+        let stall = std::time::Duration::from_secs(1);
+        for i in 0..20 {
+            let chunk = shared.slice(i * 1024..(i + 1) * 1024);
+            assert!(matches!(
+                entry.deliver(chunk, stall).await,
+                Delivery::Queued
+            ));
+        }
+        let mut queued = Vec::new();
+        for _ in 0..20 {
+            queued.push(inbox.recv().await.expect("queued chunk"));
+        }
+        let pinned = queued.iter().filter(|b| within(b)).count();
+        assert_eq!(pinned, PINNED_CHUNKS);
+        assert!(queued
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b[..] == shared[i * 1024..(i + 1) * 1024]));
     }
 
     #[tokio::test]

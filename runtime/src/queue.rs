@@ -96,6 +96,11 @@ impl<T> Drop for Sender<T> {
 }
 
 impl<T> Sender<T> {
+    /// Items queued now (a snapshot).
+    pub fn queued(&self) -> usize {
+        self.shared.lock().items.len()
+    }
+
     /// Queues `data` if there is room, without waiting.
     pub fn try_send(&self, data: T) -> Result<(), TrySendError<T>> {
         {
