@@ -403,9 +403,11 @@ pub async fn churn(
     }))
 }
 
-/// Throughput of one download while another connection on the same agent has
-/// stopped reading, as a share of the same download alone. Both are the median
-/// of `runs` transfers measured back to back, so machine noise hits both alike.
+/// Throughput of one download while another connection on the same agent
+/// has stopped reading, against the same download alone. The two are
+/// measured in pairs, alone then with a freshly stalled neighbour, `runs`
+/// times, and the result is the median of the pairs' ratios: the machine's
+/// speed drifts over seconds, and a pair sees the same drift on both sides.
 pub async fn isolation(
     r: &Running,
     d: &Dests,
@@ -413,45 +415,39 @@ pub async fn isolation(
     runs: usize,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
-    let mut alone_runs = Vec::new();
+    let (mut alone, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
-        alone_runs.push(download(r, d, n).await?);
-    }
-    let alone = median(alone_runs.clone());
-    let mut stalled = r.connect(d.source).await?;
-    stalled
-        .write_all(format!("SRC {}\n", 64usize << 30).as_bytes())
-        .await?;
-    let mut b = [0u8; 1024];
-    stalled.read(&mut b).await?;
-    // Let the stalled connection fill every buffer on its way.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut with = Vec::new();
-    for _ in 0..runs {
-        match tokio::time::timeout(timeout, download(r, d, n)).await {
-            Ok(Ok(mbs)) => with.push(mbs),
+        let a = download(r, d, n).await?;
+        let mut stalled = r.connect(d.source).await?;
+        stalled
+            .write_all(format!("SRC {}\n", 64usize << 30).as_bytes())
+            .await?;
+        let mut b = [0u8; 1024];
+        stalled.read(&mut b).await?;
+        // Let the stalled connection fill every buffer on its way.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let w = match tokio::time::timeout(timeout, download(r, d, n)).await {
+            Ok(Ok(mbs)) => mbs,
             Ok(Err(e)) => {
                 return Ok(
-                    json!({"alone_mb_s": alone, "error": e.to_string(), "percent_of_alone": 0.0}),
+                    json!({"alone_mb_s": a, "error": e.to_string(), "percent_of_alone": 0.0}),
                 )
             }
             Err(_) => {
-                return Ok(
-                    json!({"alone_mb_s": alone, "error": format!("stalled: no completion within {timeout:?}"), "percent_of_alone": 0.0}),
-                )
+                return Ok(json!({"alone_mb_s": a,
+                    "error": format!("stalled: no completion within {timeout:?}"),
+                    "percent_of_alone": 0.0}))
             }
-        }
+        };
+        drop(stalled);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        alone.push(a);
+        with.push(w);
+        ratios.push(100.0 * w / a);
     }
-    drop(stalled);
-    // Alone again afterwards, so that a slow spell of the machine during one
-    // phase does not pass for a cost of the stalled neighbour.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for _ in 0..runs {
-        alone_runs.push(download(r, d, n).await?);
-    }
-    let alone = median(alone_runs);
-    let with = median(with);
-    Ok(
-        json!({"alone_mb_s": alone, "with_stalled_mb_s": with, "percent_of_alone": 100.0 * with / alone}),
-    )
+    Ok(json!({
+        "alone_mb_s": median(alone),
+        "with_stalled_mb_s": median(with),
+        "percent_of_alone": median(ratios),
+    }))
 }
