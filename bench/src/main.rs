@@ -207,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
             let v = step(
                 "isolation",
                 t * 3,
-                workloads::isolation(&r, &dests, sz.iso, 5, Duration::from_secs(20)),
+                workloads::isolation(&r, &dests, sz.iso, 9, Duration::from_secs(20)),
             )
             .await;
             row.insert("isolation".into(), v);
