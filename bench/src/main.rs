@@ -71,6 +71,9 @@ struct Args {
 }
 
 struct Sizes {
+    /// How long a download beside a stalled connection may take before the
+    /// isolation row calls it stalled (upstream never completes).
+    stall: Duration,
     bulk: usize,
     lat: usize,
     fresh: usize,
@@ -98,6 +101,7 @@ fn sizes(a: &Args) -> anyhow::Result<Sizes> {
         },
         churn: a.churn_cycles.unwrap_or(churn),
         iso: iso << 20,
+        stall: Duration::from_secs(if a.quick { 5 } else { 20 }),
     })
 }
 
@@ -207,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
             let v = step(
                 "isolation",
                 t * 3,
-                workloads::isolation(&r, &dests, sz.iso, 9, Duration::from_secs(20)),
+                workloads::isolation(&r, &dests, sz.iso, 9, sz.stall),
             )
             .await;
             row.insert("isolation".into(), v);
