@@ -35,7 +35,7 @@ use futures::Stream;
 use http::header::{CONTENT_TYPE, TE};
 use http::HeaderValue;
 use http_body::{Body, Frame};
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, int32, WireType};
 use prost::Message as _;
 use tonic::body::Body as TonicBody;
 use tonic::metadata::MetadataMap;
@@ -121,13 +121,14 @@ impl Buf for Chunks {
         }
     }
 
-    /// A slice of the frame when the bytes lie within one; a copy otherwise.
-    /// prost reads `bytes` fields with this, which is what makes payloads
+    /// A slice of the frame when the bytes lie within one and are at least
+    /// [`COPY_OUT_BELOW`] long; a copy otherwise. prost reads `bytes` fields
+    /// (only `Data.data` here) with this, which is what makes payloads
     /// zero-copy.
     fn copy_to_bytes(&mut self, n: usize) -> Bytes {
         assert!(n <= self.len, "copy past the end of the received bytes");
         if let Some(front) = self.queue.front_mut() {
-            if front.len() >= n {
+            if n >= COPY_OUT_BELOW && front.len() >= n {
                 let out = front.split_to(n);
                 if front.is_empty() {
                     self.queue.pop_front();
@@ -202,14 +203,24 @@ impl<B> Incoming<B> {
         // but keep the framing consistent.
         let rest = message.remaining();
         message.advance(rest);
-        let mut packet =
-            decoded.map_err(|e| Status::internal(format!("malformed packet message: {e}")))?;
-        if let Some(Payload::Data(d)) = &mut packet.payload {
-            if !d.data.is_empty() && d.data.len() < COPY_OUT_BELOW {
-                d.data = Bytes::copy_from_slice(&d.data);
-            }
+        decoded
+            .map(Some)
+            .map_err(|e| Status::internal(format!("malformed packet message: {e}")))
+    }
+
+    /// The error, if any, of a body that ended with `status` in its trailers.
+    fn ended(&self, status: Option<Status>) -> Option<Status> {
+        match status {
+            Some(s) if s.code() != Code::Ok => Some(s),
+            _ if self.chunks.len > 0 => Some(Status::internal(format!(
+                "stream ended inside a gRPC message ({} bytes left over)",
+                self.chunks.len
+            ))),
+            None if self.needs_status => Some(Status::unknown(
+                "stream ended without a grpc-status (reset, or cut by a proxy)",
+            )),
+            _ => None,
         }
-        Ok(Some(packet))
     }
 }
 
@@ -258,23 +269,6 @@ where
     }
 }
 
-impl<B> Incoming<B> {
-    /// The error, if any, of a body that ended with `status` in its trailers.
-    fn ended(&self, status: Option<Status>) -> Option<Status> {
-        match status {
-            Some(s) if s.code() != Code::Ok => Some(s),
-            _ if self.chunks.len > 0 => Some(Status::internal(format!(
-                "stream ended inside a gRPC message ({} bytes left over)",
-                self.chunks.len
-            ))),
-            None if self.needs_status => Some(Status::unknown(
-                "stream ended without a grpc-status (reset, or cut by a proxy)",
-            )),
-            _ => None,
-        }
-    }
-}
-
 /// Appends `p` as one gRPC message to `out`. A `Data` payload of at least
 /// [`ZERO_COPY_MIN`] bytes is not copied: everything before it goes to `out`
 /// and the payload is returned, to be sent right after.
@@ -297,18 +291,19 @@ pub fn encode(mut p: Packet, out: &mut BytesMut) -> Option<Bytes> {
     // written in field order as prost does, with the payload's bytes left out.
     let data_field = 1 + encoded_len_varint(big.len() as u64) + big.len();
     let inner = d.encoded_len() + data_field;
-    let type_field = if p.r#type == PacketType::DialReq as i32 {
-        0
+    // proto3 leaves the default (`DIAL_REQ`, 0) out.
+    let has_type = p.r#type != PacketType::default() as i32;
+    let type_field = if has_type {
+        int32::encoded_len(1, &p.r#type)
     } else {
-        1 + encoded_len_varint(p.r#type as i64 as u64)
+        0
     };
     let total = type_field + 1 + encoded_len_varint(inner as u64) + inner;
     out.reserve(PREFIX + total - big.len());
     out.put_u8(0);
     out.put_u32(total as u32);
-    if type_field > 0 {
-        encode_key(1, WireType::Varint, out);
-        encode_varint(p.r#type as i64 as u64, out);
+    if has_type {
+        int32::encode(1, &p.r#type, out);
     }
     encode_key(4, WireType::LengthDelimited, out);
     encode_varint(inner as u64, out);
