@@ -124,8 +124,17 @@ impl Rewriter {
         pos
     }
 
-    /// Moves whatever is complete in `input` to `output`.
+    /// Moves whatever is complete in `input` to `output`; an emptied `input`
+    /// gives its room back, so an idle connection holds no buffer here.
     fn process(&mut self) -> io::Result<()> {
+        let r = self.parse();
+        if self.input.is_empty() {
+            self.input = BytesMut::new();
+        }
+        r
+    }
+
+    fn parse(&mut self) -> io::Result<()> {
         if self.phase == Phase::Preface {
             let n = self.input.len().min(PREFACE.len());
             if self.input[..n] != PREFACE[..n] {
@@ -298,9 +307,6 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for AuthorityFix<S> {
                     .extend_from_slice(&buf.filled()[start + keep..]);
                 buf.set_filled(start + keep);
                 this.rw.process()?;
-                if this.rw.input.is_empty() {
-                    this.rw.input = BytesMut::new();
-                }
                 if keep > 0 {
                     return Poll::Ready(Ok(()));
                 }
@@ -322,10 +328,6 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for AuthorityFix<S> {
                 continue;
             }
             this.rw.process()?;
-            if this.rw.input.is_empty() {
-                // What was read now lives in `output`: hold no spare room.
-                this.rw.input = BytesMut::new();
-            }
         }
     }
 }
