@@ -192,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
     // Churn and isolation on the same processes, one setup at a time (the
     // others stay up, idle).
     let mut rows = Vec::new();
+    let mut running = Vec::new();
     for (r, speed) in up {
         let kind = r.kind;
         eprintln!("== {}", kind.name());
@@ -220,18 +221,15 @@ async fn main() -> anyhow::Result<()> {
             "final".into(),
             json!({"server": rss(r.server_pid), "agent": rss(r.agent_pid)}),
         );
-        rows.push((kind, row, r));
+        rows.push((kind, row));
+        running.push(r);
     }
     // Every process above is gone before the concurrency rows, which start
     // fresh processes (bytes per connection must not depend on what earlier
     // rows left in the heap) with nothing else running.
-    let mut settled = Vec::new();
-    for (kind, row, r) in rows {
-        drop(r);
-        settled.push((kind, row));
-    }
+    drop(running);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for (kind, mut row) in settled {
+    for (kind, mut row) in rows {
         if want(&a, "concurrency") {
             for &n in &sz.conc {
                 eprintln!("== {} concurrency {n}", kind.name());
@@ -306,23 +304,11 @@ impl Speed {
         bytes: usize,
         t: Duration,
     ) {
-        let before = self.down_cpu.start(r);
-        let down = step("download", t, async {
-            workloads::download(r, d, bytes).await.map(|v| json!(v))
-        })
-        .await;
-        if down.is_number() {
-            self.down_cpu.finish(r, before, bytes);
-        }
+        let down = workloads::download(r, d, bytes);
+        let down = self.down_cpu.measure(r, "download", t, bytes, down).await;
         self.downs.push(down);
-        let before = self.up_cpu.start(r);
-        let up = step("upload", t, async {
-            workloads::upload(r, d, bytes).await.map(|v| json!(v))
-        })
-        .await;
-        if up.is_number() {
-            self.up_cpu.finish(r, before, bytes);
-        }
+        let up = workloads::upload(r, d, bytes);
+        let up = self.up_cpu.measure(r, "upload", t, bytes, up).await;
         self.ups.push(up);
     }
 
@@ -393,19 +379,29 @@ struct CpuPerGib {
 }
 
 impl CpuPerGib {
-    fn start(&self, r: &setup::Running) -> (Option<f64>, Option<f64>) {
-        (setup::cpu_secs(r.server_pid), setup::cpu_secs(r.agent_pid))
-    }
-
-    fn finish(&mut self, r: &setup::Running, before: (Option<f64>, Option<f64>), bytes: usize) {
-        let gib = bytes as f64 / f64::from(1u32 << 30);
-        let per_gib = |b: Option<f64>, pid| Some((setup::cpu_secs(pid)? - b?) * 1000.0 / gib);
-        if let Some(ms) = per_gib(before.0, r.server_pid) {
-            self.server.push(ms);
+    /// Runs one transfer of `bytes` as a step; its MB/s, or its error. The
+    /// CPU it cost is recorded only when it completed.
+    async fn measure(
+        &mut self,
+        r: &setup::Running,
+        name: &str,
+        t: Duration,
+        bytes: usize,
+        transfer: impl std::future::Future<Output = anyhow::Result<f64>>,
+    ) -> Value {
+        let before = (setup::cpu_secs(r.server_pid), setup::cpu_secs(r.agent_pid));
+        let v = step(name, t, async { transfer.await.map(|v| json!(v)) }).await;
+        if v.is_number() {
+            let gib = bytes as f64 / f64::from(1u32 << 30);
+            let per_gib = |b: Option<f64>, pid| Some((setup::cpu_secs(pid)? - b?) * 1000.0 / gib);
+            if let Some(ms) = per_gib(before.0, r.server_pid) {
+                self.server.push(ms);
+            }
+            if let Some(ms) = per_gib(before.1, r.agent_pid) {
+                self.agent.push(ms);
+            }
         }
-        if let Some(ms) = per_gib(before.1, r.agent_pid) {
-            self.agent.push(ms);
-        }
+        v
     }
 
     fn median(self) -> Value {
