@@ -42,9 +42,25 @@ impl Ca {
     /// Issues a leaf for `names` (DNS names or IP addresses) usable both as a
     /// server and as a client certificate; writes `<dir>/<file>.crt/.key`.
     pub fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> anyhow::Result<Leaf> {
+        self.issue_for(dir, file, file, None, names)
+    }
+
+    /// Like [`Ca::issue`], with subject common name `cn` and organization
+    /// `org` (Kubernetes reads them as user name and group).
+    pub fn issue_for(
+        &self,
+        dir: &Path,
+        file: &str,
+        cn: &str,
+        org: Option<&str>,
+        names: &[&str],
+    ) -> anyhow::Result<Leaf> {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-        params.distinguished_name.push(DnType::CommonName, file);
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(o) = org {
+            params.distinguished_name.push(DnType::OrganizationName, o);
+        }
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

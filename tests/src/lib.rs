@@ -4,6 +4,7 @@
 //! port 0, Unix sockets in temp dirs, or network namespaces the test creates.
 
 pub mod client;
+pub mod cluster;
 pub mod dest;
 pub mod inproc;
 pub mod pki;

@@ -24,6 +24,9 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
+/// Lines of a child's log kept in memory (the older half is dropped past it).
+const MAX_LOG_LINES: usize = 100_000;
+
 /// A child process whose stderr lines are collected.
 pub struct Proc {
     /// The child.
@@ -36,22 +39,27 @@ impl Proc {
     /// (e.g. `ip netns exec ns`), with JSON logs.
     pub fn spawn(wrapper: &[&str], args: &[String]) -> Proc {
         let bin = binary(&args[0]);
-        let mut cmd = if wrapper.is_empty() {
-            Command::new(&bin)
-        } else {
-            let mut c = Command::new(wrapper[0]);
-            c.args(&wrapper[1..]).arg(&bin);
-            c
-        };
-        cmd.args(&args[1..])
-            .arg("--log-format=json")
+        let mut argv: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        argv.push(bin.display().to_string());
+        argv.extend(args[1..].iter().cloned());
+        argv.push("--log-format=json".into());
+        Self::spawn_cmd(&argv, &[])
+    }
+
+    /// Starts any program: `argv[0]` with the rest as arguments and `env`
+    /// added. Its stderr lines are collected (stdout is discarded); it is
+    /// killed on drop.
+    pub fn spawn_cmd(argv: &[String], env: &[(&str, String)]) -> Proc {
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", argv.join(" ")));
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();
@@ -61,7 +69,12 @@ impl Proc {
                 if std::env::var_os("TEST_PROC_LOGS").is_some() {
                     eprintln!("{l}");
                 }
-                sink.lock().expect("log").push(l);
+                let mut log = sink.lock().expect("log");
+                // Long-running components log without end; keep the newest.
+                if log.len() >= MAX_LOG_LINES {
+                    log.drain(..MAX_LOG_LINES / 2);
+                }
+                log.push(l);
             }
         });
         Proc { child, log }

@@ -1,0 +1,103 @@
+//! Every certificate and key of the test cluster, from two throw-away CAs
+//! (the cluster CA and the aggregation layer's front-proxy CA).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use konnectivity_runtime::pki::{Ca, Leaf};
+
+use super::net::{NodeNet, CONTROL_PLANE_IP};
+
+/// The cluster's PKI, written into `dir`.
+pub struct ClusterPki {
+    /// The cluster CA (kube-apiserver clients, kubelets, the tunnel).
+    pub ca: PathBuf,
+    /// kube-apiserver's serving identity.
+    pub apiserver: Leaf,
+    /// `system:masters` client identity for kubectl, kwok and metrics-server.
+    pub admin: Leaf,
+    /// kube-apiserver's client identity towards kubelets.
+    pub kubelet_client: Leaf,
+    /// The service-account signing key (PKCS#8 PEM).
+    pub service_account_key: PathBuf,
+    /// The front-proxy CA (aggregated APIs authenticate kube-apiserver by it).
+    pub front_proxy_ca: PathBuf,
+    /// kube-apiserver's client identity towards aggregated APIs.
+    pub proxy_client: Leaf,
+    /// The tunnel server's identity (agent port and mTLS frontend).
+    pub tunnel_server: Leaf,
+    /// The agents' client identity.
+    pub tunnel_agent: Leaf,
+    /// kube-apiserver's client identity towards the mTLS frontend.
+    pub tunnel_frontend: Leaf,
+    ca_issuer: Ca,
+    dir: PathBuf,
+}
+
+/// The name of the front-proxy client certificate kube-apiserver presents.
+pub const PROXY_CLIENT_CN: &str = "front-proxy-client";
+
+impl ClusterPki {
+    /// Generates everything into `dir`.
+    pub fn new(dir: &Path) -> anyhow::Result<Self> {
+        let ca = Ca::new(dir, "cluster")?;
+        let cp = CONTROL_PLANE_IP.to_string();
+        let apiserver = ca.issue(
+            dir,
+            "apiserver",
+            &[
+                &cp,
+                "127.0.0.1",
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "198.51.100.225",
+            ],
+        )?;
+        let admin = ca.issue_for(dir, "admin", "admin", Some("system:masters"), &[])?;
+        let kubelet_client = ca.issue_for(
+            dir,
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            Some("system:masters"),
+            &[],
+        )?;
+        let sa = rcgen::KeyPair::generate()?;
+        let service_account_key = dir.join("sa.key");
+        std::fs::write(&service_account_key, sa.serialize_pem())?;
+        let front = Ca::new(dir, "front-proxy")?;
+        let proxy_client = front.issue(dir, PROXY_CLIENT_CN, &[])?;
+        let tunnel_server = ca.issue(
+            dir,
+            "konnectivity-server",
+            &[&cp, "127.0.0.1", "localhost"],
+        )?;
+        let tunnel_agent = ca.issue(dir, "konnectivity-agent", &["konnectivity-agent"])?;
+        let tunnel_frontend = ca.issue(dir, "konnectivity-client", &["kube-apiserver"])?;
+        Ok(ClusterPki {
+            ca: ca.cert.clone(),
+            apiserver,
+            admin,
+            kubelet_client,
+            service_account_key,
+            front_proxy_ca: front.cert.clone(),
+            proxy_client,
+            tunnel_server,
+            tunnel_agent,
+            tunnel_frontend,
+            ca_issuer: ca,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The serving certificate of `node`'s kubelet (for its InternalIP).
+    pub fn kubelet_serving(&self, node: &NodeNet) -> anyhow::Result<Leaf> {
+        self.serving(&format!("kubelet-{}", node.name), node.kubelet_ip)
+    }
+
+    /// A serving certificate from the cluster CA for `ip`.
+    pub fn serving(&self, file: &str, ip: Ipv4Addr) -> anyhow::Result<Leaf> {
+        self.ca_issuer.issue(&self.dir, file, &[&ip.to_string()])
+    }
+}
