@@ -6,6 +6,7 @@
 //! the gRPC frontend and through HTTP CONNECT on a Unix socket. Prints a table
 //! and writes JSON.
 
+mod cluster;
 mod setup;
 mod workloads;
 
@@ -20,7 +21,8 @@ use setup::{Binaries, Impl, SetupKind};
 #[command(about = "Tunnel benchmark: direct TCP vs ours vs upstream")]
 struct Args {
     /// What to run: all, or a comma-separated list of throughput, latency,
-    /// concurrency, churn, isolation
+    /// concurrency, churn, isolation; or `cluster` alone: kubectl through
+    /// each tunnel on a real control plane (needs `KUBE_E2E_BIN` and root)
     /// (`dest` is internal: the destination servers' own process).
     #[arg(default_value = "all")]
     what: String,
@@ -65,6 +67,19 @@ struct Args {
     /// `/proc/<pid>/smaps`. The step timeout must cover it.
     #[arg(long, value_parser = konnectivity_runtime::duration::parse)]
     hold_idle: Option<Duration>,
+    /// `cluster`: egress modes, comma-separated (grpc-uds, connect-uds,
+    /// connect-mtls).
+    #[arg(long, default_value = "grpc-uds,connect-uds")]
+    cluster_modes: String,
+    /// `cluster`: sequential `kubectl logs` for the latency row.
+    #[arg(long, default_value_t = 100)]
+    cluster_logs: usize,
+    /// `cluster`: MB sent through `kubectl exec -i`.
+    #[arg(long, default_value_t = 200)]
+    cluster_exec_mb: usize,
+    /// `cluster`: MB downloaded through `kubectl port-forward`.
+    #[arg(long, default_value_t = 100)]
+    cluster_port_forward_mb: usize,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results.json")]
     json: String,
@@ -139,6 +154,29 @@ async fn main() -> anyhow::Result<()> {
         let d = workloads::dests().await?;
         println!("{} {} {}", d.source, d.sink, d.echo);
         std::future::pending::<()>().await;
+    }
+    if a.what == "cluster" {
+        let modes = a
+            .cluster_modes
+            .split(',')
+            .map(|m| {
+                tests::cluster::Mode::ALL
+                    .into_iter()
+                    .find(|x| x.name() == m.trim())
+                    .ok_or_else(|| anyhow::anyhow!("unknown mode {m:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let rows = cluster::run(
+            &modes,
+            a.cluster_logs,
+            a.cluster_exec_mb,
+            a.cluster_port_forward_mb,
+        )
+        .await?;
+        let out = json!({"machine": machine(), "cluster": rows});
+        std::fs::write(&a.json, serde_json::to_string_pretty(&out)?)?;
+        eprintln!("JSON written to {}", a.json);
+        return Ok(());
     }
     let sz = sizes(&a)?;
     // Thousands of connections need thousands of descriptors (inherited by the

@@ -120,15 +120,19 @@ impl AgentIdentifiers {
     }
 
     /// Does this agent claim `host` (the host part of a dial address) as one of
-    /// its addresses or names?
+    /// its addresses or names? Addresses compare as addresses; a `host`
+    /// identifier matches its text, whatever it holds, so `host=10.0.0.5`
+    /// serves dials to 10.0.0.5 as it does upstream (which keys every
+    /// identifier by its string).
     pub fn serves_host(&self, host: &str) -> bool {
-        if let Ok(a) = host.parse::<Ipv4Addr>() {
-            return self.ipv4.contains(&a);
-        }
-        if let Ok(a) = host.parse::<Ipv6Addr>() {
-            return self.ipv6.contains(&a);
-        }
-        self.host.iter().any(|h| h.eq_ignore_ascii_case(host))
+        let by_address = if let Ok(a) = host.parse::<Ipv4Addr>() {
+            self.ipv4.contains(&a)
+        } else if let Ok(a) = host.parse::<Ipv6Addr>() {
+            self.ipv6.contains(&a)
+        } else {
+            false
+        };
+        by_address || self.host.iter().any(|h| h.eq_ignore_ascii_case(host))
     }
 }
 
@@ -188,6 +192,11 @@ mod tests {
         assert!(ids.serves_host("fd00:0::1"));
         assert!(ids.serves_host("node-1"));
         assert!(!ids.serves_host("node-2"));
+        // A host identifier holding an address (kube-apiserver dials nodes
+        // by InternalIP).
+        let ids = AgentIdentifiers::parse("host=198.51.100.7").unwrap();
+        assert!(ids.serves_host("198.51.100.7"));
+        assert!(!ids.serves_host("198.51.100.8"));
     }
 
     #[test]

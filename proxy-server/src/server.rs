@@ -30,6 +30,9 @@ const MAX_MESSAGE: usize = 16 << 20;
 /// window per round trip; these let one connection fill the link.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONN_WINDOW: u32 = 16 << 20;
+/// Streams a gRPC frontend connection may reset before the server accepted
+/// them (as many as one agent stream's pending dials).
+const FRONTEND_MAX_PENDING_RESETS: usize = 1024;
 
 /// Where the frontend listens, once bound.
 #[derive(Debug, Clone)]
@@ -225,7 +228,14 @@ impl BoundServer {
                     .initial_stream_window_size(Some(STREAM_WINDOW))
                     .initial_connection_window_size(Some(CONN_WINDOW))
                     .max_frame_size(Some(MAX_FRAME))
-                    .http2_keepalive_interval(Some(cfg.frontend_keepalive_time));
+                    .http2_keepalive_interval(Some(cfg.frontend_keepalive_time))
+                    // A reusable tunnel (konnectivity-client v0.37) carries
+                    // every dial as a stream of one connection; when a burst
+                    // of requests is cancelled, more than h2's default of 20
+                    // streams are reset before the server has accepted them,
+                    // and h2 would close the whole connection with every
+                    // open tunnel on it. Still bounded (rapid-reset abuse).
+                    .http2_max_pending_accept_reset_streams(Some(FRONTEND_MAX_PENDING_RESETS));
                 match listener {
                     FrontendListener::Unix(l, _) => {
                         let incoming = listen::unix_grpc_incoming(l, frontend_stop.clone());

@@ -25,6 +25,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -275,10 +276,14 @@ func setup(t *testing.T) (*pki, *server, string) {
 
 // --- dialing as kube-apiserver does ---------------------------------------
 
-// grpcOpts: the gRPC target is the socket path, reached by a "unix" dialer.
-func grpcOpts(uds string) []grpc.DialOption {
+// grpcOpts: the gRPC target is the socket path, reached by a "unix" dialer;
+// sockets, if not nil, counts the connections made.
+func grpcOpts(uds string, sockets *atomic.Int32) []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			if sockets != nil {
+				sockets.Add(1)
+			}
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", uds)
 		}),

@@ -143,7 +143,7 @@ impl ApiServer {
             format!("--tls-private-key-file={}", f(&pki.apiserver.key)),
             format!("--client-ca-file={}", f(&pki.ca)),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
-            format!("--service-account-key-file={}", f(&pki.service_account_key)),
+            format!("--service-account-key-file={}", f(&pki.service_account_pub)),
             format!(
                 "--service-account-signing-key-file={}",
                 f(&pki.service_account_key)
@@ -167,7 +167,7 @@ impl ApiServer {
             "--v=1".into(),
         ];
         let proc = Proc::spawn_cmd(&argv, &[]);
-        let api = ApiServer {
+        let mut api = ApiServer {
             url: format!("https://{cp}:{port}"),
             proc,
         };
@@ -176,6 +176,9 @@ impl ApiServer {
             let out = kubectl.run(&["get", "--raw", "/readyz"]).await;
             if out.ok() && out.stdout.trim() == "ok" {
                 return Ok(api);
+            }
+            if let Ok(Some(status)) = api.proc.child.try_wait() {
+                anyhow::bail!("kube-apiserver exited ({status}):\n{}", api.tail(10));
             }
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!(

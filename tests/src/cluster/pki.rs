@@ -20,6 +20,8 @@ pub struct ClusterPki {
     pub kubelet_client: Leaf,
     /// The service-account signing key (PKCS#8 PEM).
     pub service_account_key: PathBuf,
+    /// Its public key (what verifies the tokens).
+    pub service_account_pub: PathBuf,
     /// The front-proxy CA (aggregated APIs authenticate kube-apiserver by it).
     pub front_proxy_ca: PathBuf,
     /// kube-apiserver's client identity towards aggregated APIs.
@@ -66,6 +68,8 @@ impl ClusterPki {
         let sa = rcgen::KeyPair::generate()?;
         let service_account_key = dir.join("sa.key");
         std::fs::write(&service_account_key, sa.serialize_pem())?;
+        let service_account_pub = dir.join("sa.pub");
+        std::fs::write(&service_account_pub, sa.public_key_pem())?;
         let front = Ca::new(dir, "front-proxy")?;
         let proxy_client = front.issue(dir, PROXY_CLIENT_CN, &[])?;
         let tunnel_server = ca.issue(
@@ -81,6 +85,7 @@ impl ClusterPki {
             admin,
             kubelet_client,
             service_account_key,
+            service_account_pub,
             front_proxy_ca: front.cert.clone(),
             proxy_client,
             tunnel_server,
