@@ -121,7 +121,37 @@ impl Cluster {
             }
             self.start_metrics_server().await?;
         }
-        Ok(())
+        self.wait_metrics_api().await
+    }
+
+    /// Waits until the aggregator calls the metrics API available (it
+    /// reaches metrics-server through the tunnel).
+    async fn wait_metrics_api(&self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let out = self
+                .kubectl
+                .run(&[
+                    "get",
+                    "apiservice",
+                    "v1beta1.metrics.k8s.io",
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Available\")].status}",
+                ])
+                .await;
+            if out.stdout.trim() == "True" {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "metrics API not available after 90 s ({} {}); metrics-server log:\n{}",
+                    out.stdout,
+                    out.stderr,
+                    self.metrics_server_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     async fn start_metrics_server(&mut self) -> anyhow::Result<()> {
