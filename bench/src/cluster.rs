@@ -103,34 +103,29 @@ async fn port_forward(c: &Cluster, mb: usize) -> anyhow::Result<f64> {
         .and_then(|r| r.split_whitespace().next())
         .context("local port")?
         .to_string();
-    let mut s = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await?;
+    let s = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await?;
     let start = Instant::now();
-    s.write_all(format!("GET /pattern/{size} HTTP/1.1\r\nHost: pod\r\n\r\n").as_bytes())
+    let mut r = BufReader::new(s);
+    r.get_mut()
+        .write_all(format!("GET /pattern/{size} HTTP/1.1\r\nHost: pod\r\n\r\n").as_bytes())
         .await?;
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0usize;
-    let mut head = Vec::new();
-    // Headers first, then count body bytes.
     loop {
-        let k = s.read(&mut buf).await?;
-        if k == 0 {
-            bail!("port-forward closed after {got} bytes");
+        let mut h = String::new();
+        if r.read_line(&mut h).await? == 0 {
+            bail!("port-forward closed in the response headers");
         }
-        if head.len() < 4096 && got == 0 {
-            head.extend_from_slice(&buf[..k]);
-            if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                got = head.len() - (i + 4);
-                if got >= size {
-                    break;
-                }
-                continue;
-            }
-            continue;
-        }
-        got += k;
-        if got >= size {
+        if h == "\r\n" {
             break;
         }
+    }
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0usize;
+    while got < size {
+        let k = r.read(&mut buf).await?;
+        if k == 0 {
+            bail!("port-forward closed after {got} of {size} bytes");
+        }
+        got += k;
     }
     let secs = start.elapsed().as_secs_f64();
     let _ = child.kill().await;

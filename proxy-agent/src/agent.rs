@@ -167,9 +167,17 @@ impl BoundAgent {
 }
 
 fn backoff(cfg: &Config) -> impl Iterator<Item = Duration> {
+    delays(cfg.sync_interval, cfg.sync_interval_cap)
+}
+
+/// Exponential delays from `min` to `max` with jitter. The jitter generator
+/// is seeded per process and per sequence (backon's `std` feature): with a
+/// fixed seed every agent of a fleet would retry in lockstep after a server
+/// restart.
+fn delays(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
-        .with_min_delay(cfg.sync_interval)
-        .with_max_delay(cfg.sync_interval_cap)
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()
@@ -258,5 +266,22 @@ async fn supervise(s: &Arc<Settings>, links: &Links, shutdown: &Shutdown) {
                 _ = shutdown.graceful.cancelled() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_jitter_differs_between_sequences() {
+        let a: Vec<Duration> = delays(Duration::from_secs(1), Duration::from_secs(10))
+            .take(6)
+            .collect();
+        let b: Vec<Duration> = delays(Duration::from_secs(1), Duration::from_secs(10))
+            .take(6)
+            .collect();
+        assert_ne!(a, b, "two agents would retry in lockstep");
+        assert!(a.iter().all(|d| *d >= Duration::from_secs(1)));
     }
 }

@@ -63,9 +63,14 @@ pub fn init(format: Format, verbosity: u8) {
     // A log line that cannot be written (stderr is a pipe whose reader went
     // away) is dropped. The default would report it with `eprintln!`, which
     // panics on that same broken stderr and takes the task down with it.
+    // Colour only on a terminal: a log file or a collector's pipe gets plain
+    // text (`NO_COLOR` turns it off on a terminal too).
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .log_internal_errors(false)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         Format::Text => builder.try_init(),

@@ -10,18 +10,24 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// Path of a workspace binary in the same target directory as this test.
+/// Path of a workspace binary in the same target directory as this test (or
+/// as the bench program).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/test-xxxx -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} not built; run `cargo build --bins` first",
-        p.display()
-    );
-    p
+    // A test runs as target/<profile>/deps/test-xxxx, the bench program as
+    // target/<profile>/bench; binaries are in target/<profile>/.
+    let dir = exe.parent().expect("exe dir");
+    let candidates = [dir.to_path_buf(), dir.parent().expect("target dir").to_path_buf()];
+    candidates
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not built in {}; run `cargo build --bins` first",
+                candidates[1].display()
+            )
+        })
 }
 
 /// Lines of a child's log kept in memory (the older half is dropped past it).

@@ -256,3 +256,55 @@ async fn sigterm_still_stops_both_binaries_when_stderr_is_a_broken_pipe() {
         assert!(exited.success(), "{}: {exited:?}", args[0]);
     }
 }
+
+#[tokio::test]
+async fn text_logs_to_a_pipe_carry_no_colour_codes_and_agents_retry_apart() {
+    // Two agents with no server to reach: both log their retries, as text,
+    // into a pipe (as into a log collector).
+    let pki = Pki::new();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let mut logs = Vec::new();
+    for id in ["a", "b"] {
+        let mut args = Agent::args(&pki, addr, id, &["--sync-interval=1s", "--sync-interval-cap=10s"]);
+        let bin = binary(&args.remove(0));
+        let mut child = tokio::process::Command::new(bin)
+            .args(&args)
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut err = child.stderr.take().unwrap();
+        logs.push(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Three retries are logged within about 1 + 2 + 4 s.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+            while String::from_utf8_lossy(&out).matches("retry_in").count() < 3 {
+                match tokio::time::timeout_at(deadline, err.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            drop(child);
+            String::from_utf8_lossy(&out).into_owned()
+        }));
+    }
+    let mut delays = Vec::new();
+    for l in logs {
+        let text = l.await.unwrap();
+        assert!(!text.contains('\u{1b}'), "terminal escape codes in a piped log:\n{text}");
+        let d: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split("retry_in=").nth(1))
+            .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+            .collect();
+        assert!(d.len() >= 2, "retries not logged:\n{text}");
+        delays.push(d);
+    }
+    // Jitter is seeded per process: a fleet restarted together does not
+    // retry in lockstep.
+    assert_ne!(delays[0], delays[1], "two agents retried with identical delays");
+}
