@@ -12,27 +12,50 @@ use tests::cluster::{self, Bins, Cluster, Mode, Side, Tunnel};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Runs the cluster rows for `modes` and prints their table.
-pub async fn run(modes: &[Mode], logs_iters: usize, exec_mb: usize, pf_mb: usize) -> anyhow::Result<Value> {
+pub async fn run(
+    modes: &[Mode],
+    logs_iters: usize,
+    exec_mb: usize,
+    pf_mb: usize,
+) -> anyhow::Result<Value> {
     if let Some(why) = cluster::unavailable() {
         bail!("the cluster rows cannot run: {why}");
     }
-    let bins = Bins(std::env::var_os("KUBE_E2E_BIN").context("KUBE_E2E_BIN")?.into());
+    let bins = Bins(
+        std::env::var_os("KUBE_E2E_BIN")
+            .context("KUBE_E2E_BIN")?
+            .into(),
+    );
     let mut c = Cluster::prepare(bins, 2).await?;
     let mut rows = Vec::new();
     for &mode in modes {
         for side in [Side::Ours, Side::Upstream] {
             let name = format!("{} {}", side.name(), mode.name());
             eprintln!("== cluster {name}");
-            let t = Tunnel::start(&c.bins, c.dir.path(), &c.pki, mode, side, side, &c.net.nodes).await?;
+            let t = Tunnel::start(
+                &c.bins,
+                c.dir.path(),
+                &c.pki,
+                mode,
+                side,
+                side,
+                &c.net.nodes,
+            )
+            .await?;
             c.start_apiserver(&t.egress).await?;
             // One warm-up request so kube-apiserver's first-use costs are not
             // in the figures.
-            c.kubectl.run(&["logs", &c.nodes[0].pod]).await.checked("warm-up")?;
+            c.kubectl
+                .run(&["logs", &c.nodes[0].pod])
+                .await
+                .checked("warm-up")?;
             let logs = logs_latency(&c, logs_iters).await?;
             let exec = exec_stdin(&c, exec_mb).await?;
             let pf = port_forward(&c, pf_mb).await?;
-            rows.push(json!({"setup": name, "logs_p50_ms": logs.0, "logs_p99_ms": logs.1,
-                "exec_mb_s": exec, "port_forward_mb_s": pf}));
+            rows.push(
+                json!({"setup": name, "logs_p50_ms": logs.0, "logs_p99_ms": logs.1,
+                "exec_mb_s": exec, "port_forward_mb_s": pf}),
+            );
             drop(t);
         }
     }
@@ -74,7 +97,11 @@ async fn exec_stdin(c: &Cluster, mb: usize) -> anyhow::Result<f64> {
     let start = Instant::now();
     let out = c
         .kubectl
-        .run_with(&["exec", "-i", &c.nodes[0].pod, "--", "sh", "-c", &script], &[], Some(&data))
+        .run_with(
+            &["exec", "-i", &c.nodes[0].pod, "--", "sh", "-c", &script],
+            &[],
+            Some(&data),
+        )
         .await
         .checked("kubectl exec -i")?;
     let secs = start.elapsed().as_secs_f64();
@@ -87,10 +114,15 @@ async fn exec_stdin(c: &Cluster, mb: usize) -> anyhow::Result<f64> {
 async fn port_forward(c: &Cluster, mb: usize) -> anyhow::Result<f64> {
     let size = mb * 1_000_000;
     let mut cmd = c.kubectl.command(
-        &["port-forward", &format!("pod/{}", c.nodes[0].pod), &format!(":{}", cluster::node::POD_PORT)],
+        &[
+            "port-forward",
+            &format!("pod/{}", c.nodes[0].pod),
+            &format!(":{}", cluster::node::POD_PORT),
+        ],
         &[],
     );
-    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
     let mut child = cmd.spawn()?;
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
     let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())

@@ -17,7 +17,10 @@ pub fn binary(name: &str) -> PathBuf {
     // A test runs as target/<profile>/deps/test-xxxx, the bench program as
     // target/<profile>/bench; binaries are in target/<profile>/.
     let dir = exe.parent().expect("exe dir");
-    let candidates = [dir.to_path_buf(), dir.parent().expect("target dir").to_path_buf()];
+    let candidates = [
+        dir.to_path_buf(),
+        dir.parent().expect("target dir").to_path_buf(),
+    ];
     candidates
         .iter()
         .map(|d| d.join(name))

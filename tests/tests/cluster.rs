@@ -128,7 +128,12 @@ async fn run() -> Report {
         }
     };
     report
-        .case("network", "the control plane cannot reach a kubelet directly", Duration::from_secs(20), direct_path_fails(&cluster))
+        .case(
+            "network",
+            "the control plane cannot reach a kubelet directly",
+            Duration::from_secs(20),
+            direct_path_fails(&cluster),
+        )
         .await;
     for setup in setups() {
         run_setup(&mut cluster, setup, &mut report).await;
@@ -181,35 +186,95 @@ async fn run_setup(cluster: &mut Cluster, setup: Setup, report: &mut Report) {
         })
         .await;
 
-    report.case(&name, "logs (exact lines, both nodes)", short, logs_exact(c)).await;
+    report
+        .case(
+            &name,
+            "logs (exact lines, both nodes)",
+            short,
+            logs_exact(c),
+        )
+        .await;
     for ws in [true, false] {
         let via = if ws { "WebSocket" } else { "SPDY" };
         report
-            .case(&name, &format!("exec runs in the node's namespace ({via})"), short, exec_netns(c, n1, ws))
+            .case(
+                &name,
+                &format!("exec runs in the node's namespace ({via})"),
+                short,
+                exec_netns(c, n1, ws),
+            )
             .await;
         report
-            .case(&name, &format!("exec -i with 50 MB of stdin ({via})"), Duration::from_secs(180), exec_stdin(c, n1, ws, 50 << 20))
+            .case(
+                &name,
+                &format!("exec -i with 50 MB of stdin ({via})"),
+                Duration::from_secs(180),
+                exec_stdin(c, n1, ws, 50 << 20),
+            )
             .await;
         report
-            .case(&name, &format!("exec -it with a terminal ({via})"), short, exec_tty(c, n2, ws))
+            .case(
+                &name,
+                &format!("exec -it with a terminal ({via})"),
+                short,
+                exec_tty(c, n2, ws),
+            )
             .await;
     }
-    report.case(&name, "cp from the pod, byte-identical", short, cp_from(c, n1)).await;
-    report.case(&name, "cp into the pod, byte-identical", short, cp_into(c, n2)).await;
+    report
+        .case(
+            &name,
+            "cp from the pod, byte-identical",
+            short,
+            cp_from(c, n1),
+        )
+        .await;
+    report
+        .case(
+            &name,
+            "cp into the pod, byte-identical",
+            short,
+            cp_into(c, n2),
+        )
+        .await;
     report.case(&name, "attach", short, attach(c, n1)).await;
     report
-        .case(&name, "port-forward: 100 MB hash-checked, 8 parallel requests", Duration::from_secs(180), port_forward(c, n2))
+        .case(
+            &name,
+            "port-forward: 100 MB hash-checked, 8 parallel requests",
+            Duration::from_secs(180),
+            port_forward(c, n2),
+        )
         .await;
-    report.case(&name, "nodes/proxy", short, nodes_proxy(c)).await;
-    report.case(&name, "top node / top pod (aggregated API)", Duration::from_secs(120), top(c)).await;
     report
-        .case(&name, "egress dial metrics rise, no dial failures", short, egress_metrics(c, &tunnel, dials_before))
+        .case(&name, "nodes/proxy", short, nodes_proxy(c))
         .await;
     report
-        .case(&name, "logs -f survives a minute idle", Duration::from_secs(120), async {
-            let f = follow.take().context("logs -f did not start")?;
-            f.after_idle(n2, Duration::from_secs(60)).await
-        })
+        .case(
+            &name,
+            "top node / top pod (aggregated API)",
+            Duration::from_secs(120),
+            top(c),
+        )
+        .await;
+    report
+        .case(
+            &name,
+            "egress dial metrics rise, no dial failures",
+            short,
+            egress_metrics(c, &tunnel, dials_before),
+        )
+        .await;
+    report
+        .case(
+            &name,
+            "logs -f survives a minute idle",
+            Duration::from_secs(120),
+            async {
+                let f = follow.take().context("logs -f did not start")?;
+                f.after_idle(n2, Duration::from_secs(60)).await
+            },
+        )
         .await;
     drop(follow);
 
@@ -217,7 +282,12 @@ async fn run_setup(cluster: &mut Cluster, setup: Setup, report: &mut Report) {
         .case(&name, "routing and agent loss: node 2's agent killed -> node 2 fails fast, node 1 works; back -> works", Duration::from_secs(90), agent_killed(c, &mut tunnel))
         .await;
     report
-        .case(&name, "server restarted -> works again without restarting kube-apiserver", Duration::from_secs(120), server_restart(c, &mut tunnel))
+        .case(
+            &name,
+            "server restarted -> works again without restarting kube-apiserver",
+            Duration::from_secs(120),
+            server_restart(c, &mut tunnel),
+        )
         .await;
 }
 
@@ -226,23 +296,41 @@ async fn run_setup(cluster: &mut Cluster, setup: Setup, report: &mut Report) {
 async fn direct_path_fails(c: &Cluster) -> anyhow::Result<()> {
     for n in &c.nodes {
         let addr = format!("{}:10250", n.net.kubelet_ip);
-        let r = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await;
-        ensure!(!matches!(r, Ok(Ok(_))), "the control plane reached {addr} directly");
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await;
+        ensure!(
+            !matches!(r, Ok(Ok(_))),
+            "the control plane reached {addr} directly"
+        );
         // ... while the node itself serves it.
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &n.net.netns, "bash", "-c"])
             .arg(format!("exec 3<>/dev/tcp/{}/10250", n.net.kubelet_ip))
             .output()?;
-        ensure!(out.status.success(), "kubelet {addr} not listening in its node namespace");
+        ensure!(
+            out.status.success(),
+            "kubelet {addr} not listening in its node namespace"
+        );
     }
     Ok(())
 }
 
 async fn logs_exact(c: &Cluster) -> anyhow::Result<()> {
     for n in &c.nodes {
-        let out = c.kubectl.run(&["logs", &n.pod]).await.checked("kubectl logs")?;
+        let out = c
+            .kubectl
+            .run(&["logs", &n.pod])
+            .await
+            .checked("kubectl logs")?;
         let want: String = n.log_lines().iter().map(|l| format!("{l}\n")).collect();
-        ensure!(out == want, "kubectl logs {}: got {out:?}, want {want:?}", n.pod);
+        ensure!(
+            out == want,
+            "kubectl logs {}: got {out:?}, want {want:?}",
+            n.pod
+        );
     }
     Ok(())
 }
@@ -258,11 +346,18 @@ fn ws_env(ws: bool) -> Vec<(&'static str, &'static str)> {
 async fn exec_netns(c: &Cluster, n: &Node, ws: bool) -> anyhow::Result<()> {
     let out = c
         .kubectl
-        .run_with(&["exec", &n.pod, "--", "readlink", "/proc/self/ns/net"], &ws_env(ws), None)
+        .run_with(
+            &["exec", &n.pod, "--", "readlink", "/proc/self/ns/net"],
+            &ws_env(ws),
+            None,
+        )
         .await
         .checked("kubectl exec")?;
     let want = n.netns_id();
-    ensure!(out.trim() == want, "exec ran in {out:?}, the node's namespace is {want:?}");
+    ensure!(
+        out.trim() == want,
+        "exec ran in {out:?}, the node's namespace is {want:?}"
+    );
     Ok(())
 }
 
@@ -274,10 +369,17 @@ async fn exec_stdin(c: &Cluster, n: &Node, ws: bool, size: usize) -> anyhow::Res
     let script = format!("head -c {size} | sha256sum");
     let out = c
         .kubectl
-        .run_with(&["exec", "-i", &n.pod, "--", "sh", "-c", &script], &ws_env(ws), Some(&data))
+        .run_with(
+            &["exec", "-i", &n.pod, "--", "sh", "-c", &script],
+            &ws_env(ws),
+            Some(&data),
+        )
         .await
         .checked("kubectl exec -i")?;
-    ensure!(out.starts_with(&want), "sha256 on the node {out:?}, sent {want}");
+    ensure!(
+        out.starts_with(&want),
+        "sha256 on the node {out:?}, sent {want}"
+    );
     Ok(())
 }
 
@@ -319,7 +421,11 @@ async fn cp_from(c: &Cluster, n: &Node) -> anyhow::Result<()> {
     let local = c.dir.path().join("copied-from-pod.bin");
     let _ = std::fs::remove_file(&local);
     c.kubectl
-        .run(&["cp", &format!("default/{}:from-pod.bin", n.pod), &local.display().to_string()])
+        .run(&[
+            "cp",
+            &format!("default/{}:from-pod.bin", n.pod),
+            &local.display().to_string(),
+        ])
         .await
         .checked("kubectl cp from the pod")?;
     let got = std::fs::read(&local)?;
@@ -343,11 +449,19 @@ async fn cp_into(c: &Cluster, n: &Node) -> anyhow::Result<()> {
     let remote = n.rootfs.join("into-pod.bin");
     let _ = std::fs::remove_file(&remote);
     c.kubectl
-        .run(&["cp", &local.display().to_string(), &format!("default/{}:into-pod.bin", n.pod)])
+        .run(&[
+            "cp",
+            &local.display().to_string(),
+            &format!("default/{}:into-pod.bin", n.pod),
+        ])
         .await
         .checked("kubectl cp into the pod")?;
     let got = std::fs::read(&remote).context("file on the node")?;
-    ensure!(tests::sha256_hex(&got) == tests::sha256_hex(&data), "content differs ({} bytes)", got.len());
+    ensure!(
+        tests::sha256_hex(&got) == tests::sha256_hex(&data),
+        "content differs ({} bytes)",
+        got.len()
+    );
     Ok(())
 }
 
@@ -366,8 +480,14 @@ impl Streaming {
         let mut child = cmd.spawn()?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         for pipe in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
         ]
         .into_iter()
         .flatten()
@@ -399,10 +519,16 @@ impl Streaming {
                 return Ok(l);
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("kubectl exited ({status}) before {needle:?}; output: {:?}", self.lines.lock().expect("lines"));
+                bail!(
+                    "kubectl exited ({status}) before {needle:?}; output: {:?}",
+                    self.lines.lock().expect("lines")
+                );
             }
             if Instant::now() > deadline {
-                bail!("no {needle:?} within {limit:?}; output: {:?}", self.lines.lock().expect("lines"));
+                bail!(
+                    "no {needle:?} within {limit:?}; output: {:?}",
+                    self.lines.lock().expect("lines")
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -461,17 +587,24 @@ async fn attach(c: &Cluster, n: &Node) -> anyhow::Result<()> {
             return Ok(());
         }
         if let Ok(Some(status)) = s.child.try_wait() {
-            bail!("kubectl attach exited: {status}; output: {:?}", s.lines.lock().expect("lines"));
+            bail!(
+                "kubectl attach exited: {status}; output: {:?}",
+                s.lines.lock().expect("lines")
+            );
         }
         if Instant::now() > deadline {
-            bail!("nothing attached within 30 s; output: {:?}", s.lines.lock().expect("lines"));
+            bail!(
+                "nothing attached within 30 s; output: {:?}",
+                s.lines.lock().expect("lines")
+            );
         }
     }
 }
 
 async fn http_pattern(addr: &str, n: usize) -> anyhow::Result<()> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET /pattern/{n} HTTP/1.1\r\nHost: pod\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET /pattern/{n} HTTP/1.1\r\nHost: pod\r\n\r\n").as_bytes())
+        .await?;
     let mut r = BufReader::new(s);
     let mut status = String::new();
     r.read_line(&mut status).await?;
@@ -491,7 +624,11 @@ async fn http_pattern(addr: &str, n: usize) -> anyhow::Result<()> {
         let k = r.read(&mut got_buf[..left.min(64 << 10)]).await?;
         ensure!(k > 0, "body ended {left} bytes early");
         want.fill(&mut want_buf[..k]);
-        ensure!(got_buf[..k] == want_buf[..k], "body differs at byte {}", n - left);
+        ensure!(
+            got_buf[..k] == want_buf[..k],
+            "body differs at byte {}",
+            n - left
+        );
         left -= k;
     }
     Ok(())
@@ -499,8 +636,17 @@ async fn http_pattern(addr: &str, n: usize) -> anyhow::Result<()> {
 
 async fn port_forward(c: &Cluster, n: &Node) -> anyhow::Result<()> {
     let port = cluster::node::POD_PORT.to_string();
-    let mut s = Streaming::start(c, &["port-forward", &format!("pod/{}", n.pod), &format!(":{port}")])?;
-    let line = s.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20)).await?;
+    let mut s = Streaming::start(
+        c,
+        &[
+            "port-forward",
+            &format!("pod/{}", n.pod),
+            &format!(":{port}"),
+        ],
+    )?;
+    let line = s
+        .wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20))
+        .await?;
     let local = line
         .split("127.0.0.1:")
         .nth(1)
@@ -508,11 +654,15 @@ async fn port_forward(c: &Cluster, n: &Node) -> anyhow::Result<()> {
         .context("local port")?
         .to_string();
     let addr = format!("127.0.0.1:{local}");
-    http_pattern(&addr, 100_000_000).await.context("100 MB download")?;
+    http_pattern(&addr, 100_000_000)
+        .await
+        .context("100 MB download")?;
     let mut tasks = Vec::new();
     for i in 0..8 {
         let addr = addr.clone();
-        tasks.push(tokio::spawn(async move { http_pattern(&addr, (4 << 20) + i).await }));
+        tasks.push(tokio::spawn(async move {
+            http_pattern(&addr, (4 << 20) + i).await
+        }));
     }
     for (i, t) in tasks.into_iter().enumerate() {
         t.await?.with_context(|| format!("parallel request {i}"))?;
@@ -522,9 +672,19 @@ async fn port_forward(c: &Cluster, n: &Node) -> anyhow::Result<()> {
 
 async fn nodes_proxy(c: &Cluster) -> anyhow::Result<()> {
     for n in &c.nodes {
-        let path = format!("/api/v1/nodes/{0}/proxy/metrics/nodes/{0}/metrics/resource", n.net.name);
-        let out = c.kubectl.run(&["get", "--raw", &path]).await.checked("nodes/proxy")?;
-        ensure!(out.contains("node_cpu_usage_seconds_total"), "{path}: {out:.300}");
+        let path = format!(
+            "/api/v1/nodes/{0}/proxy/metrics/nodes/{0}/metrics/resource",
+            n.net.name
+        );
+        let out = c
+            .kubectl
+            .run(&["get", "--raw", &path])
+            .await
+            .checked("nodes/proxy")?;
+        ensure!(
+            out.contains("node_cpu_usage_seconds_total"),
+            "{path}: {out:.300}"
+        );
     }
     Ok(())
 }
@@ -533,10 +693,15 @@ async fn top(c: &Cluster) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(110);
     loop {
         let nodes = c.kubectl.run(&["top", "node", "--no-headers"]).await;
-        let pods = c.kubectl.run(&["top", "pod", "--no-headers", "-n", "default"]).await;
+        let pods = c
+            .kubectl
+            .run(&["top", "pod", "--no-headers", "-n", "default"])
+            .await;
         let ok = nodes.ok()
             && pods.ok()
-            && c.nodes.iter().all(|n| nodes.stdout.contains(&n.net.name) && pods.stdout.contains(&n.pod));
+            && c.nodes
+                .iter()
+                .all(|n| nodes.stdout.contains(&n.net.name) && pods.stdout.contains(&n.pod));
         if ok {
             return Ok(());
         }
@@ -564,9 +729,18 @@ fn tail(s: &str, n: usize) -> String {
 async fn egress_dials(c: &Cluster, t: &Tunnel) -> anyhow::Result<(f64, f64, String)> {
     let (protocol, transport) = t.egress.metric_labels();
     let labels = [("protocol", protocol), ("transport", transport)];
-    let text = c.kubectl.run(&["get", "--raw", "/metrics"]).await.checked("kube-apiserver /metrics")?;
-    let dials = cluster::metric_sum(&text, "apiserver_egress_dialer_dial_duration_seconds_count", &labels);
-    let failures = cluster::metric_sum(&text, "apiserver_egress_dialer_dial_failure_count", &labels);
+    let text = c
+        .kubectl
+        .run(&["get", "--raw", "/metrics"])
+        .await
+        .checked("kube-apiserver /metrics")?;
+    let dials = cluster::metric_sum(
+        &text,
+        "apiserver_egress_dialer_dial_duration_seconds_count",
+        &labels,
+    );
+    let failures =
+        cluster::metric_sum(&text, "apiserver_egress_dialer_dial_failure_count", &labels);
     Ok((dials, failures, text))
 }
 
@@ -586,13 +760,20 @@ async fn egress_metrics(c: &Cluster, t: &Tunnel, before: (f64, f64)) -> anyhow::
         before.1,
         grep(&text, "apiserver_egress_dialer_dial_failure_count{"),
         tail(&t.server.logs().join("\n"), 15),
-        t.agents.iter().map(|a| tail(&a.logs().join("\n"), 15)).collect::<Vec<_>>().join("\n---\n")
+        t.agents
+            .iter()
+            .map(|a| tail(&a.logs().join("\n"), 15))
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     );
     Ok(())
 }
 
 fn grep(text: &str, needle: &str) -> String {
-    text.lines().filter(|l| l.contains(needle)).collect::<Vec<_>>().join("\n")
+    text.lines()
+        .filter(|l| l.contains(needle))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 async fn agent_killed(c: &Cluster, t: &mut Tunnel) -> anyhow::Result<()> {
@@ -601,7 +782,11 @@ async fn agent_killed(c: &Cluster, t: &mut Tunnel) -> anyhow::Result<()> {
     let without = async {
         t.wait_agents_exactly(1).await?;
         let out = c.kubectl.run(&["logs", &n2.pod]).await;
-        ensure!(!out.ok(), "kubectl logs on node 2 worked without its agent: {:?}", out.stdout);
+        ensure!(
+            !out.ok(),
+            "kubectl logs on node 2 worked without its agent: {:?}",
+            out.stdout
+        );
         // kube-apiserver words it `error dialing backend: ...` for upgrades;
         // for plain requests it passes the gRPC proxy's `No agent available`
         // through, or says `proxy error from <proxy> while dialing <node>,
@@ -609,14 +794,25 @@ async fn agent_killed(c: &Cluster, t: &mut Tunnel) -> anyhow::Result<()> {
         let addr = format!("{}:10250", n2.net.kubelet_ip);
         ensure!(
             out.stderr.contains(&addr)
-                && ["error dialing backend", "No agent available", "proxy error from"]
-                    .iter()
-                    .any(|m| out.stderr.contains(m)),
+                && [
+                    "error dialing backend",
+                    "No agent available",
+                    "proxy error from"
+                ]
+                .iter()
+                .any(|m| out.stderr.contains(m)),
             "node 2 without agent: {:?}",
             out.stderr
         );
-        ensure!(out.elapsed < Duration::from_secs(2), "node 2 without agent took {:?} to fail", out.elapsed);
-        c.kubectl.run(&["logs", &n1.pod]).await.checked("node 1 while node 2's agent is down")?;
+        ensure!(
+            out.elapsed < Duration::from_secs(2),
+            "node 2 without agent took {:?} to fail",
+            out.elapsed
+        );
+        c.kubectl
+            .run(&["logs", &n1.pod])
+            .await
+            .checked("node 1 while node 2's agent is down")?;
         Ok(())
     }
     .await;
@@ -624,7 +820,10 @@ async fn agent_killed(c: &Cluster, t: &mut Tunnel) -> anyhow::Result<()> {
     t.start_agent(1, &c.pki, &n2.net);
     t.wait_agents(2).await?;
     without?;
-    c.kubectl.run(&["logs", &n2.pod]).await.checked("node 2 after its agent is back")?;
+    c.kubectl
+        .run(&["logs", &n2.pod])
+        .await
+        .checked("node 2 after its agent is back")?;
     Ok(())
 }
 
@@ -638,7 +837,10 @@ async fn server_restart(c: &Cluster, t: &mut Tunnel) -> anyhow::Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("kubectl logs still failing after the server restart: {}", out.stderr);
+            bail!(
+                "kubectl logs still failing after the server restart: {}",
+                out.stderr
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -267,7 +267,12 @@ async fn text_logs_to_a_pipe_carry_no_colour_codes_and_agents_retry_apart() {
     drop(closed);
     let mut logs = Vec::new();
     for id in ["a", "b"] {
-        let mut args = Agent::args(&pki, addr, id, &["--sync-interval=1s", "--sync-interval-cap=10s"]);
+        let mut args = Agent::args(
+            &pki,
+            addr,
+            id,
+            &["--sync-interval=1s", "--sync-interval-cap=10s"],
+        );
         let bin = binary(&args.remove(0));
         let mut child = tokio::process::Command::new(bin)
             .args(&args)
@@ -295,7 +300,10 @@ async fn text_logs_to_a_pipe_carry_no_colour_codes_and_agents_retry_apart() {
     let mut delays = Vec::new();
     for l in logs {
         let text = l.await.unwrap();
-        assert!(!text.contains('\u{1b}'), "terminal escape codes in a piped log:\n{text}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "terminal escape codes in a piped log:\n{text}"
+        );
         let d: Vec<String> = text
             .lines()
             .filter_map(|l| l.split("retry_in=").nth(1))
@@ -306,5 +314,8 @@ async fn text_logs_to_a_pipe_carry_no_colour_codes_and_agents_retry_apart() {
     }
     // Jitter is seeded per process: a fleet restarted together does not
     // retry in lockstep.
-    assert_ne!(delays[0], delays[1], "two agents retried with identical delays");
+    assert_ne!(
+        delays[0], delays[1],
+        "two agents retried with identical delays"
+    );
 }

@@ -40,8 +40,11 @@ async fn main() -> anyhow::Result<()> {
                     None => {
                         let body = "pod-http";
                         w.write_all(
-                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-                                .as_bytes(),
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
                         )
                         .await
                     }

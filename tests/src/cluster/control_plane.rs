@@ -153,7 +153,10 @@ impl ApiServer {
             "--disable-admission-plugins=ServiceAccount".into(),
             "--kubelet-preferred-address-types=InternalIP".into(),
             format!("--kubelet-certificate-authority={}", f(&pki.ca)),
-            format!("--kubelet-client-certificate={}", f(&pki.kubelet_client.cert)),
+            format!(
+                "--kubelet-client-certificate={}",
+                f(&pki.kubelet_client.cert)
+            ),
             format!("--kubelet-client-key={}", f(&pki.kubelet_client.key)),
             format!("--egress-selector-config-file={}", f(&egress_file)),
             format!("--requestheader-client-ca-file={}", f(&pki.front_proxy_ca)),
@@ -281,7 +284,12 @@ impl Kubectl {
     }
 
     /// Runs kubectl with extra environment and optional standard input.
-    pub async fn run_with(&self, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
+    pub async fn run_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: Option<&[u8]>,
+    ) -> Output {
         let start = std::time::Instant::now();
         let mut c = self.command(args, env);
         c.stdin(if stdin.is_some() {
@@ -325,7 +333,11 @@ impl Kubectl {
             Err(_) => Output {
                 code: None,
                 stdout: String::new(),
-                stderr: format!("kubectl {} timed out after {:?}", args.join(" "), self.timeout),
+                stderr: format!(
+                    "kubectl {} timed out after {:?}",
+                    args.join(" "),
+                    self.timeout
+                ),
                 elapsed: start.elapsed(),
             },
         }

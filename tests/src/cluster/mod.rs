@@ -106,7 +106,9 @@ impl Cluster {
                 .0
                 .parent()
                 .map(|p| p.join("kwok-config"))
-                .ok_or_else(|| anyhow::anyhow!("no kwok-config beside {}", self.bins.0.display()))?;
+                .ok_or_else(|| {
+                    anyhow::anyhow!("no kwok-config beside {}", self.bins.0.display())
+                })?;
             for n in self.net.nodes.clone() {
                 let node = Node::start(
                     &self.bins,
@@ -165,7 +167,10 @@ impl Cluster {
             format!("--authorization-kubeconfig={kc}"),
             format!("--bind-address={}", n.kubelet_ip),
             format!("--secure-port={METRICS_SERVER_PORT}"),
-            format!("--cert-dir={}", self.dir.path().join("metrics-server").display()),
+            format!(
+                "--cert-dir={}",
+                self.dir.path().join("metrics-server").display()
+            ),
             "--kubelet-insecure-tls".into(),
             "--kubelet-use-node-status-port".into(),
             "--kubelet-preferred-address-types=InternalIP".into(),
@@ -257,9 +262,11 @@ fn nix_root() -> bool {
 pub async fn http_get(addr: &str, path: &str) -> Option<String> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.ok()?;
         let text = String::from_utf8_lossy(&out).into_owned();
@@ -267,12 +274,18 @@ pub async fn http_get(addr: &str, path: &str) -> Option<String> {
         if !head.starts_with("HTTP/1.1 200") {
             return None;
         }
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             return Some(dechunk(body));
         }
         Some(body.to_string())
     };
-    tokio::time::timeout(Duration::from_secs(5), fut).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .ok()
+        .flatten()
 }
 
 fn dechunk(mut body: &str) -> String {

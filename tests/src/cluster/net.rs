@@ -40,7 +40,12 @@ pub struct NodeNet {
 impl NodeNet {
     /// `ip netns exec <ns>`: the prefix that runs a command on this node.
     pub fn exec_prefix(&self) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.netns.clone()]
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.netns.clone(),
+        ]
     }
 }
 
@@ -112,7 +117,9 @@ fn check_range_free() -> Result<(), String> {
         }
         if let Some(p) = prefix_of(first) {
             if overlaps(p) {
-                return Err(format!("a route already covers part of {UNREACHABLE}'s /24: {line}"));
+                return Err(format!(
+                    "a route already covers part of {UNREACHABLE}'s /24: {line}"
+                ));
             }
         }
     }
@@ -120,7 +127,9 @@ fn check_range_free() -> Result<(), String> {
     for line in addrs.lines() {
         if let Some(a) = line.split_whitespace().skip_while(|w| *w != "inet").nth(1) {
             if prefix_of(a).map(overlaps).unwrap_or(false) {
-                return Err(format!("an address of this machine is in our range: {line}"));
+                return Err(format!(
+                    "an address of this machine is in our range: {line}"
+                ));
             }
         }
     }
@@ -201,7 +210,9 @@ impl Net {
             ip(&["netns", "add", &n.netns])?;
             net.nodes.push(n.clone());
             let (outer, inner) = (format!("kv{pid}n{i}"), format!("ki{pid}n{i}"));
-            ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ])?;
             ip(&["link", "set", &outer, "master", &br, "up"])?;
             ip(&["link", "set", &inner, "netns", &n.netns])?;
             let ns = n.netns.as_str();

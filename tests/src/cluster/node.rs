@@ -60,7 +60,13 @@ impl Node {
     /// reads it from `/proc/self/ns/net`.
     pub fn netns_id(&self) -> String {
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.net.netns, "readlink", "/proc/self/ns/net"])
+            .args([
+                "netns",
+                "exec",
+                &self.net.netns,
+                "readlink",
+                "/proc/self/ns/net",
+            ])
             .output()
             .expect("readlink in the node namespace");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -85,7 +91,10 @@ impl Node {
         let log_file = base.join("app.log");
         let attach_file = base.join("attach.log");
         let lines: Vec<String> = (1..=3).map(|i| format!("line {i} from {pod}")).collect();
-        std::fs::write(&log_file, lines.iter().map(|l| cri_line(l)).collect::<String>())?;
+        std::fs::write(
+            &log_file,
+            lines.iter().map(|l| cri_line(l)).collect::<String>(),
+        )?;
         std::fs::write(&attach_file, "")?;
         let debug = base.join("debug.yaml");
         let (pf_ip, pf_port) = POD_HTTP.split_once(':').expect("addr");

@@ -72,11 +72,8 @@ impl ClusterPki {
         std::fs::write(&service_account_pub, sa.public_key_pem())?;
         let front = Ca::new(dir, "front-proxy")?;
         let proxy_client = front.issue(dir, PROXY_CLIENT_CN, &[])?;
-        let tunnel_server = ca.issue(
-            dir,
-            "konnectivity-server",
-            &[&cp, "127.0.0.1", "localhost"],
-        )?;
+        let tunnel_server =
+            ca.issue(dir, "konnectivity-server", &[&cp, "127.0.0.1", "localhost"])?;
         let tunnel_agent = ca.issue(dir, "konnectivity-agent", &["konnectivity-agent"])?;
         let tunnel_frontend = ca.issue(dir, "konnectivity-client", &["kube-apiserver"])?;
         Ok(ClusterPki {

@@ -83,7 +83,7 @@ pub struct Tunnel {
     bins: Bins,
 }
 
-/// Ports a server keeps across restarts.
+/// The server's flags (kept for restarts, so the ports stay the same).
 fn server_argv(
     side: Side,
     bins: &Bins,
@@ -92,8 +92,8 @@ fn server_argv(
     mode: Mode,
     agent_port: u16,
     health_port: u16,
-    frontend_port: u16,
 ) -> (Vec<String>, Egress) {
+    let frontend_port = free_port("127.0.0.1");
     let f = |p: &Path| p.display().to_string();
     let sock: PathBuf = dir.join("konnectivity-server.sock");
     let mut a = vec![
@@ -145,7 +145,13 @@ fn server_argv(
     (a, egress)
 }
 
-fn agent_argv(side: Side, bins: &Bins, pki: &ClusterPki, agent_port: u16, node: &NodeNet) -> Vec<String> {
+fn agent_argv(
+    side: Side,
+    bins: &Bins,
+    pki: &ClusterPki,
+    agent_port: u16,
+    node: &NodeNet,
+) -> Vec<String> {
     let f = |p: &Path| p.display().to_string();
     let mut a = node.exec_prefix();
     a.extend([
@@ -188,16 +194,8 @@ impl Tunnel {
     ) -> anyhow::Result<Tunnel> {
         let agent_port = free_port(&CONTROL_PLANE_IP.to_string());
         let health_port = free_port("127.0.0.1");
-        let (argv, egress) = server_argv(
-            server_side,
-            bins,
-            dir,
-            pki,
-            mode,
-            agent_port,
-            health_port,
-            free_port("127.0.0.1"),
-        );
+        let (argv, egress) =
+            server_argv(server_side, bins, dir, pki, mode, agent_port, health_port);
         let server = Proc::spawn_cmd(&argv, &[]);
         let mut t = Tunnel {
             egress,
@@ -212,8 +210,10 @@ impl Tunnel {
         };
         t.wait_listening().await?;
         for n in nodes {
-            t.agents
-                .push(Proc::spawn_cmd(&agent_argv(agent_side, bins, pki, agent_port, n), &[]));
+            t.agents.push(Proc::spawn_cmd(
+                &agent_argv(agent_side, bins, pki, agent_port, n),
+                &[],
+            ));
         }
         t.wait_agents(nodes.len()).await?;
         Ok(t)
@@ -284,11 +284,8 @@ impl Tunnel {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                let agent_logs: Vec<String> = self
-                    .agents
-                    .iter()
-                    .map(|a| a.logs().join("\n"))
-                    .collect();
+                let agent_logs: Vec<String> =
+                    self.agents.iter().map(|a| a.logs().join("\n")).collect();
                 anyhow::bail!(
                     "{n} agents not connected after 30 s (server reports {ready})\nserver log:\n{}\nagent logs:\n{}",
                     self.server.logs().join("\n"),
