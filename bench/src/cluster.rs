@@ -56,7 +56,7 @@ pub async fn run(
                 json!({"setup": name, "logs_p50_ms": logs.0, "logs_p99_ms": logs.1,
                 "exec_mb_s": exec, "port_forward_mb_s": pf}),
             );
-            drop(t);
+            t.stop().await;
         }
     }
     println!();

@@ -170,7 +170,8 @@ fn backoff(cfg: &Config) -> impl Iterator<Item = Duration> {
     delays(cfg.sync_interval, cfg.sync_interval_cap)
 }
 
-/// Exponential delays from `min` to `max` with jitter. The jitter generator
+/// Exponential delays from `min`, doubling up to `max`, each plus a random
+/// jitter of up to its own length (backon's). The jitter generator
 /// is seeded per process and per sequence (backon's `std` feature): with a
 /// fixed seed every agent of a fleet would retry in lockstep after a server
 /// restart.

@@ -66,7 +66,8 @@ pub fn init(format: Format, verbosity: u8) {
     // Colour only on a terminal: a log file or a collector's pipe gets plain
     // text (`NO_COLOR` turns it off on a terminal too).
     use std::io::IsTerminal;
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .log_internal_errors(false)

@@ -1,30 +1,51 @@
 #!/usr/bin/env bash
 # Builds the real control-plane components the cluster suite runs, from the Go
-# module registry, pinned, into a version-stamped cache directory outside the
-# repository. A rerun with a warm cache builds nothing.
+# module registry, pinned, each into a version-stamped directory of a cache
+# outside the repository, and links them into one bin directory. A rerun with
+# a warm cache builds nothing; changing one version rebuilds only that one.
 #
-#   KUBE_E2E_CACHE  cache root (default: ~/.cache/konnectivity-rs)
+#   KUBE_E2E_CACHE         cache root (default: ~/.cache/konnectivity-rs)
+#   KUBE_E2E_KUBE_VERSION  kube-apiserver and kubectl (default below)
 #
 # Prints the bin directory on the last line of stdout.
 set -euo pipefail
+# Errors inside $(...) and functions called from it stop the script too.
+shopt -s inherit_errexit
 
-KUBE_VERSION=v1.36.4          # kube-apiserver, kubectl (k8s.io/kubernetes)
-STAGING_VERSION=v0.36.4       # every k8s.io staging module at the matching patch
-ETCD_VERSION=v3.6.14          # go.etcd.io/etcd/server/v3
-KWOK_VERSION=v0.8.0           # sigs.k8s.io/kwok (kubelet API)
-METRICS_SERVER_VERSION=v0.9.0 # sigs.k8s.io/metrics-server
+KUBE_VERSION="${KUBE_E2E_KUBE_VERSION:-v1.36.4}" # k8s.io/kubernetes
+ETCD_VERSION=v3.6.14                             # go.etcd.io/etcd/server/v3
+KWOK_VERSION=v0.8.0                              # sigs.k8s.io/kwok (kubelet API)
+METRICS_SERVER_VERSION=v0.9.0                    # sigs.k8s.io/metrics-server
+# Every k8s.io staging module at the matching patch: v1.36.4 -> v0.36.4.
+STAGING_VERSION="v0.${KUBE_VERSION#v1.}"
 
-stamp="kube-${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_ms-${METRICS_SERVER_VERSION}"
-root="${KUBE_E2E_CACHE:-${HOME}/.cache/konnectivity-rs}/cluster-${stamp}"
-bin="$root/bin"
-mkdir -p "$bin"
+here="$(cd "$(dirname "$0")" && pwd)"
+cache="${KUBE_E2E_CACHE:-${HOME}/.cache/konnectivity-rs}"
+mkdir -p "$cache"
 
 export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS=-trimpath
 log() { echo "[cluster build] $*" >&2; }
-timed() { local t0=$SECONDS; "$@"; log "  done in $((SECONDS - t0)) s"; }
+command -v go >/dev/null || { log "needs the Go toolchain (1.26 or newer)"; exit 1; }
+
+# Runs `build_<name> <tmp dir>` unless <cache>/<name>-<version> exists; the
+# directory appears only once the build succeeded, so a failed or interrupted
+# build is never taken for a finished one.
+component() { # name version
+    local dir="$cache/$1-$2"
+    if [ ! -d "$dir" ]; then
+        log "building $1 $2"
+        local t0=$SECONDS
+        rm -rf "$dir.tmp"
+        mkdir -p "$dir.tmp"
+        "build_$1" "$dir.tmp" >&2
+        mv "$dir.tmp" "$dir"
+        log "  $1 $2 done in $((SECONDS - t0)) s"
+    fi
+    echo "$dir"
+}
 
 build_kube() {
-    local mod="$root/src/kube"
+    local out="$1" mod="$1/src"
     mkdir -p "$mod"
     local gomod
     gomod=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@${KUBE_VERSION}" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')
@@ -50,26 +71,21 @@ import (
 	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
-    local ver="-X k8s.io/component-base/version.gitVersion=${KUBE_VERSION}"
-    local major minor
+    local major minor ver
     major=$(echo "$KUBE_VERSION" | sed 's/^v\([0-9]*\)\..*/\1/')
     minor=$(echo "$KUBE_VERSION" | sed 's/^v[0-9]*\.\([0-9]*\)\..*/\1/')
+    ver="-X k8s.io/component-base/version.gitVersion=${KUBE_VERSION}"
     ver="$ver -X k8s.io/component-base/version.gitMajor=$major -X k8s.io/component-base/version.gitMinor=$minor"
     ver="$ver -X k8s.io/client-go/pkg/version.gitVersion=${KUBE_VERSION}"
     ver="$ver -X k8s.io/client-go/pkg/version.gitMajor=$major -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-    (cd "$mod" && go mod tidy -e >/dev/null 2>&1 || true)
-    (cd "$mod" && go mod download)
+    (cd "$mod" && go mod tidy -e)
     for cmd in kube-apiserver kubectl; do
-        if [ ! -x "$bin/$cmd" ]; then
-            log "building $cmd ${KUBE_VERSION}"
-            (cd "$mod" && timed go build -ldflags "-s -w $ver" -o "$bin/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd")
-            mv "$bin/$cmd.tmp" "$bin/$cmd"
-        fi
+        (cd "$mod" && go build -ldflags "-s -w $ver" -o "$out/$cmd" "k8s.io/kubernetes/cmd/$cmd")
     done
 }
 
 build_etcd() {
-    local mod="$root/src/etcd"
+    local out="$1" mod="$1/src"
     mkdir -p "$mod"
     cat >"$mod/go.mod" <<GO
 module konnectivity-rs.test/etcdbuild
@@ -85,46 +101,46 @@ package tools
 
 import _ "go.etcd.io/etcd/server/v3"
 GO
-    (cd "$mod" && go mod tidy)
-    log "building etcd ${ETCD_VERSION}"
-    (cd "$mod" && timed go build -ldflags "-s -w" -o "$bin/etcd.tmp" go.etcd.io/etcd/server/v3)
-    mv "$bin/etcd.tmp" "$bin/etcd"
+    (cd "$mod" && go mod tidy && go build -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3)
 }
 
-install_go() { # name package version
-    log "building $1 $3"
-    local gobin="$root/gobin"
-    mkdir -p "$gobin"
-    GOBIN="$gobin" timed go install -ldflags "-s -w" "$2@$3"
-    mv "$gobin/$1" "$bin/$1"
+build_kwok() {
+    GOBIN="$1" go install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@${KWOK_VERSION}"
+    # Its lifecycle stages and resource metrics ship in its module; kwok's
+    # --config takes the YAML files themselves.
+    local src
+    src=$(cd "$1" && go mod download -json "sigs.k8s.io/kwok@${KWOK_VERSION}" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
+    mkdir -p "$1/kwok-config"
+    cp "$src"/kustomize/stage/node/fast/node-initialize.yaml \
+        "$src"/kustomize/stage/pod/fast/pod-ready.yaml \
+        "$src"/kustomize/stage/pod/fast/pod-delete.yaml \
+        "$src"/kustomize/metrics/resource/metrics-resource.yaml \
+        "$src"/kustomize/metrics/usage/usage-from-annotation.yaml "$1/kwok-config/"
+    chmod u+w "$1"/kwok-config/*
 }
 
-[ -x "$bin/kube-apiserver" ] && [ -x "$bin/kubectl" ] || build_kube
-[ -x "$bin/etcd" ] || build_etcd
-[ -x "$bin/kwok" ] || install_go kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
-[ -x "$bin/metrics-server" ] || install_go metrics-server sigs.k8s.io/metrics-server/cmd/metrics-server "$METRICS_SERVER_VERSION"
+build_metrics-server() {
+    GOBIN="$1" go install -ldflags "-s -w" "sigs.k8s.io/metrics-server/cmd/metrics-server@${METRICS_SERVER_VERSION}"
+}
 
-# kwok's lifecycle stages and resource metrics ship in its module; kwok's
-# --config takes the YAML files themselves.
-stages="$root/kwok-config"
-if [ ! -d "$stages" ]; then
-    kwok_dir=$(cd "$root/src/etcd" && go mod download -json "sigs.k8s.io/kwok@${KWOK_VERSION}" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
-    mkdir -p "$stages.tmp"
-    cp "$kwok_dir"/kustomize/stage/node/fast/node-initialize.yaml \
-        "$kwok_dir"/kustomize/stage/pod/fast/pod-ready.yaml \
-        "$kwok_dir"/kustomize/stage/pod/fast/pod-delete.yaml \
-        "$kwok_dir"/kustomize/metrics/resource/metrics-resource.yaml \
-        "$kwok_dir"/kustomize/metrics/usage/usage-from-annotation.yaml "$stages.tmp/"
-    chmod u+w "$stages.tmp"/*
-    mv "$stages.tmp" "$stages"
-fi
 # The upstream proxy server and agent, at the version tests/interop pins.
-interop="$(cd "$(dirname "$0")/../interop" && pwd)"
-knp=$(cd "$interop" && go list -m -f '{{.Version}}' sigs.k8s.io/apiserver-network-proxy)
-if [ "$(cat "$bin/upstream.version" 2>/dev/null)" != "$knp" ]; then
-    log "building upstream konnectivity $knp"
-    (cd "$interop" && timed go build -o "$bin/upstream-server" sigs.k8s.io/apiserver-network-proxy/cmd/server \
-        && go build -o "$bin/upstream-agent" sigs.k8s.io/apiserver-network-proxy/cmd/agent)
-    echo "$knp" >"$bin/upstream.version"
-fi
+KNP_VERSION=$(cd "$here/../interop" && go list -m -f '{{.Version}}' sigs.k8s.io/apiserver-network-proxy)
+build_konnectivity() {
+    (cd "$here/../interop" &&
+        go build -o "$1/upstream-server" sigs.k8s.io/apiserver-network-proxy/cmd/server &&
+        go build -o "$1/upstream-agent" sigs.k8s.io/apiserver-network-proxy/cmd/agent)
+}
+
+kube=$(component kube "$KUBE_VERSION")
+etcd=$(component etcd "$ETCD_VERSION")
+kwok=$(component kwok "$KWOK_VERSION")
+ms=$(component metrics-server "$METRICS_SERVER_VERSION")
+knp=$(component konnectivity "$KNP_VERSION")
+
+bin="$cache/bin/kube-${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_ms-${METRICS_SERVER_VERSION}_knp-${KNP_VERSION}"
+mkdir -p "$bin"
+for f in "$kube/kube-apiserver" "$kube/kubectl" "$etcd/etcd" "$kwok/kwok" "$kwok/kwok-config" \
+    "$ms/metrics-server" "$knp/upstream-server" "$knp/upstream-agent"; do
+    ln -sfn "$f" "$bin/$(basename "$f")"
+done
 echo "$bin"

@@ -10,27 +10,28 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// The target directory's binaries: beside the bench program
+/// (target/<profile>/bench), or one up from a test (target/<profile>/deps/).
+pub fn binary_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
 /// Path of a workspace binary in the same target directory as this test (or
 /// as the bench program).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // A test runs as target/<profile>/deps/test-xxxx, the bench program as
-    // target/<profile>/bench; binaries are in target/<profile>/.
-    let dir = exe.parent().expect("exe dir");
-    let candidates = [
-        dir.to_path_buf(),
-        dir.parent().expect("target dir").to_path_buf(),
-    ];
-    candidates
-        .iter()
-        .map(|d| d.join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} not built in {}; run `cargo build --bins` first",
-                candidates[1].display()
-            )
-        })
+    let p = binary_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo build --bins` first",
+        p.display()
+    );
+    p
 }
 
 /// Lines of a child's log kept in memory (the older half is dropped past it).
@@ -92,6 +93,12 @@ impl Proc {
     /// Log lines so far.
     pub fn logs(&self) -> Vec<String> {
         self.log.lock().expect("log").clone()
+    }
+
+    /// The last `n` log lines, joined.
+    pub fn tail(&self, n: usize) -> String {
+        let l = self.log.lock().expect("log");
+        l[l.len().saturating_sub(n)..].join("\n")
     }
 
     /// Waits for a log line containing every one of `needles`; returns it.

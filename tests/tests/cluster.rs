@@ -3,7 +3,9 @@
 //! kube-apiserver's only way to the nodes. Every case runs in every egress
 //! mode (GRPC over a Unix socket, HTTPConnect over a Unix socket and over
 //! mutual-TLS TCP), with our server and agents, then with the upstream agent
-//! under our server and our agent under the upstream server.
+//! under our server, our agent under the upstream server, and last the
+//! upstream server and agent together (the baseline that tells a fault of
+//! ours from one of the environment).
 //!
 //! Run it with `bash tests/cluster/run.sh` (builds the components first).
 //! Without them (`KUBE_E2E_BIN` unset) it says why and skips, unless
@@ -65,6 +67,9 @@ fn setups() -> Vec<Setup> {
 struct Report {
     passed: usize,
     failed: Vec<String>,
+    /// The direct-path case ran (once, in the first setup that gets the
+    /// kubelets up).
+    network_checked: bool,
 }
 
 impl Report {
@@ -104,6 +109,15 @@ fn main() {
         }
         None => {}
     }
+    if setups().is_empty() {
+        println!("KUBE_E2E_SETUPS matches no setup");
+        println!("0 passed, 1 failed");
+        std::process::exit(1);
+    }
+    // Children talk to 198.51.100.0/24 and loopback only; a proxy configured
+    // for the machine must not take that traffic.
+    std::env::set_var("NO_PROXY", "198.51.100.0/24,127.0.0.1,localhost");
+    std::env::set_var("no_proxy", "198.51.100.0/24,127.0.0.1,localhost");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let report = rt.block_on(run());
     println!();
@@ -169,6 +183,18 @@ async fn run_setup(cluster: &mut Cluster, setup: Setup, report: &mut Report) {
     }
     let mut tunnel = tunnel;
     let c = &*cluster;
+    if !c.nodes.is_empty() && !report.network_checked {
+        // Once, with the kubelets up: the tunnel is the only way to them.
+        report.network_checked = true;
+        report
+            .case(
+                "network",
+                "the control plane cannot reach a kubelet directly",
+                Duration::from_secs(20),
+                direct_path_fails(c),
+            )
+            .await;
+    }
     let (n1, n2) = (c.node("node-1"), c.node("node-2"));
     let short = Duration::from_secs(60);
     let dials_before = egress_dials(c, &tunnel)
@@ -336,11 +362,9 @@ async fn logs_exact(c: &Cluster) -> anyhow::Result<()> {
 }
 
 fn ws_env(ws: bool) -> Vec<(&'static str, &'static str)> {
-    if ws {
-        vec![]
-    } else {
-        vec![("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")]
-    }
+    // Explicit both ways, whatever the caller's environment says.
+    let v = if ws { "true" } else { "false" };
+    vec![("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", v)]
 }
 
 async fn exec_netns(c: &Cluster, n: &Node, ws: bool) -> anyhow::Result<()> {

@@ -55,13 +55,20 @@ impl Etcd {
             "--unsafe-no-fsync".into(),
             "--log-level=warn".into(),
         ];
-        let proc = Proc::spawn_cmd(&argv, &[]);
-        let health = format!("127.0.0.1:{client}");
-        crate::eventually(Duration::from_secs(30), "etcd to listen", || {
-            let h = health.clone();
-            async move { tokio::net::TcpStream::connect(h).await.ok().map(|_| ()) }
-        })
-        .await;
+        let mut proc = Proc::spawn_cmd(&argv, &[]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", client))
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                anyhow::bail!("etcd exited ({status}):\n{}", proc.tail(10));
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("etcd not listening after 30 s:\n{}", proc.tail(10));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         Ok(Etcd { url, _proc: proc })
     }
 }
@@ -196,8 +203,7 @@ impl ApiServer {
 
     /// The last `n` log lines.
     pub fn tail(&self, n: usize) -> String {
-        let l = self.proc.logs();
-        l[l.len().saturating_sub(n)..].join("\n")
+        self.proc.tail(n)
     }
 
     /// Stops it.
@@ -271,7 +277,10 @@ impl Kubectl {
     /// A command line with the kubeconfig set.
     pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
         let mut c = tokio::process::Command::new(&self.bin);
+        // Its discovery cache beside the kubeconfig, not in ~/.kube.
+        let cache = self.kubeconfig.with_file_name("kubectl-cache");
         c.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--cache-dir={}", cache.display()))
             .args(args)
             .envs(env.iter().copied())
             .kill_on_drop(true);

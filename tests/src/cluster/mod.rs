@@ -34,6 +34,8 @@ pub struct Cluster {
     pub api: Option<ApiServer>,
     /// The nodes, in order.
     pub nodes: Vec<Node>,
+    /// Nodes, pods, metrics-server and its APIService are all registered.
+    registered: bool,
     metrics_server: Option<crate::process::Proc>,
     /// etcd.
     pub etcd: Etcd,
@@ -46,7 +48,8 @@ pub struct Cluster {
     api_port: u16,
     /// Bridge, namespaces, routes.
     pub net: Net,
-    /// Scratch space (sockets, configs, logs, etcd data).
+    /// Scratch space (sockets, configs, logs, etcd data). Dropped after the
+    /// network; the processes above were killed (not awaited) before both.
     pub dir: tempfile::TempDir,
 }
 
@@ -72,6 +75,7 @@ impl Cluster {
         Ok(Cluster {
             api: None,
             nodes: Vec::new(),
+            registered: false,
             metrics_server: None,
             etcd,
             kubectl,
@@ -100,15 +104,14 @@ impl Cluster {
         )
         .await?;
         self.api = Some(api);
-        if self.nodes.is_empty() {
-            let kwok_config = self
-                .bins
-                .0
-                .parent()
-                .map(|p| p.join("kwok-config"))
-                .ok_or_else(|| {
-                    anyhow::anyhow!("no kwok-config beside {}", self.bins.0.display())
-                })?;
+        if !self.registered {
+            // All or nothing: a partial registration would make every later
+            // setup fail for a reason it does not show.
+            anyhow::ensure!(
+                self.nodes.is_empty(),
+                "an earlier cluster registration failed half-way"
+            );
+            let kwok_config = self.bins.0.join("kwok-config");
             for n in self.net.nodes.clone() {
                 let node = Node::start(
                     &self.bins,
@@ -122,6 +125,7 @@ impl Cluster {
                 self.nodes.push(node);
             }
             self.start_metrics_server().await?;
+            self.registered = true;
         }
         self.wait_metrics_api().await
     }
@@ -228,6 +232,25 @@ pub fn unavailable() -> Option<String> {
         );
     };
     let dir = PathBuf::from(dir);
+    let missing_tool = ["ip", "script"].into_iter().find(|t| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+    });
+    if let Some(t) = missing_tool {
+        return Some(format!("`{t}` is not installed (iproute2, bsdutils)"));
+    }
+    let ours = crate::process::binary_dir();
+    for b in ["proxy-server", "proxy-agent", "pod-http"] {
+        if !ours.join(b).exists() {
+            return Some(format!(
+                "{} is missing (cargo build --workspace --bins)",
+                ours.join(b).display()
+            ));
+        }
+    }
     for b in [
         "kube-apiserver",
         "kubectl",
@@ -236,6 +259,7 @@ pub fn unavailable() -> Option<String> {
         "metrics-server",
         "upstream-server",
         "upstream-agent",
+        "kwok-config",
     ] {
         if !dir.join(b).exists() {
             return Some(format!("{} is missing", dir.join(b).display()));

@@ -21,6 +21,9 @@ pub const SERVICE_CIDR: &str = "198.51.100.224/28";
 const RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 51, 100, 0), 24);
 const BRIDGE_PREFIX: u8 = 25;
 const UNREACHABLE: &str = "198.51.100.128/25";
+/// The routing-protocol tag on our unreachable route, so that only ours is
+/// ever deleted.
+const ROUTE_PROTO: &str = "213";
 
 /// One node's place in the network.
 #[derive(Debug, Clone)]
@@ -101,10 +104,9 @@ fn check_range_free() -> Result<(), String> {
     for line in routes.lines() {
         let mut words = line.split_whitespace();
         let mut first = words.next().unwrap_or("");
-        if matches!(
-            first,
-            "unreachable" | "blackhole" | "prohibit" | "local" | "broadcast"
-        ) {
+        // A typed route (`unreachable`, `local`, `throw`, ...) names its
+        // prefix second.
+        if first != "default" && prefix_of(first).is_none() {
             first = words.next().unwrap_or("");
         }
         if first == "default" {
@@ -156,14 +158,24 @@ fn remove_stale() {
         let Some(name) = line.split(": ").nth(1) else {
             continue;
         };
-        let Some(pid) = name.strip_prefix("knpbr") else {
+        let Some(pid) = name
+            .strip_prefix("knpbr")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         if std::path::Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
+        let _ = ip(&[
+            "route",
+            "del",
+            "unreachable",
+            UNREACHABLE,
+            "proto",
+            ROUTE_PROTO,
+        ]);
         let _ = ip(&["link", "del", name]);
-        let _ = ip(&["route", "del", "unreachable", UNREACHABLE]);
         for ns in ip(&["netns", "list"]).unwrap_or_default().lines() {
             let ns = ns.split_whitespace().next().unwrap_or("");
             if ns.starts_with(&format!("knp{pid}-")) {
@@ -176,7 +188,8 @@ fn remove_stale() {
 impl Net {
     /// Creates the bridge and `nodes` node namespaces.
     pub fn create(nodes: usize) -> Result<Net, String> {
-        assert!((1..=8).contains(&nodes), "1 to 8 nodes");
+        // Pod ranges are /28s from .160 up to the Service range at .224.
+        assert!((1..=4).contains(&nodes), "1 to 4 nodes");
         remove_stale();
         check_range_free()?;
         let before = default_route();
@@ -197,7 +210,14 @@ impl Net {
             &br,
         ])?;
         ip(&["link", "set", &br, "up"])?;
-        ip(&["route", "add", "unreachable", UNREACHABLE])?;
+        ip(&[
+            "route",
+            "add",
+            "unreachable",
+            UNREACHABLE,
+            "proto",
+            ROUTE_PROTO,
+        ])?;
         net.route = true;
         for i in 1..=nodes {
             let n = NodeNet {
@@ -273,13 +293,22 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        // The route first: a stale bridge is found and removed by the next
+        // run, a stale route alone would make it refuse to start.
+        if self.route {
+            let _ = ip(&[
+                "route",
+                "del",
+                "unreachable",
+                UNREACHABLE,
+                "proto",
+                ROUTE_PROTO,
+            ]);
+        }
         for n in &self.nodes {
             let _ = ip(&["netns", "del", &n.netns]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
-        if self.route {
-            let _ = ip(&["route", "del", "unreachable", UNREACHABLE]);
-        }
     }
 }
 

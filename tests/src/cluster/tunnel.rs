@@ -260,39 +260,39 @@ impl Tunnel {
     /// Waits until the server counts exactly `n` connected agents (after one
     /// was stopped).
     pub async fn wait_agents_exactly(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_ready(n, |ready| ready == n as f64).await
+    }
+
+    /// Waits until the server counts at least `n` connected agents.
+    pub async fn wait_agents(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_ready(n, |ready| ready >= n as f64).await
+    }
+
+    async fn wait_ready(&self, n: usize, done: impl Fn(f64) -> bool) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let m = self.metrics().await;
-            let ready = super::metric_sum(&m, READY, &[]);
-            if ready == n as f64 {
+            let ready = super::metric_sum(&self.metrics().await, READY, &[]);
+            if done(ready) {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("server still reports {ready} agents, want {n}");
+                let agent_logs: Vec<String> = self.agents.iter().map(|a| a.tail(20)).collect();
+                anyhow::bail!(
+                    "want {n} agents connected, the server reports {ready} after 30 s\nserver log:\n{}\nagent logs:\n{}",
+                    self.server.tail(20),
+                    agent_logs.join("\n---\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Waits until the server counts `n` connected agents.
-    pub async fn wait_agents(&self, n: usize) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let m = self.metrics().await;
-            let ready = super::metric_sum(&m, READY, &[]);
-            if ready >= n as f64 {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                let agent_logs: Vec<String> =
-                    self.agents.iter().map(|a| a.logs().join("\n")).collect();
-                anyhow::bail!(
-                    "{n} agents not connected after 30 s (server reports {ready})\nserver log:\n{}\nagent logs:\n{}",
-                    self.server.logs().join("\n"),
-                    agent_logs.join("\n---\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Kills the server and every agent and waits until they are gone (the
+    /// next tunnel reuses the agents' ports in the node namespaces).
+    pub async fn stop(mut self) {
+        for a in &mut self.agents {
+            a.kill().await;
         }
+        self.server.kill().await;
     }
 }
