@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tests::cluster::{self, Bins, Cluster, Mode, Side, Tunnel};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Runs the cluster rows for `modes` and prints their table.
 pub async fn run(
@@ -129,36 +129,9 @@ async fn port_forward(c: &Cluster, mb: usize) -> anyhow::Result<f64> {
         .await
         .context("port-forward did not start")??
         .context("port-forward exited")?;
-    let port = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .context("local port")?
-        .to_string();
-    let s = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await?;
+    let addr = cluster::node::forwarded_addr(&line).context("local port")?;
     let start = Instant::now();
-    let mut r = BufReader::new(s);
-    r.get_mut()
-        .write_all(format!("GET /pattern/{size} HTTP/1.1\r\nHost: pod\r\n\r\n").as_bytes())
-        .await?;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).await? == 0 {
-            bail!("port-forward closed in the response headers");
-        }
-        if h == "\r\n" {
-            break;
-        }
-    }
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0usize;
-    while got < size {
-        let k = r.read(&mut buf).await?;
-        if k == 0 {
-            bail!("port-forward closed after {got} of {size} bytes");
-        }
-        got += k;
-    }
+    cluster::node::get_pattern(&addr, size, false).await?;
     let secs = start.elapsed().as_secs_f64();
     let _ = child.kill().await;
     Ok(mb as f64 / secs)

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use tests::cluster::{self, Bins, Cluster, Mode, Node, Side, Tunnel};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// One pairing of server and agent in one egress mode.
 #[derive(Debug, Clone, Copy)]
@@ -625,39 +625,6 @@ async fn attach(c: &Cluster, n: &Node) -> anyhow::Result<()> {
     }
 }
 
-async fn http_pattern(addr: &str, n: usize) -> anyhow::Result<()> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET /pattern/{n} HTTP/1.1\r\nHost: pod\r\n\r\n").as_bytes())
-        .await?;
-    let mut r = BufReader::new(s);
-    let mut status = String::new();
-    r.read_line(&mut status).await?;
-    ensure!(status.starts_with("HTTP/1.1 200"), "status {status:?}");
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).await?;
-        if h == "\r\n" {
-            break;
-        }
-        ensure!(!h.is_empty(), "connection closed in the headers");
-    }
-    let mut want = tests::Pattern::new(n as u64);
-    let (mut got_buf, mut want_buf) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
-    let mut left = n;
-    while left > 0 {
-        let k = r.read(&mut got_buf[..left.min(64 << 10)]).await?;
-        ensure!(k > 0, "body ended {left} bytes early");
-        want.fill(&mut want_buf[..k]);
-        ensure!(
-            got_buf[..k] == want_buf[..k],
-            "body differs at byte {}",
-            n - left
-        );
-        left -= k;
-    }
-    Ok(())
-}
-
 async fn port_forward(c: &Cluster, n: &Node) -> anyhow::Result<()> {
     let port = cluster::node::POD_PORT.to_string();
     let mut s = Streaming::start(
@@ -671,21 +638,15 @@ async fn port_forward(c: &Cluster, n: &Node) -> anyhow::Result<()> {
     let line = s
         .wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20))
         .await?;
-    let local = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .context("local port")?
-        .to_string();
-    let addr = format!("127.0.0.1:{local}");
-    http_pattern(&addr, 100_000_000)
+    let addr = cluster::node::forwarded_addr(&line).context("local port")?;
+    cluster::node::get_pattern(&addr, 100_000_000, true)
         .await
         .context("100 MB download")?;
     let mut tasks = Vec::new();
     for i in 0..8 {
         let addr = addr.clone();
         tasks.push(tokio::spawn(async move {
-            http_pattern(&addr, (4 << 20) + i).await
+            cluster::node::get_pattern(&addr, (4 << 20) + i, true).await
         }));
     }
     for (i, t) in tasks.into_iter().enumerate() {

@@ -150,6 +150,18 @@ fn default_route() -> String {
     ip(&["-4", "route", "show", "default"]).unwrap_or_default()
 }
 
+/// Deletes our unreachable route (only one carrying our tag).
+fn remove_our_route() {
+    let _ = ip(&[
+        "route",
+        "del",
+        "unreachable",
+        UNREACHABLE,
+        "proto",
+        ROUTE_PROTO,
+    ]);
+}
+
 /// Removes what an earlier run of this harness left behind if that process is
 /// gone (a killed test cannot run its drop).
 fn remove_stale() {
@@ -167,14 +179,7 @@ fn remove_stale() {
         if std::path::Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
-        let _ = ip(&[
-            "route",
-            "del",
-            "unreachable",
-            UNREACHABLE,
-            "proto",
-            ROUTE_PROTO,
-        ]);
+        remove_our_route();
         let _ = ip(&["link", "del", name]);
         for ns in ip(&["netns", "list"]).unwrap_or_default().lines() {
             let ns = ns.split_whitespace().next().unwrap_or("");
@@ -296,14 +301,7 @@ impl Drop for Net {
         // The route first: a stale bridge is found and removed by the next
         // run, a stale route alone would make it refuse to start.
         if self.route {
-            let _ = ip(&[
-                "route",
-                "del",
-                "unreachable",
-                UNREACHABLE,
-                "proto",
-                ROUTE_PROTO,
-            ]);
+            remove_our_route();
         }
         for n in &self.nodes {
             let _ = ip(&["netns", "del", &n.netns]);

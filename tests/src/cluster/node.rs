@@ -194,3 +194,49 @@ fn append(path: &Path, text: &str) {
         .expect("open for append");
     f.write_all(text.as_bytes()).expect("append");
 }
+
+/// The local address in kubectl port-forward's `Forwarding from
+/// 127.0.0.1:<port> -> ...` line.
+pub fn forwarded_addr(line: &str) -> Option<String> {
+    let port = line.split("127.0.0.1:").nth(1)?.split_whitespace().next()?;
+    Some(format!("127.0.0.1:{port}"))
+}
+
+/// `GET /pattern/<n>` from the stand-in pod's HTTP server at `addr` (through
+/// a port-forward); reads the whole body and, with `verify`, compares every
+/// byte with the test pattern.
+pub async fn get_pattern(addr: &str, n: usize, verify: bool) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET /pattern/{n} HTTP/1.1\r\nHost: pod\r\n\r\n").as_bytes())
+        .await?;
+    let mut r = tokio::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).await?;
+    anyhow::ensure!(status.starts_with("HTTP/1.1 200"), "status {status:?}");
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).await?;
+        if h == "\r\n" {
+            break;
+        }
+        anyhow::ensure!(!h.is_empty(), "connection closed in the headers");
+    }
+    let mut want = crate::Pattern::new(n as u64);
+    let (mut got_buf, mut want_buf) = (vec![0u8; 256 << 10], vec![0u8; 256 << 10]);
+    let mut left = n;
+    while left > 0 {
+        let k = r.read(&mut got_buf[..left.min(256 << 10)]).await?;
+        anyhow::ensure!(k > 0, "body ended {left} bytes early");
+        if verify {
+            want.fill(&mut want_buf[..k]);
+            anyhow::ensure!(
+                got_buf[..k] == want_buf[..k],
+                "body differs at byte {}",
+                n - left
+            );
+        }
+        left -= k;
+    }
+    Ok(())
+}
