@@ -410,10 +410,11 @@ async fn exec_stdin(c: &Cluster, n: &Node, ws: bool, size: usize) -> anyhow::Res
 async fn exec_tty(c: &Cluster, n: &Node, ws: bool) -> anyhow::Result<()> {
     // `script` gives kubectl a terminal, so `-t` is really used.
     // The pause before the command exits: over SPDY, kwok's terminal output
-    // races the exit status, and kubectl drops what is still in flight (seen
-    // with every pairing, the upstream server and agent included).
+    // races the exit status, and kubectl drops what is still in flight
+    // (TTY_PAUSE_NOTE). `KUBE_E2E_TTY_PAUSE=0` shows it.
+    let pause = std::env::var("KUBE_E2E_TTY_PAUSE").unwrap_or_else(|_| "1".into());
     let cmd = format!(
-        "{} --kubeconfig={} exec -it {} -- sh -c 'tty; echo exec-tty-done; sleep 1'",
+        "{} --kubeconfig={} exec -it {} -- sh -c 'tty; echo exec-tty-done; sleep {pause}'",
         c.kubectl.bin,
         c.kubectl.kubeconfig.display(),
         n.pod
