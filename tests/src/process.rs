@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// The target directory's binaries: beside the bench program
-/// (target/<profile>/bench), or one up from a test (target/<profile>/deps/).
+/// (`target/<profile>/bench`), or one up from a test (`target/<profile>/deps/`).
 pub fn binary_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
