@@ -1,4 +1,5 @@
-//! The agent's supervisor: holds `serverCount` streams to distinct servers
+//! The agent's supervisor: holds as many streams to distinct servers as
+//! there are servers (`serverCount`, or the server Leases)
 //! through one address, redialing with exponential backoff and jitter, and
 //! drains on shutdown.
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use backon::BackoffBuilder;
+use konnectivity_kube::lease::{self, LeaseCount};
 use konnectivity_runtime::admin::{self, AdminState};
 use konnectivity_runtime::shutdown::Shutdown;
 use konnectivity_runtime::tls;
@@ -25,6 +27,7 @@ pub struct BoundAgent {
     settings: Arc<Settings>,
     health: TcpListener,
     admin: Option<TcpListener>,
+    kube: Option<konnectivity_kube::Client>,
 }
 
 impl BoundAgent {
@@ -60,7 +63,12 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundAgent> {
         ),
         None => None,
     };
+    let kube = match &config.leases {
+        Some(l) => Some(konnectivity_kube::client(l.kubeconfig.as_deref()).await?),
+        None => None,
+    };
     Ok(BoundAgent {
+        kube,
         settings: Arc::new(Settings {
             config,
             tls,
@@ -125,7 +133,18 @@ impl BoundAgent {
             stop_all.clone(),
         ));
 
-        supervise(&s, &links, &shutdown).await;
+        let leases = match (&cfg.leases, self.kube) {
+            (Some(l), Some(client)) => Some(LeaseCount::start(
+                client,
+                lease::CountSettings {
+                    namespace: l.namespace.clone(),
+                    selector: l.selector.clone(),
+                },
+                stop_all.clone(),
+            )),
+            _ => None,
+        };
+        supervise(&s, &links, leases, &shutdown).await;
 
         // Drain: announce, keep serving (the server still sends dials here when
         // it has no other agent), and leave once nothing has been open for
@@ -184,22 +203,46 @@ fn delays(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Keeps `serverCount` distinct server streams until the graceful signal.
-async fn supervise(s: &Arc<Settings>, links: &Links, shutdown: &Shutdown) {
+/// The number of servers to hold streams to: the servers' `serverCount`
+/// (the latest, or with `max` the largest seen), or the lease count, or with
+/// `max` the larger of the two.
+fn target(from_responses: u32, leases: Option<u32>, max: bool) -> u32 {
+    match leases {
+        None => from_responses,
+        Some(l) if max => l.max(from_responses),
+        Some(l) => l,
+    }
+    .max(1)
+}
+
+/// Keeps that many distinct server streams until the graceful signal.
+async fn supervise(
+    s: &Arc<Settings>,
+    links: &Links,
+    mut leases: Option<LeaseCount>,
+    shutdown: &Shutdown,
+) {
     let cfg = &s.config;
     let m = &s.metrics;
     let changed = Arc::new(Notify::new());
-    let mut target: u32 = 1;
+    let mut from_responses: u32 = 1;
     let mut delays = backoff(cfg);
-    m.known_server_count.set(target as i64);
     loop {
+        let want = target(
+            from_responses,
+            leases.as_ref().map(LeaseCount::get),
+            cfg.server_count_max,
+        );
+        m.known_server_count.set(want as i64);
         let held = lock(links).len() as u32;
-        if held >= target {
-            // All held: wait for a stream to end (or, with --sync-forever,
-            // probe for servers we do not know yet).
+        if held >= want {
+            // All held: wait for a stream to end or the lease count to
+            // change (or, with --sync-forever, probe for servers we do not
+            // know yet).
             let probe = cfg.sync_forever;
             tokio::select! {
                 _ = changed.notified() => continue,
+                _ = async { leases.as_mut().expect("guarded").changed().await }, if leases.is_some() => continue,
                 _ = shutdown.graceful.cancelled() => return,
                 _ = tokio::time::sleep(cfg.sync_interval_cap), if probe => {}
             }
@@ -211,12 +254,11 @@ async fn supervise(s: &Arc<Settings>, links: &Links, shutdown: &Shutdown) {
         let wait = match opened {
             Ok(opened) => {
                 let count = opened.server_count;
-                target = if cfg.server_count_max {
-                    target.max(count)
+                from_responses = if cfg.server_count_max {
+                    from_responses.max(count)
                 } else {
                     count
                 };
-                m.known_server_count.set(target as i64);
                 let id = opened.server_id.clone();
                 let duplicate = {
                     let mut l = lock(links);
@@ -273,6 +315,16 @@ async fn supervise(s: &Arc<Settings>, links: &Links, shutdown: &Shutdown) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_count_sources_combine_like_upstream() {
+        assert_eq!(target(3, None, false), 3, "serverCount alone");
+        assert_eq!(target(0, None, false), 1, "zero counts as one");
+        assert_eq!(target(1, Some(3), false), 3, "leases win by default");
+        assert_eq!(target(5, Some(3), false), 3);
+        assert_eq!(target(5, Some(3), true), 5, "max takes the larger");
+        assert_eq!(target(1, Some(3), true), 3);
+    }
 
     #[test]
     fn backoff_jitter_differs_between_sequences() {

@@ -8,15 +8,8 @@ use std::time::Duration;
 use clap::Parser;
 use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_runtime::addr::listen_addr;
+use konnectivity_runtime::flag::go_bool;
 use konnectivity_runtime::{duration, logging, tls};
-
-fn go_bool(s: &str) -> Result<bool, String> {
-    match s {
-        "true" | "True" | "TRUE" | "1" | "t" | "T" => Ok(true),
-        "false" | "False" | "FALSE" | "0" | "f" | "F" => Ok(false),
-        _ => Err(format!("invalid boolean {s:?}")),
-    }
-}
 
 /// Flags of `proxy-agent`.
 #[derive(Debug, Parser)]
@@ -123,25 +116,26 @@ pub struct Args {
     /// Accepted; queues are sized per connection here.
     #[arg(long, default_value = "false", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub warn_on_channel_limit: bool,
-    /// Server-count leases are not implemented; `true` is refused.
-    #[arg(long, default_value = "false", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    /// Learn the number of servers by counting their unexpired Leases
+    /// (published by servers with --enable-lease-controller).
+    #[arg(long, default_value = "false", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true")]
     pub count_server_leases: bool,
-    /// Accepted (leases are not implemented).
-    #[arg(long, default_value = "kube-system", hide = true)]
+    /// Namespace of the server Leases.
+    #[arg(long, default_value = "kube-system")]
     pub lease_namespace: String,
-    /// Accepted (leases are not implemented).
-    #[arg(long, default_value = "k8s-app=konnectivity-server", hide = true)]
+    /// Label selector of the server Leases (`--lease-label-selector` is the
+    /// same flag).
+    #[arg(long, alias = "lease-label-selector", default_value = "k8s-app=konnectivity-server")]
     pub lease_label: String,
-    /// Accepted (leases are not implemented).
-    #[arg(long, default_value = "", hide = true)]
-    pub lease_label_selector: String,
-    /// `default` or `max`: which serverCount wins when servers disagree.
-    #[arg(long, default_value = "default", hide = true)]
+    /// `default`: the lease count with --count-server-leases, else the
+    /// servers' serverCount; `max`: the larger of the two (without leases,
+    /// the largest serverCount seen).
+    #[arg(long, default_value = "default")]
     pub server_count_source: String,
-    /// Accepted (leases are not implemented).
-    #[arg(long, default_value = "", hide = true)]
+    /// Kubeconfig for counting Leases. Empty = the in-cluster config.
+    #[arg(long, default_value = "")]
     pub kubeconfig: String,
-    /// Accepted (leases are not implemented).
+    /// Accepted for compatibility; JSON is used.
     #[arg(long, default_value = "", hide = true)]
     pub kube_api_content_type: String,
 }
@@ -159,6 +153,17 @@ pub struct ServerTarget {
     pub identity: Option<(PathBuf, PathBuf)>,
     /// ALPN offered.
     pub alpn: Vec<Vec<u8>>,
+}
+
+/// Where the agent counts server Leases.
+#[derive(Debug, Clone)]
+pub struct LeaseSource {
+    /// `--kubeconfig`; `None` = in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// `--lease-namespace`.
+    pub namespace: String,
+    /// `--lease-label`.
+    pub selector: String,
 }
 
 /// Validated configuration.
@@ -182,8 +187,10 @@ pub struct Config {
     pub sync_interval_cap: Duration,
     /// Probe for new servers even when all are held.
     pub sync_forever: bool,
-    /// Use the largest serverCount seen rather than the latest.
+    /// Use the largest count seen rather than the latest (`--server-count-source=max`).
     pub server_count_max: bool,
+    /// Count server Leases (`--count-server-leases`).
+    pub leases: Option<LeaseSource>,
     /// HTTP/2 ping interval (at least 30 s).
     pub keepalive_time: Duration,
     /// Ping answer timeout.
@@ -271,9 +278,22 @@ impl Config {
         if a.keepalive_timeout.is_zero() {
             bail!("--keepalive-timeout must be positive");
         }
-        if a.count_server_leases {
-            bail!("--count-server-leases=true is not supported yet; the agent learns the server count from serverCount");
+        let kubeconfig = (!a.kubeconfig.is_empty()).then(|| PathBuf::from(&a.kubeconfig));
+        if let Some(p) = &kubeconfig {
+            std::fs::metadata(p).with_context(|| format!("--kubeconfig {}", p.display()))?;
         }
+        let leases = if a.count_server_leases {
+            if a.lease_namespace.is_empty() || a.lease_label.trim().is_empty() {
+                bail!("--count-server-leases needs --lease-namespace and --lease-label");
+            }
+            Some(LeaseSource {
+                kubeconfig,
+                namespace: a.lease_namespace.clone(),
+                selector: a.lease_label.trim().to_string(),
+            })
+        } else {
+            None
+        };
         let server_count_max = match a.server_count_source.as_str() {
             "" | "default" => false,
             "max" => true,
@@ -308,6 +328,7 @@ impl Config {
             sync_interval_cap: a.sync_interval_cap,
             sync_forever: a.sync_forever,
             server_count_max,
+            leases,
             keepalive_time: a.keepalive_time.max(MIN_PING_INTERVAL),
             keepalive_timeout: a.keepalive_timeout,
             dial_timeout: a.dial_timeout,

@@ -2,12 +2,16 @@
 //! [`Config`] built from them. Every check happens here, before any port is
 //! bound, so a bad flag or an unreadable certificate exits with one line.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use konnectivity_runtime::addr::listen_addr;
+use konnectivity_kube::lease;
+use konnectivity_kube::token_review::Expected;
+use konnectivity_runtime::flag::go_bool;
 use konnectivity_runtime::{duration, logging, tls};
 
 use crate::backend::auth::TokenFile;
@@ -140,36 +144,41 @@ pub struct Args {
     /// Accepted for compatibility (see --dial-timeout).
     #[arg(long, default_value = "", hide = true)]
     pub backend_dial_timeout: String,
-    /// Lease publishing is not implemented; `true` is refused.
-    #[arg(long, default_value = "false", hide = true)]
-    pub enable_lease_controller: String,
-    /// Accepted (leases are not implemented).
-    #[arg(long, default_value = "", hide = true)]
+    /// Publish this server's Lease, renew it, and delete expired ones, so
+    /// agents with --count-server-leases know how many servers there are.
+    #[arg(long, default_value = "false", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_lease_controller: bool,
+    /// Namespace of the server Leases.
+    #[arg(long, default_value = "kube-system")]
     pub lease_namespace: String,
-    /// Accepted (leases are not implemented).
-    #[arg(long, default_value = "", hide = true)]
+    /// Labels of the server Leases (`k=v,k2=v2`).
+    #[arg(long, default_value = "k8s-app=konnectivity-server")]
     pub lease_label: String,
-    /// Accepted (TokenReview is not implemented).
+    /// Accepted for compatibility; the client is not rate limited here.
     #[arg(long, default_value = "", hide = true)]
     pub kubeconfig_qps: String,
-    /// Accepted (TokenReview is not implemented).
+    /// Accepted for compatibility; the client is not rate limited here.
     #[arg(long, default_value = "", hide = true)]
     pub kubeconfig_burst: String,
-    /// Accepted (TokenReview is not implemented).
+    /// Accepted for compatibility; JSON is used.
     #[arg(long, default_value = "", hide = true)]
     pub kube_api_content_type: String,
-    /// Kubernetes TokenReview authentication is not implemented; setting these
-    /// is refused so agents are never let in unchecked.
-    #[arg(long, default_value = "", hide = true)]
+    /// Namespace of the agents' service account. With --agent-service-account
+    /// and --authentication-audience, agents authenticate by service-account
+    /// token (TokenReview).
+    #[arg(long, default_value = "")]
     pub agent_namespace: String,
-    /// See --agent-namespace.
-    #[arg(long, default_value = "", hide = true)]
+    /// The agents' service account.
+    #[arg(long, default_value = "")]
     pub agent_service_account: String,
-    /// See --agent-namespace.
-    #[arg(long, default_value = "", hide = true)]
+    /// Audience agent tokens must be issued for.
+    #[arg(long, default_value = "")]
     pub authentication_audience: String,
-    /// See --agent-namespace.
-    #[arg(long, default_value = "", hide = true)]
+    /// Longest wait for one TokenReview answer before the agent is refused.
+    #[arg(long, default_value = "5s", value_parser = duration::parse)]
+    pub authentication_timeout: Duration,
+    /// Kubeconfig for TokenReview and Leases. Empty = the in-cluster config.
+    #[arg(long, default_value = "")]
     pub kubeconfig: String,
 }
 
@@ -242,6 +251,28 @@ pub struct Config {
     pub grace_period: Duration,
     /// Offer flow control.
     pub flow_control: bool,
+    /// Kubernetes API use (TokenReview, Leases).
+    pub kube: KubeUse,
+}
+
+/// What the server asks kube-apiserver for.
+#[derive(Debug, Clone, Default)]
+pub struct KubeUse {
+    /// `--kubeconfig`; `None` = in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// Agents must present a token for this service account and audience.
+    pub token_review: Option<Expected>,
+    /// Deadline of one review.
+    pub review_timeout: Duration,
+    /// Publish a Lease here with these labels.
+    pub leases: Option<(String, BTreeMap<String, String>)>,
+}
+
+impl KubeUse {
+    /// Whether a client is needed at all.
+    pub fn needed(&self) -> bool {
+        self.token_review.is_some() || self.leases.is_some()
+    }
 }
 
 fn opt_path(s: &str) -> Option<PathBuf> {
@@ -252,15 +283,47 @@ impl Config {
     /// Validates flags, reading certificates and keys once to fail early.
     pub fn from_args(a: Args) -> anyhow::Result<Self> {
         use anyhow::{bail, Context};
-        if !(a.agent_namespace.is_empty()
-            && a.agent_service_account.is_empty()
-            && a.authentication_audience.is_empty())
-        {
-            bail!("--agent-namespace/--agent-service-account/--authentication-audience (TokenReview authentication) are not supported yet; use --agent-tokens-file or --cluster-ca-cert");
+        let token_review = match (
+            a.agent_namespace.as_str(),
+            a.agent_service_account.as_str(),
+            a.authentication_audience.as_str(),
+        ) {
+            ("", "", "") => None,
+            ("", _, _) => bail!("--agent-namespace cannot be empty when agent authentication is enabled"),
+            (_, "", _) => bail!("--agent-service-account cannot be empty when agent authentication is enabled"),
+            (_, _, "") => bail!("--authentication-audience cannot be empty when agent authentication is enabled"),
+            (ns, sa, aud) => Some(Expected {
+                namespace: ns.into(),
+                service_account: sa.into(),
+                audience: aud.into(),
+            }),
+        };
+        if token_review.is_some() && !a.agent_tokens_file.is_empty() {
+            bail!("--agent-tokens-file and service-account token authentication (--agent-namespace...) exclude each other: choose one token check");
         }
-        if a.enable_lease_controller == "true" {
-            bail!("--enable-lease-controller=true is not supported yet; agents learn the server count from serverCount");
+        if a.authentication_timeout.is_zero() {
+            bail!("--authentication-timeout must be positive");
         }
+        let leases = if a.enable_lease_controller {
+            let labels = lease::parse_labels(&a.lease_label)
+                .map_err(|e| anyhow::anyhow!("--lease-label={}: {e}", a.lease_label))?;
+            if a.lease_namespace.is_empty() {
+                bail!("--lease-namespace cannot be empty with --enable-lease-controller");
+            }
+            Some((a.lease_namespace.clone(), labels))
+        } else {
+            None
+        };
+        let kubeconfig = opt_path(&a.kubeconfig);
+        if let Some(p) = &kubeconfig {
+            std::fs::metadata(p).with_context(|| format!("--kubeconfig {}", p.display()))?;
+        }
+        let kube = KubeUse {
+            kubeconfig,
+            token_review,
+            review_timeout: a.authentication_timeout,
+            leases,
+        };
         let mode = match a.mode.as_str() {
             "grpc" => Mode::Grpc,
             "http-connect" => Mode::HttpConnect,
@@ -342,6 +405,7 @@ impl Config {
             stall_timeout: a.stall_timeout,
             grace_period: a.grace_period,
             flow_control: a.flow_control,
+            kube,
         })
     }
 }

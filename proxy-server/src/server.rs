@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use konnectivity_kube::lease;
+use konnectivity_kube::token_review::TokenReviewer;
 use konnectivity_proto::grpc::{GrpcService, MAX_FRAME};
 use konnectivity_runtime::admin::{self, AdminState};
 use konnectivity_runtime::shutdown::Shutdown;
@@ -15,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::backend::agent::LinkSettings;
+use crate::backend::auth::AgentAuth;
 use crate::backend::registry::AgentRegistry;
 use crate::backend::service::AgentEndpoint;
 use crate::config::{Config, FrontendListen, Mode};
@@ -57,6 +60,8 @@ pub struct BoundServer {
     health: TcpListener,
     admin: Option<TcpListener>,
     metrics: Metrics,
+    auth: AgentAuth,
+    kube: Option<konnectivity_kube::Client>,
 }
 
 impl BoundServer {
@@ -118,6 +123,21 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundServer> {
         Some(a) => Some(tcp(a, "admin").await?),
         None => None,
     };
+    let kube = if config.kube.needed() {
+        let client = konnectivity_kube::client(config.kube.kubeconfig.as_deref()).await?;
+        Some(client)
+    } else {
+        None
+    };
+    let auth = match (&config.kube.token_review, &config.tokens, &kube) {
+        (Some(want), _, Some(client)) => AgentAuth::TokenReview(Arc::new(TokenReviewer::new(
+            client.clone(),
+            want.clone(),
+            config.kube.review_timeout,
+        ))),
+        (_, Some(file), _) => AgentAuth::TokenFile(file.clone()),
+        _ => AgentAuth::None,
+    };
     Ok(BoundServer {
         config,
         frontend,
@@ -126,6 +146,8 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundServer> {
         health,
         admin,
         metrics: Metrics::new(),
+        auth,
+        kube,
     })
 }
 
@@ -162,6 +184,22 @@ impl BoundServer {
         ));
         let stop_all = shutdown.immediate.clone();
 
+        // The server Lease lives until the first signal: draining servers
+        // stop counting.
+        let lease_stop = shutdown.graceful.child_token();
+        let lease_task = match (&cfg.kube.leases, &self.kube) {
+            (Some((namespace, labels)), Some(client)) => Some(tokio::spawn(lease::publish(
+                client.clone(),
+                lease::PublishSettings {
+                    namespace: namespace.clone(),
+                    labels: labels.clone(),
+                    server_id: cfg.server_id.clone(),
+                },
+                lease_stop.clone(),
+            ))),
+            _ => None,
+        };
+
         // Health and admin endpoints.
         let ready_registry = registry.clone();
         let state = AdminState {
@@ -195,7 +233,7 @@ impl BoundServer {
             },
             server_id: cfg.server_id.clone(),
             server_count: cfg.server_count,
-            tokens: cfg.tokens.clone(),
+            auth: self.auth.clone(),
             flow_control: cfg.flow_control,
             stop: stop_all.clone(),
         };
@@ -315,6 +353,10 @@ impl BoundServer {
             }
         }
         info!(grace_period = ?cfg.grace_period, "draining: frontend closed to new connections");
+        if let Some(t) = lease_task {
+            // Bounded: each API call of the publisher has its own deadline.
+            let _ = t.await;
+        }
         let deadline = tokio::time::Instant::now() + cfg.grace_period;
         loop {
             let open = metrics.established_connections.get() + metrics.pending_dials.get();

@@ -9,11 +9,12 @@
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
 //! - [`shutdown`]: first signal drains, second signal exits.
 //! - [`logging`]: `tracing` set-up for text or JSON logs with klog-style verbosity.
-//! - [`duration`]: flag values like `30s`, `1h`, `5m0s`.
+//! - [`duration`]: flag values like `30s`, `1h`, `5m0s`; [`flag`]: Go-style booleans.
 
 pub mod addr;
 pub mod admin;
 pub mod duration;
+pub mod flag;
 pub mod flow;
 pub mod logging;
 pub mod memory;

@@ -13,7 +13,18 @@ pub mod process;
 use std::time::Duration;
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `limit`.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    poll_until(limit, what, f)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Polls `f` until it returns `Some`, or fails with `what` after `limit`.
+pub async fn poll_until<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -21,12 +32,12 @@ where
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(v) = f().await {
-            return v;
+            return Ok(v);
         }
         if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {limit:?} waiting for {what}");
+            anyhow::bail!("timed out after {limit:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

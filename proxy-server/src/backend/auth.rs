@@ -1,8 +1,13 @@
-//! Agent authentication by bearer token against a file of accepted tokens.
-//! The file is re-read on every agent connect, so tokens can be rotated
-//! without a restart.
+//! Agent authentication by bearer token: against a file of accepted tokens
+//! (re-read on every agent connect, so tokens rotate without a restart), or
+//! by asking kube-apiserver (TokenReview, [`konnectivity_kube::token_review`]).
+//! The `authorization` metadata is checked here first: missing, repeated or
+//! non-`Bearer` values are refused without reading the file or calling the API.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use konnectivity_kube::token_review::{Refusal, TokenReviewer};
 
 /// Why an agent was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -10,6 +15,9 @@ pub enum AuthError {
     /// No `authorization` metadata.
     #[error("no bearer token presented")]
     Missing,
+    /// More than one `authorization` value.
+    #[error("several authorization values")]
+    Several,
     /// The metadata is not `Bearer <token>`.
     #[error("authorization metadata is not a bearer token")]
     Malformed,
@@ -24,6 +32,76 @@ pub enum AuthError {
         /// Why.
         reason: String,
     },
+    /// kube-apiserver's review refused the token, or could not be asked.
+    #[error("{0}")]
+    Review(Refusal),
+}
+
+impl AuthError {
+    /// Metric label (`reason` of the agent refusal counter).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "no_token",
+            AuthError::Several => "several_tokens",
+            AuthError::Malformed => "malformed_token",
+            AuthError::Rejected => "unauthenticated",
+            AuthError::File { .. } => "token_file_unreadable",
+            AuthError::Review(r) => r.reason(),
+        }
+    }
+
+    /// True when the refusal says nothing about the agent (retry later).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AuthError::File { .. } => true,
+            AuthError::Review(r) => r.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// The token from the `authorization` values of a stream.
+pub fn bearer<'a>(values: &[&'a str]) -> Result<&'a str, AuthError> {
+    let value = match values {
+        [] => return Err(AuthError::Missing),
+        [one] => *one,
+        _ => return Err(AuthError::Several),
+    };
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(AuthError::Malformed)
+}
+
+/// How agent streams are authenticated (beyond the TLS client certificate,
+/// which the listener checks when `--cluster-ca-cert` is set).
+#[derive(Debug, Clone, Default)]
+pub enum AgentAuth {
+    /// No token check.
+    #[default]
+    None,
+    /// `--agent-tokens-file`.
+    TokenFile(Arc<TokenFile>),
+    /// `--agent-namespace`, `--agent-service-account`, `--authentication-audience`.
+    TokenReview(Arc<TokenReviewer>),
+}
+
+impl AgentAuth {
+    /// Checks a stream's `authorization` values; returns who the agent is
+    /// when a review says so.
+    pub async fn check(&self, values: &[&str]) -> Result<Option<String>, AuthError> {
+        match self {
+            AgentAuth::None => Ok(None),
+            AgentAuth::TokenFile(f) => f.check_token(bearer(values)?).map(|()| None),
+            AgentAuth::TokenReview(r) => r
+                .review(bearer(values)?)
+                .await
+                .map(Some)
+                .map_err(AuthError::Review),
+        }
+    }
 }
 
 /// Largest token file we read.
@@ -65,15 +143,8 @@ impl TokenFile {
         Ok(tokens)
     }
 
-    /// Checks an `authorization` metadata value.
-    pub fn check(&self, authorization: Option<&str>) -> Result<(), AuthError> {
-        let value = authorization.ok_or(AuthError::Missing)?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::Malformed)?;
+    /// Checks a bearer token (without its `Bearer ` prefix).
+    pub fn check_token(&self, token: &str) -> Result<(), AuthError> {
         let accepted = self.load()?;
         // Compare every token in full so timing does not tell which prefix matched.
         let mut ok = false;
@@ -106,13 +177,16 @@ mod tests {
         let path = dir.join("tokens");
         std::fs::write(&path, "# agents\nalpha\n\n").unwrap();
         let f = TokenFile::new(path.clone());
-        assert_eq!(f.check(Some("Bearer alpha")), Ok(()));
-        assert_eq!(f.check(Some("Bearer beta")), Err(AuthError::Rejected));
-        assert_eq!(f.check(None), Err(AuthError::Missing));
-        assert_eq!(f.check(Some("Basic alpha")), Err(AuthError::Malformed));
+        let check = |v: &[&str]| f.check_token(bearer(v)?);
+        assert_eq!(check(&["Bearer alpha"]), Ok(()));
+        assert_eq!(check(&["Bearer beta"]), Err(AuthError::Rejected));
+        assert_eq!(check(&[]), Err(AuthError::Missing));
+        assert_eq!(check(&["Bearer alpha", "Bearer alpha"]), Err(AuthError::Several));
+        assert_eq!(check(&["Basic alpha"]), Err(AuthError::Malformed));
+        assert_eq!(check(&["Bearer "]), Err(AuthError::Malformed));
         std::fs::write(&path, "beta\n").unwrap();
-        assert_eq!(f.check(Some("Bearer beta")), Ok(()));
-        assert_eq!(f.check(Some("Bearer alpha")), Err(AuthError::Rejected));
+        assert_eq!(check(&["Bearer beta"]), Ok(()));
+        assert_eq!(check(&["Bearer alpha"]), Err(AuthError::Rejected));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

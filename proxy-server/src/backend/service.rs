@@ -12,10 +12,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use super::agent::{AgentLink, LinkSettings, OUT_QUEUE};
-use super::auth::TokenFile;
+use super::auth::AgentAuth;
 use super::registry::AgentRegistry;
 use crate::listen::PeerInfo;
 
@@ -31,8 +31,8 @@ pub struct AgentEndpoint {
     pub server_id: String,
     /// Sent as `serverCount`.
     pub server_count: u32,
-    /// Accepted tokens, when token auth is on.
-    pub tokens: Option<Arc<TokenFile>>,
+    /// Token authentication of agent streams.
+    pub auth: AgentAuth,
     /// Offer `window-v1`.
     pub flow_control: bool,
     /// Cancelled to end every agent stream (immediate shutdown).
@@ -106,17 +106,27 @@ impl grpc::Handler for AgentEndpoint {
             })?,
             Err(e) => return Err(self.refuse(&peer, "bad_identifiers", e, invalid)),
         };
-        if let Some(tokens) = &self.tokens {
-            let auth = one_value(&req, metadata::AUTHORIZATION).ok().flatten();
-            if let Err(e) = tokens.check(auth) {
-                return Err(self.refuse(
-                    &peer,
-                    "unauthenticated",
-                    format!("agent {agent_id}: {e}"),
-                    tonic::Code::Unauthenticated,
-                ));
+        // Before serverID/serverCount go out: a refused agent learns nothing.
+        let authorization: Vec<String> = req
+            .metadata()
+            .get_all(metadata::AUTHORIZATION)
+            .iter()
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+            .collect();
+        let values: Vec<&str> = authorization.iter().map(String::as_str).collect();
+        match self.auth.check(&values).await {
+            Ok(Some(user)) => debug!(agent.id = %agent_id, %user, "agent token accepted"),
+            Ok(None) => {}
+            Err(e) => {
+                let code = if e.is_transient() {
+                    tonic::Code::Unavailable
+                } else {
+                    tonic::Code::Unauthenticated
+                };
+                return Err(self.refuse(&peer, e.reason(), format!("agent {agent_id}: {e}"), code));
             }
         }
+        drop(authorization);
         let features = one_value(&req, metadata::FEATURES).ok().flatten();
         let flow =
             self.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);

@@ -80,7 +80,17 @@ pub struct Tunnel {
     pub agent_side: Side,
     agent_port: u16,
     argv: Vec<String>,
+    agent_extra: Vec<String>,
     bins: Bins,
+}
+
+/// Flags added to the common ones (TokenReview, Leases).
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    /// For the server.
+    pub server: Vec<String>,
+    /// For every agent.
+    pub agent: Vec<String>,
 }
 
 /// The server's flags (kept for restarts, so the ports stay the same).
@@ -145,7 +155,8 @@ fn server_argv(
     (a, egress)
 }
 
-fn agent_argv(
+/// The agent's flags for `node`: the ones every setup shares.
+pub fn agent_argv(
     side: Side,
     bins: &Bins,
     pki: &ClusterPki,
@@ -192,10 +203,33 @@ impl Tunnel {
         agent_side: Side,
         nodes: &[NodeNet],
     ) -> anyhow::Result<Tunnel> {
+        Self::start_with(
+            bins,
+            dir,
+            pki,
+            mode,
+            (server_side, agent_side),
+            nodes,
+            Extra::default(),
+        )
+        .await
+    }
+
+    /// [`Tunnel::start`] with `extra` flags (kept for restarts).
+    pub async fn start_with(
+        bins: &Bins,
+        dir: &Path,
+        pki: &ClusterPki,
+        mode: Mode,
+        (server_side, agent_side): (Side, Side),
+        nodes: &[NodeNet],
+        extra: Extra,
+    ) -> anyhow::Result<Tunnel> {
         let agent_port = free_port(&CONTROL_PLANE_IP.to_string());
         let health_port = free_port("127.0.0.1");
-        let (argv, egress) =
+        let (mut argv, egress) =
             server_argv(server_side, bins, dir, pki, mode, agent_port, health_port);
+        argv.extend(extra.server);
         let server = Proc::spawn_cmd(&argv, &[]);
         let mut t = Tunnel {
             egress,
@@ -206,14 +240,14 @@ impl Tunnel {
             agent_side,
             agent_port,
             argv,
+            agent_extra: extra.agent,
             bins: bins.clone(),
         };
         t.wait_listening().await?;
         for n in nodes {
-            t.agents.push(Proc::spawn_cmd(
-                &agent_argv(agent_side, bins, pki, agent_port, n),
-                &[],
-            ));
+            let mut a = agent_argv(agent_side, bins, pki, agent_port, n);
+            a.extend(t.agent_extra.iter().cloned());
+            t.agents.push(Proc::spawn_cmd(&a, &[]));
         }
         t.wait_agents(nodes.len()).await?;
         Ok(t)
@@ -237,10 +271,36 @@ impl Tunnel {
 
     /// Restarts a stopped agent (node index `i`) with its flags.
     pub fn start_agent(&mut self, i: usize, pki: &ClusterPki, node: &NodeNet) {
-        self.agents[i] = Proc::spawn_cmd(
-            &agent_argv(self.agent_side, &self.bins, pki, self.agent_port, node),
-            &[],
-        );
+        let mut a = agent_argv(self.agent_side, &self.bins, pki, self.agent_port, node);
+        a.extend(self.agent_extra.iter().cloned());
+        self.agents[i] = Proc::spawn_cmd(&a, &[]);
+    }
+
+    /// One more agent in `node`'s namespace (not in [`Tunnel::agents`]), as
+    /// `id`, with its own health and admin ports and `extra` flags instead of
+    /// the tunnel's.
+    pub fn extra_agent(
+        &self,
+        side: Side,
+        pki: &ClusterPki,
+        node: &NodeNet,
+        id: &str,
+        ports: (u16, u16),
+        extra: &[String],
+    ) -> Proc {
+        let mut a = agent_argv(side, &self.bins, pki, self.agent_port, node);
+        a.extend([
+            format!("--agent-id={id}"),
+            format!("--health-server-port={}", ports.0),
+            format!("--admin-server-port={}", ports.1),
+        ]);
+        a.extend(extra.iter().cloned());
+        Proc::spawn_cmd(&a, &[])
+    }
+
+    /// The agent listener (`198.51.100.1:<port>`).
+    pub fn agent_addr(&self) -> String {
+        format!("{CONTROL_PLANE_IP}:{}", self.agent_port)
     }
 
     /// Kills the server and starts it again with the same flags and ports.
