@@ -45,8 +45,7 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
         let (k, v) = (k.trim(), v.trim());
         let ok = |t: &str| {
             t.len() <= 253
-                && t
-                    .chars()
+                && t.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
         };
         if k.is_empty() || !ok(k) || !ok(v) {
@@ -143,13 +142,23 @@ pub async fn publish(client: kube::Client, s: PublishSettings, stop: Cancellatio
             _ = stop.cancelled() => break,
         }
     }
-    match call(async { api.delete(&name, &DeleteParams::default()).await.map(|_| ()) }).await {
+    match call(async {
+        api.delete(&name, &DeleteParams::default())
+            .await
+            .map(|_| ())
+    })
+    .await
+    {
         Ok(()) => info!(lease = %name, "server lease deleted"),
-        Err(e) => warn!(lease = %name, error = %e, "cannot delete the server lease; it expires by itself"),
+        Err(e) => {
+            warn!(lease = %name, error = %e, "cannot delete the server lease; it expires by itself")
+        }
     }
 }
 
-async fn call<T>(f: impl std::future::Future<Output = Result<T, kube::Error>>) -> Result<T, String> {
+async fn call<T>(
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, String> {
     match tokio::time::timeout(CALL_TIMEOUT, f).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
@@ -197,13 +206,17 @@ async fn renew(api: &Api<Lease>, name: &str, s: &PublishSettings) -> Result<(), 
 }
 
 async fn collect(api: &Api<Lease>, labels: &BTreeMap<String, String>) -> Result<(), kube::Error> {
-    let list = api.list(&ListParams::default().labels(&selector(labels))).await?;
+    let list = api
+        .list(&ListParams::default().labels(&selector(labels)))
+        .await?;
     let now = Timestamp::now();
     for lease in list.items {
         if is_valid(lease.spec.as_ref(), now) {
             continue;
         }
-        let Some(name) = lease.metadata.name.clone() else { continue };
+        let Some(name) = lease.metadata.name.clone() else {
+            continue;
+        };
         // Only the version we judged expired: a renewal in between wins.
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
@@ -341,7 +354,12 @@ mod tests {
 
     fn spec(renew_ago: Option<i64>, acquire_ago: Option<i64>, dur: Option<i32>) -> LeaseSpec {
         let now = Timestamp::now();
-        let ago = |s: i64| MicroTime(now.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(s)).unwrap());
+        let ago = |s: i64| {
+            MicroTime(
+                now.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(s))
+                    .unwrap(),
+            )
+        };
         LeaseSpec {
             renew_time: renew_ago.map(ago),
             acquire_time: acquire_ago.map(ago),

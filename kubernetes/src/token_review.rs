@@ -306,7 +306,11 @@ mod tests {
         }
         assert!(matches!(
             judge(
-                &status(true, &[aud], "system:serviceaccount:default:konnectivity-agent"),
+                &status(
+                    true,
+                    &[aud],
+                    "system:serviceaccount:default:konnectivity-agent"
+                ),
                 &want()
             ),
             Err(Refusal::WrongNamespace { .. })
@@ -327,7 +331,10 @@ mod tests {
         c.put([1; 32], "u".into(), t0);
         assert_eq!(c.get(&[1; 32], t0), Some("u".into()));
         assert_eq!(c.get(&[1; 32], t0 + POSITIVE_TTL), None);
-        assert!(c.entries.is_empty(), "an expired entry is dropped when seen");
+        assert!(
+            c.entries.is_empty(),
+            "an expired entry is dropped when seen"
+        );
         for i in 0..(MAX_CACHED + 10) {
             let mut k = [0u8; 32];
             k[..8].copy_from_slice(&(i as u64).to_le_bytes());

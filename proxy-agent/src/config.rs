@@ -125,7 +125,11 @@ pub struct Args {
     pub lease_namespace: String,
     /// Label selector of the server Leases (`--lease-label-selector` is the
     /// same flag).
-    #[arg(long, alias = "lease-label-selector", default_value = "k8s-app=konnectivity-server")]
+    #[arg(
+        long,
+        alias = "lease-label-selector",
+        default_value = "k8s-app=konnectivity-server"
+    )]
     pub lease_label: String,
     /// `default`: the lease count with --count-server-leases, else the
     /// servers' serverCount; `max`: the larger of the two (without leases,
@@ -363,5 +367,16 @@ mod tests {
         .expect("upstream-style flags parse");
         assert_eq!(a.keepalive_time, Duration::from_secs(3600));
         assert_eq!(a.log.verbosity, 4);
+    }
+
+    #[test]
+    fn lease_flags_have_upstream_defaults_and_an_alias() {
+        let a = Args::try_parse_from(["proxy-agent", "--count-server-leases"]).unwrap();
+        assert!(a.count_server_leases);
+        assert_eq!(a.lease_namespace, "kube-system");
+        assert_eq!(a.lease_label, "k8s-app=konnectivity-server");
+        let a = Args::try_parse_from(["proxy-agent", "--lease-label-selector=app=x"]).unwrap();
+        assert_eq!(a.lease_label, "app=x");
+        assert!(Args::try_parse_from(["proxy-agent", "--count-server-leases=maybe"]).is_err());
     }
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use konnectivity_runtime::addr::listen_addr;
 use konnectivity_kube::lease;
 use konnectivity_kube::token_review::Expected;
+use konnectivity_runtime::addr::listen_addr;
 use konnectivity_runtime::flag::go_bool;
 use konnectivity_runtime::{duration, logging, tls};
 
@@ -289,9 +289,15 @@ impl Config {
             a.authentication_audience.as_str(),
         ) {
             ("", "", "") => None,
-            ("", _, _) => bail!("--agent-namespace cannot be empty when agent authentication is enabled"),
-            (_, "", _) => bail!("--agent-service-account cannot be empty when agent authentication is enabled"),
-            (_, _, "") => bail!("--authentication-audience cannot be empty when agent authentication is enabled"),
+            ("", _, _) => {
+                bail!("--agent-namespace cannot be empty when agent authentication is enabled")
+            }
+            (_, "", _) => bail!(
+                "--agent-service-account cannot be empty when agent authentication is enabled"
+            ),
+            (_, _, "") => bail!(
+                "--authentication-audience cannot be empty when agent authentication is enabled"
+            ),
             (ns, sa, aud) => Some(Expected {
                 namespace: ns.into(),
                 service_account: sa.into(),
@@ -443,5 +449,83 @@ mod tests {
             a.mode, "http-connect",
             "a repeated flag takes the last value"
         );
+    }
+
+    fn config(extra: &[&str]) -> anyhow::Result<Config> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("server-config-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let ca = konnectivity_runtime::pki::Ca::new(&dir, "test")?;
+        let leaf = ca.issue(&dir, "server", &["localhost"])?;
+        let mut argv = vec![
+            "proxy-server".to_string(),
+            format!("--cluster-cert={}", leaf.cert.display()),
+            format!("--cluster-key={}", leaf.key.display()),
+            "--uds-name=/tmp/unused.sock".to_string(),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let c = Config::from_args(Args::try_parse_from(argv)?);
+        std::fs::remove_dir_all(&dir).ok();
+        c
+    }
+
+    #[test]
+    fn service_account_flags_come_all_three_or_none() {
+        let c = config(&[]).unwrap();
+        assert!(!c.kube.needed(), "no flags: no Kubernetes client");
+        for missing in 0..3 {
+            let mut flags = vec![
+                "--agent-namespace=kube-system",
+                "--agent-service-account=konnectivity-agent",
+                "--authentication-audience=system:konnectivity-server",
+            ];
+            flags.remove(missing);
+            let e = config(&flags).unwrap_err().to_string();
+            assert!(e.contains("cannot be empty"), "{e}");
+        }
+        let c = config(&[
+            "--agent-namespace=kube-system",
+            "--agent-service-account=konnectivity-agent",
+            "--authentication-audience=system:konnectivity-server",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.kube.token_review.as_ref().map(|e| e.namespace.as_str()),
+            Some("kube-system")
+        );
+        let e = config(&[
+            "--agent-namespace=kube-system",
+            "--agent-service-account=konnectivity-agent",
+            "--authentication-audience=a",
+            "--agent-tokens-file=/dev/null",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("exclude each other"), "{e}");
+        let e = config(&["--kubeconfig=/nonexistent/kubeconfig"]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("/nonexistent/kubeconfig"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn lease_flags_have_upstream_defaults_and_checked_labels() {
+        let c = config(&["--enable-lease-controller"]).unwrap();
+        let (ns, labels) = c.kube.leases.clone().expect("leases on");
+        assert_eq!(ns, "kube-system");
+        assert_eq!(
+            labels.get("k8s-app").map(String::as_str),
+            Some("konnectivity-server")
+        );
+        assert!(c.kube.needed());
+        assert!(config(&["--enable-lease-controller=false"])
+            .unwrap()
+            .kube
+            .leases
+            .is_none());
+        let e = config(&["--enable-lease-controller", "--lease-label=novalue"]).unwrap_err();
+        assert!(e.to_string().contains("--lease-label"), "{e}");
     }
 }

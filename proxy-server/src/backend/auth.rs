@@ -181,7 +181,10 @@ mod tests {
         assert_eq!(check(&["Bearer alpha"]), Ok(()));
         assert_eq!(check(&["Bearer beta"]), Err(AuthError::Rejected));
         assert_eq!(check(&[]), Err(AuthError::Missing));
-        assert_eq!(check(&["Bearer alpha", "Bearer alpha"]), Err(AuthError::Several));
+        assert_eq!(
+            check(&["Bearer alpha", "Bearer alpha"]),
+            Err(AuthError::Several)
+        );
         assert_eq!(check(&["Basic alpha"]), Err(AuthError::Malformed));
         assert_eq!(check(&["Bearer "]), Err(AuthError::Malformed));
         std::fs::write(&path, "beta\n").unwrap();

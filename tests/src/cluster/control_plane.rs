@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use super::net::{CONTROL_PLANE_IP, SERVICE_CIDR};
 use super::pki::{ClusterPki, PROXY_CLIENT_CN};
 use crate::process::Proc;
+use konnectivity_runtime::pki::Leaf;
 
 /// A free TCP port on `ip` (bound and released at once).
 pub fn free_port(ip: &str) -> u16 {
@@ -214,14 +215,19 @@ impl ApiServer {
     }
 }
 
-/// Writes a kubeconfig for `server` with the admin identity.
-pub fn write_kubeconfig(path: &Path, server: &str, pki: &ClusterPki) -> anyhow::Result<()> {
+/// Writes a kubeconfig for `server` with the client certificate `user`.
+pub fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    pki: &ClusterPki,
+    user: &Leaf,
+) -> anyhow::Result<()> {
     let f = |p: &Path| p.display().to_string();
     let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n",
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: user\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: user\ncurrent-context: test\n",
         f(&pki.ca),
-        f(&pki.admin.cert),
-        f(&pki.admin.key)
+        f(&user.cert),
+        f(&user.key)
     );
     std::fs::write(path, text)?;
     Ok(())

@@ -66,6 +66,7 @@ impl Cluster {
             &kubeconfig,
             &format!("https://{CONTROL_PLANE_IP}:{api_port}"),
             &pki,
+            &pki.admin,
         )?;
         let kubectl = Kubectl {
             bin: bins.get("kubectl"),

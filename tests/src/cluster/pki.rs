@@ -102,4 +102,56 @@ impl ClusterPki {
     pub fn serving(&self, file: &str, ip: Ipv4Addr) -> anyhow::Result<Leaf> {
         self.ca_issuer.issue(&self.dir, file, &[&ip.to_string()])
     }
+
+    /// A client certificate for the Kubernetes user `user`.
+    pub fn user(&self, file: &str, user: &str) -> anyhow::Result<Leaf> {
+        self.ca_issuer.issue_for(&self.dir, file, user, None, &[])
+    }
+
+    /// A service-account token signed as kube-apiserver signs them (ES256
+    /// with the service-account key; `kid` from the public key), carrying
+    /// `claims`: lets a test make tokens kube-apiserver will not issue, such
+    /// as expired ones.
+    pub fn sign_token(&self, claims: &serde_json::Value) -> anyhow::Result<String> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        use base64::Engine;
+        use rcgen::{PublicKeyData, SigningKey};
+        use sha2::Digest;
+        let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&self.service_account_key)?)?;
+        let kid = B64.encode(sha2::Sha256::digest(key.subject_public_key_info()));
+        let header = serde_json::json!({"alg": "ES256", "kid": kid});
+        let signed = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let der = key.sign(signed.as_bytes())?;
+        Ok(format!("{signed}.{}", B64.encode(der_to_raw_p256(&der)?)))
+    }
+}
+
+/// An ECDSA signature from DER (`SEQUENCE { r INTEGER, s INTEGER }`) to JOSE's
+/// fixed 64 bytes (`r || s`).
+fn der_to_raw_p256(der: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let bad = || anyhow::anyhow!("not a DER ECDSA signature");
+    let body = match der {
+        [0x30, len, rest @ ..] if *len as usize == rest.len() => rest,
+        _ => return Err(bad()),
+    };
+    let mut out = Vec::with_capacity(64);
+    let mut rest = body;
+    for _ in 0..2 {
+        let [0x02, len, tail @ ..] = rest else {
+            return Err(bad());
+        };
+        let len = *len as usize;
+        anyhow::ensure!(tail.len() >= len, "short DER integer");
+        let int = &tail[..len];
+        let int = &int[int.iter().take_while(|b| **b == 0).count()..];
+        anyhow::ensure!(int.len() <= 32, "DER integer longer than 32 bytes");
+        out.extend(std::iter::repeat_n(0, 32 - int.len()));
+        out.extend_from_slice(int);
+        rest = &tail[len..];
+    }
+    Ok(out)
 }

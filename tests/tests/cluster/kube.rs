@@ -109,11 +109,16 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
     }
     let mut tokens = None;
     report
-        .case(name, "service accounts and tokens created", Duration::from_secs(60), async {
-            cluster.kubectl.apply(OBJECTS).await?;
-            tokens = Some(Tokens::create(cluster).await?);
-            Ok(())
-        })
+        .case(
+            name,
+            "service accounts and tokens created",
+            Duration::from_secs(60),
+            async {
+                cluster.kubectl.apply(OBJECTS).await?;
+                tokens = Some(Tokens::create(cluster).await?);
+                Ok(())
+            },
+        )
         .await;
     let Some(tokens) = tokens else { return };
     token_review(cluster, report, &tokens).await;
@@ -123,6 +128,7 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
     ] {
         leases(cluster, report, servers, agent).await;
     }
+    manifests(cluster, report).await;
 }
 
 struct Tokens {
@@ -180,15 +186,27 @@ async fn expect_refusal(
         let p = write(c.dir.path(), "intruder-token", tok)?;
         extra.push(format!("--service-account-token-path={}", p.display()));
     }
-    let mut agent = t.extra_agent(side, &c.pki, &c.net.nodes[0], "intruder", EXTRA_PORTS, &extra);
-    let seen = poll_until(Duration::from_secs(20), &format!("a refusal for {reason}"), || async {
-        (refused(t, reason).await > before).then_some(())
-    })
+    let mut agent = t.extra_agent(
+        side,
+        &c.pki,
+        &c.net.nodes[0],
+        "intruder",
+        EXTRA_PORTS,
+        &extra,
+    );
+    let seen = poll_until(
+        Duration::from_secs(20),
+        &format!("a refusal for {reason}"),
+        || async { (refused(t, reason).await > before).then_some(()) },
+    )
     .await;
     let still = ready(t).await;
     agent.kill().await;
     seen.with_context(|| format!("server log:\n{}", t.server.tail(10)))?;
-    ensure!(still == 2.0, "{still} agents connected, want the 2 node agents only");
+    ensure!(
+        still == 2.0,
+        "{still} agents connected, want the 2 node agents only"
+    );
     let lines = t
         .server
         .logs()
@@ -196,12 +214,64 @@ async fn expect_refusal(
         .filter(|l| l.contains("agent stream refused") && l.contains(reason))
         .count();
     ensure!(lines >= 1, "no log line names {reason}");
-    for l in t.server.logs() {
-        for secret in [token.unwrap_or("\u{0}")] {
-            ensure!(!l.contains(secret), "a token appears in the server log");
-        }
+    if let Some(secret) = token.filter(|t| t.len() >= 8) {
+        ensure!(
+            !t.server.logs().iter().any(|l| l.contains(secret)),
+            "the token appears in the server log"
+        );
     }
     Ok(())
+}
+
+/// Starts a one-off agent with `token` and waits until it is admitted (a
+/// third agent stream), then stops it.
+async fn expect_admission(c: &Cluster, t: &Tunnel, side: Side, token: &str) -> anyhow::Result<()> {
+    let p = write(c.dir.path(), "guest-token", token)?;
+    let mut a = t.extra_agent(
+        side,
+        &c.pki,
+        &c.net.nodes[0],
+        "guest",
+        EXTRA_PORTS,
+        &[format!("--service-account-token-path={}", p.display())],
+    );
+    let r = t.wait_agents(3).await;
+    a.kill().await;
+    r?;
+    t.wait_agents_exactly(2).await
+}
+
+/// Claims of a token for kube-system/konnectivity-agent with our audience,
+/// expiring `exp_in` seconds from now (negative: in the past).
+async fn claims(c: &Cluster, exp_in: i64) -> anyhow::Result<serde_json::Value> {
+    let uid = c
+        .kubectl
+        .run(&[
+            "get",
+            "sa",
+            "konnectivity-agent",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .await
+        .checked("service account uid")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    Ok(serde_json::json!({
+        "aud": [AUDIENCE],
+        "exp": now + exp_in,
+        "iat": now + exp_in - 3600,
+        "nbf": now + exp_in - 3600,
+        "iss": "https://kubernetes.default.svc",
+        "sub": "system:serviceaccount:kube-system:konnectivity-agent",
+        "kubernetes.io": {
+            "namespace": "kube-system",
+            "serviceaccount": {"name": "konnectivity-agent", "uid": uid.trim()}
+        }
+    }))
 }
 
 async fn token_review(cluster: &mut Cluster, report: &mut Report, tok: &Tokens) {
@@ -252,50 +322,100 @@ async fn token_review(cluster: &mut Cluster, report: &mut Report, tok: &Tokens) 
         .await;
     let Some(mut t) = tunnel else { return };
     report
-        .case(name, "kubectl logs through token-authenticated agents", Duration::from_secs(120), async {
-            cluster.start_apiserver(&t.egress).await?;
-            logs_exact(cluster).await
-        })
+        .case(
+            name,
+            "kubectl logs through token-authenticated agents",
+            Duration::from_secs(120),
+            async {
+                cluster.start_apiserver(&t.egress).await?;
+                logs_exact(cluster).await
+            },
+        )
         .await;
     let c = &*cluster;
     let cases: [(&str, Option<&str>, &str); 6] = [
-        ("wrong audience", Some(&tok.wrong_audience), "token_not_authenticated"),
-        ("wrong service account", Some(&tok.wrong_sa), "token_wrong_service_account"),
-        ("wrong namespace", Some(&tok.wrong_ns), "token_wrong_namespace"),
-        ("garbage", Some("not-a-token"), "token_not_authenticated"),
-        ("empty file", Some(""), "malformed_token"),
+        (
+            "token for another audience",
+            Some(&tok.wrong_audience),
+            "token_not_authenticated",
+        ),
+        (
+            "token of another service account",
+            Some(&tok.wrong_sa),
+            "token_wrong_service_account",
+        ),
+        (
+            "token of another namespace",
+            Some(&tok.wrong_ns),
+            "token_wrong_namespace",
+        ),
+        (
+            "garbage token",
+            Some("not-a-token"),
+            "token_not_authenticated",
+        ),
+        ("empty token file", Some(""), "malformed_token"),
         ("no token", None, "no_token"),
     ];
     for (what, token, reason) in cases {
         report
             .case(
                 name,
-                &format!("{what} token refused ({reason})"),
+                &format!("{what}: refused ({reason})"),
                 Duration::from_secs(30),
                 expect_refusal(c, &t, Side::Ours, token, reason),
             )
             .await;
     }
     report
-        .case(name, "the upstream agent's wrong-audience token is refused too", Duration::from_secs(30),
-            expect_refusal(c, &t, Side::Upstream, Some(&tok.wrong_audience), "token_not_authenticated"))
+        .case(
+            name,
+            "the upstream agent's wrong-audience token is refused too",
+            Duration::from_secs(30),
+            expect_refusal(
+                c,
+                &t,
+                Side::Upstream,
+                Some(&tok.wrong_audience),
+                "token_not_authenticated",
+            ),
+        )
         .await;
     report
-        .case(name, "the upstream agent with a good token is admitted", Duration::from_secs(30), async {
-            let p = write(&dir, "upstream-token", &tok.fresh[0])?;
-            let mut a = t.extra_agent(
-                Side::Upstream,
-                &c.pki,
-                &c.net.nodes[0],
-                "upstream-agent",
-                EXTRA_PORTS,
-                &[format!("--service-account-token-path={}", p.display())],
-            );
-            let r = t.wait_agents(3).await;
-            a.kill().await;
-            r?;
-            t.wait_agents_exactly(2).await
-        })
+        .case(
+            name,
+            "the upstream agent with a good token is admitted",
+            Duration::from_secs(30),
+            expect_admission(c, &t, Side::Upstream, &tok.fresh[0]),
+        )
+        .await;
+    report
+        .case(
+            name,
+            "expired token refused (token_not_authenticated); the same token unexpired is admitted",
+            Duration::from_secs(60),
+            async {
+                // Signed here with the service-account key, as kube-apiserver
+                // signs: the unexpired twin shows the signing is right.
+                let live = c.pki.sign_token(&claims(c, 3600).await?)?;
+                expect_admission(c, &t, Side::Ours, &live).await?;
+                let expired = c.pki.sign_token(&claims(c, -600).await?)?;
+                expect_refusal(c, &t, Side::Ours, Some(&expired), "token_not_authenticated")
+                    .await?;
+                let said = t
+                    .server
+                    .logs()
+                    .into_iter()
+                    .filter(|l| l.contains("token_not_authenticated"))
+                    .last()
+                    .unwrap_or_default();
+                ensure!(
+                    said.contains("expired"),
+                    "the refusal does not say expired: {said}"
+                );
+                Ok(())
+            },
+        )
         .await;
 
     report
@@ -410,7 +530,16 @@ impl Drop for Balancer {
 async fn lease_list(c: &Cluster) -> anyhow::Result<Vec<(String, String, i64)>> {
     let out = c
         .kubectl
-        .run(&["get", "leases", "-n", "kube-system", "-l", "k8s-app=konnectivity-server", "-o", "json"])
+        .run(&[
+            "get",
+            "leases",
+            "-n",
+            "kube-system",
+            "-l",
+            "k8s-app=konnectivity-server",
+            "-o",
+            "json",
+        ])
         .await
         .checked("get leases")?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
@@ -420,8 +549,14 @@ async fn lease_list(c: &Cluster) -> anyhow::Result<Vec<(String, String, i64)>> {
         .iter()
         .map(|l| {
             (
-                l["metadata"]["name"].as_str().unwrap_or_default().to_string(),
-                l["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string(),
+                l["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                l["spec"]["holderIdentity"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
                 l["spec"]["leaseDurationSeconds"].as_i64().unwrap_or(-1),
             )
         })
@@ -448,23 +583,34 @@ async fn wait_leases(c: &Cluster, ids: &[String]) -> anyhow::Result<()> {
 /// The one-off agent's `known_server_count`, read inside node-1's namespace.
 async fn known_count(c: &Cluster) -> Option<f64> {
     let out = tokio::process::Command::new("ip")
-        .args(["netns", "exec", &c.net.nodes[0].netns, "curl", "-s", "--max-time", "2"])
+        .args([
+            "netns",
+            "exec",
+            &c.net.nodes[0].netns,
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+        ])
         .arg(format!("http://127.0.0.1:{}/metrics", EXTRA_PORTS.0))
         .output()
         .await
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.contains(KNOWN)
-        .then(|| metric_sum(&text, KNOWN, &[]))
+    text.contains(KNOWN).then(|| metric_sum(&text, KNOWN, &[]))
 }
 
 async fn wait_known(c: &Cluster, n: f64) -> anyhow::Result<()> {
     let last = Mutex::new(None);
-    let r = poll_until(Duration::from_secs(30), &format!("the agent's server count of {n}"), || async {
-        let k = known_count(c).await;
-        *last.lock().expect("last") = k;
-        (k == Some(n)).then_some(())
-    })
+    let r = poll_until(
+        Duration::from_secs(30),
+        &format!("the agent's server count of {n}"),
+        || async {
+            let k = known_count(c).await;
+            *last.lock().expect("last") = k;
+            (k == Some(n)).then_some(())
+        },
+    )
     .await;
     r.with_context(|| format!("the agent counts {:?}", last.lock().expect("last")))
 }
@@ -472,9 +618,11 @@ async fn wait_known(c: &Cluster, n: f64) -> anyhow::Result<()> {
 /// Waits until each server in `servers` sees exactly `n` agent streams.
 async fn wait_streams(servers: &[&Tunnel], n: f64) -> anyhow::Result<()> {
     for (i, s) in servers.iter().enumerate() {
-        poll_until(Duration::from_secs(30), &format!("{n} agent stream(s) at server {}", i + 1), || async {
-            (ready(s).await == n).then_some(())
-        })
+        poll_until(
+            Duration::from_secs(30),
+            &format!("{n} agent stream(s) at server {}", i + 1),
+            || async { (ready(s).await == n).then_some(()) },
+        )
         .await
         .with_context(|| format!("server {} log:\n{}", i + 1, s.server.tail(10)))?;
     }
@@ -488,26 +636,41 @@ async fn leases(cluster: &mut Cluster, report: &mut Report, servers: [Side; 3], 
         agent.name()
     );
     let c = &*cluster;
-    let ids: Vec<String> = (1..=3).map(|i| format!("lease-{}-{i}", agent.name())).collect();
+    let ids: Vec<String> = (1..=3)
+        .map(|i| format!("lease-{}-{i}", agent.name()))
+        .collect();
     let mut tunnels = Vec::new();
     report
-        .case(&name, "three servers publish their Leases (holder, 30 s)", Duration::from_secs(60), async {
-            for (side, id) in servers.iter().zip(&ids) {
-                let extra = Extra {
-                    server: vec![
-                        "--enable-lease-controller".into(),
-                        kubeconfig(c),
-                        format!("--server-id={id}"),
-                    ],
-                    agent: Vec::new(),
-                };
-                tunnels.push(
-                    Tunnel::start_with(&c.bins, c.dir.path(), &c.pki, Mode::ConnectTls, (*side, agent), &[], extra)
+        .case(
+            &name,
+            "three servers publish their Leases (holder, 30 s)",
+            Duration::from_secs(60),
+            async {
+                for (side, id) in servers.iter().zip(&ids) {
+                    let extra = Extra {
+                        server: vec![
+                            "--enable-lease-controller".into(),
+                            kubeconfig(c),
+                            format!("--server-id={id}"),
+                        ],
+                        agent: Vec::new(),
+                    };
+                    tunnels.push(
+                        Tunnel::start_with(
+                            &c.bins,
+                            c.dir.path(),
+                            &c.pki,
+                            Mode::ConnectTls,
+                            (*side, agent),
+                            &[],
+                            extra,
+                        )
                         .await?,
-                );
-            }
-            wait_leases(c, &ids).await
-        })
+                    );
+                }
+                wait_leases(c, &ids).await
+            },
+        )
         .await;
     if tunnels.len() != 3 {
         for t in tunnels {
@@ -523,7 +686,11 @@ async fn leases(cluster: &mut Cluster, report: &mut Report, servers: [Side; 3], 
             return;
         }
     };
-    let lb_port = lb.addr.rsplit_once(':').map(|p| p.1.to_string()).unwrap_or_default();
+    let lb_port = lb
+        .addr
+        .rsplit_once(':')
+        .map(|p| p.1.to_string())
+        .unwrap_or_default();
     let mut a = tunnels[0].extra_agent(
         agent,
         &c.pki,
@@ -537,11 +704,16 @@ async fn leases(cluster: &mut Cluster, report: &mut Report, servers: [Side; 3], 
         ],
     );
     report
-        .case(&name, "the agent holds three streams through one balanced address", Duration::from_secs(60), async {
-            wait_known(c, 3.0).await?;
-            let all: Vec<&Tunnel> = tunnels.iter().collect();
-            wait_streams(&all, 1.0).await
-        })
+        .case(
+            &name,
+            "the agent holds three streams through one balanced address",
+            Duration::from_secs(60),
+            async {
+                wait_known(c, 3.0).await?;
+                let all: Vec<&Tunnel> = tunnels.iter().collect();
+                wait_streams(&all, 1.0).await
+            },
+        )
         .await;
     report
         .case(
@@ -590,15 +762,296 @@ spec: {holderIdentity: gone, leaseDurationSeconds: 30, renewTime: '2020-01-01T00
     a.kill().await;
     drop(lb);
     report
-        .case(&name, "every server stopped gracefully -> no Lease left", Duration::from_secs(60), async {
-            for t in &mut tunnels {
-                t.server.signal("TERM");
-                let _ = tokio::time::timeout(Duration::from_secs(20), t.server.child.wait()).await;
-            }
-            wait_leases(c, &[]).await
-        })
+        .case(
+            &name,
+            "every server stopped gracefully -> no Lease left",
+            Duration::from_secs(60),
+            async {
+                for t in &mut tunnels {
+                    t.server.signal("TERM");
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(20), t.server.child.wait()).await;
+                }
+                wait_leases(c, &[]).await
+            },
+        )
         .await;
     for t in tunnels {
         t.stop().await;
+    }
+}
+
+// --- the deploy/ manifests, literally ----------------------------------------
+
+/// `deploy/` in the repository.
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The container's command and args of a Pod or DaemonSet in kubectl's JSON.
+fn container_argv(obj: &serde_json::Value) -> anyhow::Result<Vec<String>> {
+    let spec = if obj["kind"] == "Pod" {
+        &obj["spec"]
+    } else {
+        &obj["spec"]["template"]["spec"]
+    };
+    let c = &spec["containers"][0];
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut argv = strings(&c["command"]);
+    argv.extend(strings(&c["args"]));
+    ensure!(
+        argv.len() > 1,
+        "no command and args in {}",
+        obj["metadata"]["name"]
+    );
+    Ok(argv)
+}
+
+/// Maps every host path and placeholder of the manifests to the test's own
+/// files; fails on a path it does not know, so nothing is silently dropped.
+struct PathMap(Vec<(String, String)>);
+
+impl PathMap {
+    fn apply(&self, arg: &str) -> anyhow::Result<String> {
+        let mut out = arg.to_string();
+        for (from, to) in &self.0 {
+            out = out.replace(from.as_str(), to);
+        }
+        ensure!(
+            !out.contains("/etc/kubernetes")
+                && !out.contains("/var/run")
+                && !out.contains("KONNECTIVITY_"),
+            "the manifest argument {arg} names a path the test does not map"
+        );
+        Ok(out)
+    }
+
+    fn argv(&self, argv: &[String], binary: &str) -> anyhow::Result<Vec<String>> {
+        let mut out = vec![tests::process::binary(binary).display().to_string()];
+        for a in &argv[1..] {
+            out.push(self.apply(a)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The first `key: value` of a YAML text.
+fn yaml_value(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_string())
+}
+
+/// Applies `deploy/` with kubectl's kustomize, reads back the DaemonSet, has
+/// kube-apiserver validate the server's static pod, and starts our server and
+/// agent with exactly those manifests' arguments (paths mapped into the test
+/// directory); kube-apiserver uses the manifests' egress configuration.
+pub async fn manifests(cluster: &mut Cluster, report: &mut Report) {
+    let name = "deploy manifests";
+    println!("== {name}");
+    let deploy = deploy_dir();
+    let mut procs = Vec::new();
+    let started = async {
+        let c = &*cluster;
+        let d = |p: &str| deploy.join(p).display().to_string();
+        c.kubectl
+            .run(&["apply", "-k", &d("base")])
+            .await
+            .checked("kubectl apply -k deploy/base")?;
+        let ha = c
+            .kubectl
+            .run(&["kustomize", &d("ha")])
+            .await
+            .checked("kubectl kustomize deploy/ha")?;
+        ensure!(
+            ha.contains("- --count-server-leases"),
+            "the HA overlay does not add --count-server-leases"
+        );
+        let ds = c
+            .kubectl
+            .run(&[
+                "get",
+                "daemonset",
+                "konnectivity-agent",
+                "-n",
+                "kube-system",
+                "-o",
+                "json",
+            ])
+            .await
+            .checked("get the agent DaemonSet")?;
+        let ds: serde_json::Value = serde_json::from_str(&ds)?;
+        let pod = c
+            .kubectl
+            .run(&[
+                "create",
+                "--dry-run=server",
+                "-o",
+                "json",
+                "-f",
+                &d("control-plane/konnectivity-server.yaml"),
+            ])
+            .await
+            .checked("kube-apiserver validates the server's static pod")?;
+        let pod: serde_json::Value = serde_json::from_str(&pod)?;
+        let egress_text = std::fs::read_to_string(
+            deploy.join("control-plane/egress-selector-configuration.yaml"),
+        )?;
+
+        // The test's stand-ins for the control-plane node's files.
+        let dir = c.dir.path().join("deploy");
+        std::fs::create_dir_all(dir.join("konnectivity-server"))?;
+        let server_user = c
+            .pki
+            .user("konnectivity-server-user", "system:konnectivity-server")?;
+        let server_kubeconfig = dir.join("konnectivity-server.conf");
+        let api_url = c.api.as_ref().context("kube-apiserver")?.url.clone();
+        tests::cluster::control_plane::write_kubeconfig(
+            &server_kubeconfig,
+            &api_url,
+            &c.pki,
+            &server_user,
+        )?;
+        let volumes = &ds["spec"]["template"]["spec"]["volumes"];
+        let audience = volumes[0]["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+            .as_str()
+            .context("the DaemonSet's projected token has no audience")?;
+        let token_file = write(
+            &dir,
+            "konnectivity-agent-token",
+            &token(c, "kube-system", "konnectivity-agent", audience, None).await?,
+        )?;
+        let f = |p: &Path| p.display().to_string();
+        let map = PathMap(vec![
+            (
+                "/etc/kubernetes/konnectivity-server/".into(),
+                format!("{}/", f(&dir.join("konnectivity-server"))),
+            ),
+            (
+                "/etc/kubernetes/pki/apiserver.crt".into(),
+                f(&c.pki.tunnel_server.cert),
+            ),
+            (
+                "/etc/kubernetes/pki/apiserver.key".into(),
+                f(&c.pki.tunnel_server.key),
+            ),
+            (
+                "/etc/kubernetes/konnectivity-server.conf".into(),
+                f(&server_kubeconfig),
+            ),
+            (
+                "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".into(),
+                f(&c.pki.ca),
+            ),
+            (
+                "/var/run/secrets/tokens/konnectivity-agent-token".into(),
+                f(&token_file),
+            ),
+            (
+                "KONNECTIVITY_SERVER_ADDRESS".into(),
+                CONTROL_PLANE_IP.to_string(),
+            ),
+        ]);
+        let server_argv = map.argv(&container_argv(&pod)?, "proxy-server")?;
+        let agent_argv = map.argv(&container_argv(&ds)?, "proxy-agent")?;
+
+        // kube-apiserver's egress names the socket the server listens on, in
+        // the mode the server runs.
+        let uds = map.apply(&yaml_value(&egress_text, "udsName").context("udsName")?)?;
+        ensure!(
+            server_argv.contains(&format!("--uds-name={uds}")),
+            "the egress socket {uds} is not the server's --uds-name"
+        );
+        ensure!(
+            yaml_value(&egress_text, "proxyProtocol").as_deref() == Some("GRPC")
+                && server_argv.iter().any(|a| a == "--mode=grpc"),
+            "the egress protocol and the server's --mode differ"
+        );
+
+        procs.push(tests::process::Proc::spawn_cmd(&server_argv, &[]));
+        let probe = &pod["spec"]["containers"][0]["livenessProbe"]["httpGet"];
+        let health = format!(
+            "{}:{}",
+            probe["host"].as_str().unwrap_or("127.0.0.1"),
+            probe["port"]
+        );
+        let path = probe["path"].as_str().unwrap_or("/healthz").to_string();
+        poll_until(
+            Duration::from_secs(20),
+            "the server's liveness probe",
+            || async {
+                tests::cluster::http_get(&health, &path)
+                    .await
+                    .filter(|b| b.trim() == "ok")
+            },
+        )
+        .await
+        .with_context(|| procs[0].tail(10))?;
+        let mut agent = c.net.nodes[0].exec_prefix();
+        agent.extend(agent_argv);
+        procs.push(tests::process::Proc::spawn_cmd(&agent, &[]));
+        poll_until(
+            Duration::from_secs(30),
+            "the agent admitted by token",
+            || async {
+                let m = tests::cluster::http_get(&health, "/metrics").await?;
+                (metric_sum(&m, READY, &[]) == 1.0).then_some(())
+            },
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "server:\n{}\nagent:\n{}",
+                procs[0].tail(10),
+                procs[1].tail(10)
+            )
+        })?;
+        anyhow::Ok(tests::cluster::Egress::GrpcUds(PathBuf::from(uds)))
+    }
+    .await;
+    let egress = match started {
+        Ok(e) => {
+            report.passed += 1;
+            println!("ok   [{name}] kustomize applies; our server and agent start with the manifests' exact arguments; the agent is admitted by its projected-style token");
+            e
+        }
+        Err(e) => {
+            println!("FAIL [{name}] start from the manifests: {e:#}");
+            report
+                .failed
+                .push(format!("[{name}] start from the manifests"));
+            return;
+        }
+    };
+    report
+        .case(
+            name,
+            "kubectl logs through the documented deployment (node 1)",
+            Duration::from_secs(150),
+            async {
+                cluster.start_apiserver(&egress).await?;
+                let n = cluster.node("node-1");
+                let out = cluster
+                    .kubectl
+                    .run(&["logs", &n.pod])
+                    .await
+                    .checked("kubectl logs")?;
+                let want: String = n.log_lines().iter().map(|l| format!("{l}\n")).collect();
+                ensure!(out == want, "kubectl logs: got {out:?}, want {want:?}");
+                Ok(())
+            },
+        )
+        .await;
+    for mut p in procs {
+        p.kill().await;
     }
 }
