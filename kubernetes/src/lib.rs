@@ -1,7 +1,7 @@
 //! The Kubernetes API parts of the tunnel, kept out of the core so the
 //! protocol, relay and agent choice never depend on a Kubernetes client.
 //!
-//! - [`client`]: a client from a kubeconfig file or the in-cluster config.
+//! - [`mod@client`]: a client from a kubeconfig file or the in-cluster config.
 //! - [`token_review`]: the server admits agents whose service-account token
 //!   kube-apiserver vouches for (TokenReview), with a bounded positive cache.
 //! - [`lease`]: the server publishes, renews and collects Leases; agents

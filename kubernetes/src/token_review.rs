@@ -109,7 +109,7 @@ pub fn judge(status: &TokenReviewStatus, want: &Expected) -> Result<String, Refu
         return Err(Refusal::ReviewError(e.to_string()));
     }
     let audiences = status.audiences.clone().unwrap_or_default();
-    if !audiences.iter().any(|a| *a == want.audience) {
+    if !audiences.contains(&want.audience) {
         return Err(Refusal::WrongAudience {
             got: audiences,
             want: want.audience.clone(),

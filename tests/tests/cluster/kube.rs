@@ -406,8 +406,7 @@ async fn token_review(cluster: &mut Cluster, report: &mut Report, tok: &Tokens) 
                     .server
                     .logs()
                     .into_iter()
-                    .filter(|l| l.contains("token_not_authenticated"))
-                    .last()
+                    .rfind(|l| l.contains("token_not_authenticated"))
                     .unwrap_or_default();
                 ensure!(
                     said.contains("expired"),
