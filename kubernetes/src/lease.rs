@@ -277,58 +277,84 @@ impl LeaseCount {
     }
 }
 
-/// Applies watch events to the set of Leases and republishes the count on
-/// every event and every second (Leases expire without an event). While the
-/// watch is failing the last good count stands: a kube-apiserver outage must
-/// not make agents drop to one server.
+/// The agent's view of the server Leases, fed by watch events. Written
+/// without the watch itself so it is tested without a cluster.
+#[derive(Debug, Default)]
+pub struct LeaseView {
+    leases: BTreeMap<String, LeaseSpec>,
+    /// A relist in progress: replaces `leases` when done.
+    listing: Option<BTreeMap<String, LeaseSpec>>,
+    /// The view is current (listed, and no error since).
+    healthy: bool,
+}
+
+impl LeaseView {
+    /// Applies one watch event; an error marks the view stale until the
+    /// next relist or event (a watch resumed after an error needs no relist:
+    /// its events, renewals every ~15 s, show it is current again).
+    pub fn apply<E: std::fmt::Display>(&mut self, ev: Result<watcher::Event<Lease>, E>) {
+        let was = self.healthy;
+        match ev {
+            Ok(watcher::Event::Init) => self.listing = Some(BTreeMap::new()),
+            Ok(watcher::Event::InitApply(l)) => {
+                if let Some(buf) = self.listing.as_mut() {
+                    insert(buf, l);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Some(buf) = self.listing.take() {
+                    self.leases = buf;
+                }
+                self.healthy = true;
+            }
+            Ok(watcher::Event::Apply(l)) => {
+                insert(&mut self.leases, l);
+                self.healthy = self.listing.is_none();
+            }
+            Ok(watcher::Event::Delete(l)) => {
+                if let Some(name) = l.metadata.name {
+                    self.leases.remove(&name);
+                }
+                self.healthy = self.listing.is_none();
+            }
+            Err(e) => {
+                if was {
+                    warn!(error = %e, "server lease watch failed; keeping the last count");
+                }
+                self.healthy = false;
+            }
+        }
+        if self.healthy && !was {
+            info!("server lease watch in sync");
+        }
+    }
+
+    /// The count at `now`, or `None` while the view is stale (the caller
+    /// keeps the last good count: a kube-apiserver outage must not make
+    /// agents drop to one server).
+    pub fn count(&self, now: Timestamp) -> Option<u32> {
+        self.healthy.then(|| count_valid(self.leases.values(), now))
+    }
+}
+
+/// Feeds the watch into a [`LeaseView`] and republishes its count on every
+/// event and every second (Leases expire without an event).
 async fn count_leases(client: kube::Client, s: CountSettings, tx: watch::Sender<u32>) {
     let api: Api<Lease> = Api::namespaced(client, &s.namespace);
     let cfg = watcher::Config::default().labels(&s.selector);
     let mut events = watcher(api, cfg).default_backoff().boxed();
-    let mut leases: BTreeMap<String, LeaseSpec> = BTreeMap::new();
-    let mut listing: Option<BTreeMap<String, LeaseSpec>> = None;
-    let mut healthy = false;
+    let mut view = LeaseView::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     info!(namespace = %s.namespace, selector = %s.selector, "counting server leases");
     loop {
         tokio::select! {
-            ev = events.next() => {
-                let Some(ev) = ev else { return };
-                match ev {
-                    Ok(watcher::Event::Init) => listing = Some(BTreeMap::new()),
-                    Ok(watcher::Event::InitApply(l)) => {
-                        if let Some(buf) = listing.as_mut() {
-                            insert(buf, l);
-                        }
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        if let Some(buf) = listing.take() {
-                            leases = buf;
-                        }
-                        if !healthy {
-                            info!("server lease watch in sync");
-                        }
-                        healthy = true;
-                    }
-                    Ok(watcher::Event::Apply(l)) => insert(&mut leases, l),
-                    Ok(watcher::Event::Delete(l)) => {
-                        if let Some(name) = l.metadata.name {
-                            leases.remove(&name);
-                        }
-                    }
-                    Err(e) => {
-                        if healthy {
-                            warn!(error = %e, count = *tx.borrow(), "server lease watch failed; keeping the last count");
-                        }
-                        healthy = false;
-                        continue;
-                    }
-                }
-            }
+            ev = events.next() => match ev {
+                Some(ev) => view.apply(ev),
+                None => return,
+            },
             _ = tick.tick() => {}
         }
-        if healthy {
-            let n = count_valid(leases.values(), Timestamp::now());
+        if let Some(n) = view.count(Timestamp::now()) {
             tx.send_if_modified(|c| {
                 if *c != n {
                     info!(from = *c, to = n, "server count from leases changed");
@@ -391,6 +417,44 @@ mod tests {
         assert_eq!(count_valid([&live, &live, &dead], now), 2);
         assert_eq!(count_valid([&dead], now), 1);
         assert_eq!(count_valid([], now), 1);
+    }
+
+    fn lease(name: &str, renew_ago: i64) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(spec(Some(renew_ago), None, Some(30))),
+        }
+    }
+
+    type Ev = Result<watcher::Event<Lease>, &'static str>;
+
+    #[test]
+    fn the_view_counts_after_a_listing_and_keeps_its_count_while_stale() {
+        let now = Timestamp::now;
+        let mut v = LeaseView::default();
+        assert_eq!(v.count(now()), None, "nothing listed yet");
+        v.apply(Ev::Ok(watcher::Event::Init));
+        v.apply(Ev::Ok(watcher::Event::InitApply(lease("a", 1))));
+        v.apply(Ev::Ok(watcher::Event::InitApply(lease("b", 1))));
+        v.apply(Ev::Ok(watcher::Event::InitApply(lease("old", 100))));
+        assert_eq!(v.count(now()), None, "a listing counts once complete");
+        v.apply(Ev::Ok(watcher::Event::InitDone));
+        assert_eq!(v.count(now()), Some(2), "the expired Lease is not counted");
+        v.apply(Ev::Ok(watcher::Event::Apply(lease("c", 0))));
+        assert_eq!(v.count(now()), Some(3));
+        v.apply(Ev::Err("connection refused"));
+        assert_eq!(v.count(now()), None, "stale: the caller keeps 3");
+        // The watch resumes without a relist: the next event is current.
+        v.apply(Ev::Ok(watcher::Event::Delete(lease("c", 0))));
+        assert_eq!(v.count(now()), Some(2));
+        // A relist replaces everything seen before.
+        v.apply(Ev::Ok(watcher::Event::Init));
+        v.apply(Ev::Ok(watcher::Event::InitApply(lease("z", 1))));
+        v.apply(Ev::Ok(watcher::Event::InitDone));
+        assert_eq!(v.count(now()), Some(1));
     }
 
     #[test]

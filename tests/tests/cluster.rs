@@ -358,18 +358,24 @@ async fn direct_path_fails(c: &Cluster) -> anyhow::Result<()> {
 
 async fn logs_exact(c: &Cluster) -> anyhow::Result<()> {
     for n in &c.nodes {
-        let out = c
-            .kubectl
-            .run(&["logs", &n.pod])
-            .await
-            .checked("kubectl logs")?;
-        let want: String = n.log_lines().iter().map(|l| format!("{l}\n")).collect();
-        ensure!(
-            out == want,
-            "kubectl logs {}: got {out:?}, want {want:?}",
-            n.pod
-        );
+        logs_exact_on(c, n).await?;
     }
+    Ok(())
+}
+
+/// `kubectl logs` of `n`'s pod gives exactly its lines.
+async fn logs_exact_on(c: &Cluster, n: &Node) -> anyhow::Result<()> {
+    let out = c
+        .kubectl
+        .run(&["logs", &n.pod])
+        .await
+        .checked("kubectl logs")?;
+    let want: String = n.log_lines().iter().map(|l| format!("{l}\n")).collect();
+    ensure!(
+        out == want,
+        "kubectl logs {}: got {out:?}, want {want:?}",
+        n.pod
+    );
     Ok(())
 }
 

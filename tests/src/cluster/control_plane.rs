@@ -298,6 +298,12 @@ impl Kubectl {
         self.run_with(args, &[], None).await
     }
 
+    /// Runs kubectl `args` (which ask for `-o json`) and parses its output.
+    pub async fn json(&self, args: &[&str], what: &str) -> anyhow::Result<serde_json::Value> {
+        let out = self.run(args).await.checked(what)?;
+        serde_json::from_str(&out).map_err(|e| anyhow::anyhow!("{what}: not JSON: {e}"))
+    }
+
     /// Runs kubectl with extra environment and optional standard input.
     pub async fn run_with(
         &self,

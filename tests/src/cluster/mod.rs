@@ -16,6 +16,7 @@ pub mod tunnel;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use control_plane::{ApiServer, Bins, Egress, Etcd, Kubectl, Output};
@@ -46,6 +47,8 @@ pub struct Cluster {
     /// The built components.
     pub bins: Bins,
     api_port: u16,
+    /// The egress kube-apiserver last started with.
+    egress: Option<Egress>,
     /// Bridge, namespaces, routes.
     pub net: Net,
     /// Scratch space (sockets, configs, logs, etcd data). Dropped after the
@@ -83,6 +86,7 @@ impl Cluster {
             pki,
             bins,
             api_port,
+            egress: None,
             net,
             dir,
         })
@@ -91,20 +95,7 @@ impl Cluster {
     /// (Re)starts kube-apiserver with `egress` as its `cluster` egress; on
     /// the first start also registers the nodes (kwok) and metrics-server.
     pub async fn start_apiserver(&mut self, egress: &Egress) -> anyhow::Result<()> {
-        if let Some(old) = self.api.take() {
-            old.stop().await;
-        }
-        let api = ApiServer::start(
-            &self.bins,
-            self.dir.path(),
-            &self.pki,
-            &self.etcd,
-            self.api_port,
-            egress,
-            &self.kubectl,
-        )
-        .await?;
-        self.api = Some(api);
+        self.restart_apiserver_with(egress).await?;
         if !self.registered {
             // All or nothing: a partial registration would make every later
             // setup fail for a reason it does not show.
@@ -129,6 +120,35 @@ impl Cluster {
             self.registered = true;
         }
         self.wait_metrics_api().await
+    }
+
+    /// Starts kube-apiserver again with the egress it last had (after
+    /// `api.take()` stopped it), waiting for `/readyz` only.
+    pub async fn restart_apiserver(&mut self) -> anyhow::Result<()> {
+        let egress = self
+            .egress
+            .clone()
+            .context("kube-apiserver never started")?;
+        self.restart_apiserver_with(&egress).await
+    }
+
+    async fn restart_apiserver_with(&mut self, egress: &Egress) -> anyhow::Result<()> {
+        if let Some(old) = self.api.take() {
+            old.stop().await;
+        }
+        let api = ApiServer::start(
+            &self.bins,
+            self.dir.path(),
+            &self.pki,
+            &self.etcd,
+            self.api_port,
+            egress,
+            &self.kubectl,
+        )
+        .await?;
+        self.api = Some(api);
+        self.egress = Some(egress.clone());
+        Ok(())
     }
 
     /// Waits until the aggregator calls the metrics API available (it
