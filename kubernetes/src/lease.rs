@@ -308,10 +308,12 @@ impl LeaseView {
                 self.healthy = true;
             }
             Ok(watcher::Event::Apply(l)) => {
+                debug!(lease = ?l.metadata.name, renew_time = ?l.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| t.0), "server lease changed");
                 insert(&mut self.leases, l);
                 self.healthy = self.listing.is_none();
             }
             Ok(watcher::Event::Delete(l)) => {
+                debug!(lease = ?l.metadata.name, "server lease deleted");
                 if let Some(name) = l.metadata.name {
                     self.leases.remove(&name);
                 }
@@ -330,10 +332,23 @@ impl LeaseView {
     }
 
     /// The count at `now`, or `None` while the view is stale (the caller
-    /// keeps the last good count: a kube-apiserver outage must not make
-    /// agents drop to one server).
+    /// keeps the last good count).
+    ///
+    /// Expiry is judged against the newest renewal seen (when older than
+    /// `now`), not against the local clock alone: a Lease has expired once
+    /// another server has renewed a full duration after it. While
+    /// kube-apiserver accepts no renewals (down, terminating, its storage
+    /// stalled) no Lease expires, so agents do not drop to one server; a
+    /// server that died shows as expired as soon as the living ones renew.
     pub fn count(&self, now: Timestamp) -> Option<u32> {
-        self.healthy.then(|| count_valid(self.leases.values(), now))
+        let newest = self
+            .leases
+            .values()
+            .filter_map(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
+            .map(|t| t.0)
+            .max();
+        let at = newest.map_or(now, |n| n.min(now));
+        self.healthy.then(|| count_valid(self.leases.values(), at))
     }
 }
 
@@ -445,6 +460,16 @@ mod tests {
         assert_eq!(v.count(now()), Some(2), "the expired Lease is not counted");
         v.apply(Ev::Ok(watcher::Event::Apply(lease("c", 0))));
         assert_eq!(v.count(now()), Some(3));
+        // No renewals for a minute (kube-apiserver stalled, the watch still
+        // open): judged against the newest renewal, nothing has expired.
+        let later = now()
+            .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(60))
+            .unwrap();
+        assert_eq!(v.count(later), Some(3));
+        // One server renews a full duration after "a" and "b": they expired.
+        v.apply(Ev::Ok(watcher::Event::Apply(lease("c", -31))));
+        assert_eq!(v.count(later), Some(1));
+        v.apply(Ev::Ok(watcher::Event::Apply(lease("c", 0))));
         v.apply(Ev::Err("connection refused"));
         assert_eq!(v.count(now()), None, "stale: the caller keeps 3");
         // The watch resumes without a relist: the next event is current.

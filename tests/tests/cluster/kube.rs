@@ -565,6 +565,45 @@ async fn lease_list(c: &Cluster) -> anyhow::Result<Vec<(String, String, i64)>> {
     Ok(list)
 }
 
+/// (name, renewTime) of each server Lease, by name.
+async fn renew_times(c: &Cluster) -> anyhow::Result<Vec<(String, String)>> {
+    let v = c
+        .kubectl
+        .json(
+            &[
+                "get",
+                "leases",
+                "-n",
+                "kube-system",
+                "-l",
+                "k8s-app=konnectivity-server",
+                "-o",
+                "json",
+            ],
+            "get leases",
+        )
+        .await?;
+    let mut out: Vec<_> = v["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .map(|l| {
+            (
+                l["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                l["spec"]["renewTime"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 async fn wait_leases(c: &Cluster, ids: &[String]) -> anyhow::Result<()> {
     let want: Vec<_> = ids
         .iter()
@@ -700,6 +739,7 @@ async fn leases(cluster: &mut Cluster, report: &mut Report, servers: [Side; 3], 
         &[
             format!("--proxy-server-port={lb_port}"),
             "--count-server-leases".into(),
+            "--v=4".into(),
             kubeconfig(c),
         ],
     );
@@ -712,6 +752,24 @@ async fn leases(cluster: &mut Cluster, report: &mut Report, servers: [Side; 3], 
                 wait_known(c, 3.0).await?;
                 let all: Vec<&Tunnel> = tunnels.iter().collect();
                 wait_streams(&all, 1.0).await
+            },
+        )
+        .await;
+    report
+        .case(
+            &name,
+            "every Lease is renewed within a period (renewTime advances) and the agent keeps counting 3",
+            Duration::from_secs(60),
+            async {
+                let before = renew_times(c).await?;
+                poll_until(Duration::from_secs(25), "every Lease renewed", || async {
+                    let now = renew_times(c).await.ok()?;
+                    (now.len() == before.len() && now.iter().zip(&before).all(|(a, b)| a.0 == b.0 && a.1 > b.1))
+                        .then_some(())
+                })
+                .await
+                .with_context(|| format!("renew times before: {before:?}"))?;
+                wait_known(c, 3.0).await
             },
         )
         .await;
@@ -746,7 +804,7 @@ spec: {holderIdentity: gone, leaseDurationSeconds: 30, renewTime: '2020-01-01T00
             .case(
                 &name,
                 "kube-apiserver down longer than a Lease lasts: the agent keeps counting 3 and its streams; back: in sync, Leases renewed",
-                Duration::from_secs(150),
+                Duration::from_secs(200),
                 async {
                     if let Some(api) = cluster.api.take() {
                         api.stop().await;
@@ -758,10 +816,21 @@ spec: {holderIdentity: gone, leaseDurationSeconds: 30, renewTime: '2020-01-01T00
                         wait_streams(&all, 1.0).await
                     };
                     let back = cluster.restart_apiserver().await;
-                    ensure!(during == Some(3.0), "the agent counts {during:?} during the outage, want 3");
+                    ensure!(
+                        during == Some(3.0),
+                        "the agent counts {during:?} during the outage, want 3; agent log:\n{}",
+                        a.logs()
+                            .iter()
+                            .filter(|l| l.contains("lease") || l.contains("count"))
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    );
                     streams?;
                     back?;
-                    poll_until(Duration::from_secs(60), "the agent's lease watch in sync again", || async {
+                    // The watch's own backoff (up to 30 s between attempts,
+                    // so a fleet of agents does not stampede) sets the pace.
+                    poll_until(Duration::from_secs(90), "the agent's lease watch in sync again", || async {
                         let n = a.logs().iter().filter(|l| l.contains("server lease watch in sync")).count();
                         (n >= 2).then_some(())
                     })
