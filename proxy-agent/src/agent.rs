@@ -1,7 +1,6 @@
-//! The agent's supervisor: holds as many streams to distinct servers as
-//! there are servers (`serverCount`, or the server Leases)
-//! through one address, redialing with exponential backoff and jitter, and
-//! drains on shutdown.
+//! The agent's supervisor: through one address, holds a stream to each
+//! server (counted by `serverCount` or by the server Leases), redialing with
+//! exponential backoff and jitter, and drains on shutdown.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
