@@ -525,8 +525,11 @@ impl Drop for Balancer {
     }
 }
 
-/// The server Leases as kubectl sees them: (name, holder, duration).
-async fn lease_list(c: &Cluster) -> anyhow::Result<Vec<(String, String, i64)>> {
+/// Each server Lease (by the label) mapped by `f`, sorted.
+async fn server_leases<T: Ord>(
+    c: &Cluster,
+    f: impl Fn(&serde_json::Value) -> T,
+) -> anyhow::Result<Vec<T>> {
     let v = c
         .kubectl
         .json(
@@ -543,65 +546,38 @@ async fn lease_list(c: &Cluster) -> anyhow::Result<Vec<(String, String, i64)>> {
             "get leases",
         )
         .await?;
-    let mut list: Vec<_> = v["items"]
+    let mut out: Vec<T> = v["items"]
         .as_array()
         .context("items")?
         .iter()
-        .map(|l| {
-            (
-                l["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                l["spec"]["holderIdentity"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                l["spec"]["leaseDurationSeconds"].as_i64().unwrap_or(-1),
-            )
-        })
+        .map(f)
         .collect();
-    list.sort();
-    Ok(list)
+    out.sort();
+    Ok(out)
+}
+
+fn text(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+/// The server Leases as kubectl sees them: (name, holder, duration).
+async fn lease_list(c: &Cluster) -> anyhow::Result<Vec<(String, String, i64)>> {
+    server_leases(c, |l| {
+        (
+            text(&l["metadata"]["name"]),
+            text(&l["spec"]["holderIdentity"]),
+            l["spec"]["leaseDurationSeconds"].as_i64().unwrap_or(-1),
+        )
+    })
+    .await
 }
 
 /// (name, renewTime) of each server Lease, by name.
 async fn renew_times(c: &Cluster) -> anyhow::Result<Vec<(String, String)>> {
-    let v = c
-        .kubectl
-        .json(
-            &[
-                "get",
-                "leases",
-                "-n",
-                "kube-system",
-                "-l",
-                "k8s-app=konnectivity-server",
-                "-o",
-                "json",
-            ],
-            "get leases",
-        )
-        .await?;
-    let mut out: Vec<_> = v["items"]
-        .as_array()
-        .context("items")?
-        .iter()
-        .map(|l| {
-            (
-                l["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                l["spec"]["renewTime"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-        })
-        .collect();
-    out.sort();
-    Ok(out)
+    server_leases(c, |l| {
+        (text(&l["metadata"]["name"]), text(&l["spec"]["renewTime"]))
+    })
+    .await
 }
 
 async fn wait_leases(c: &Cluster, ids: &[String]) -> anyhow::Result<()> {
