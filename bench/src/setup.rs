@@ -10,10 +10,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use tests::client::{self, GrpcConn};
+use tests::client::{self, GrpcConn, Transport};
+
+/// Per-stage limit of the benchmark's client.
+const DIAL_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 use tests::pki::Pki;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 /// Which implementation.
@@ -337,7 +340,7 @@ pub enum Conn {
     /// Direct TCP.
     Tcp(TcpStream),
     /// HTTP CONNECT tunnel.
-    Unix(UnixStream),
+    Unix(client::Tunnel),
     /// gRPC tunnel (one HTTP/2 connection per tunnel, as kube-apiserver does).
     Grpc(Box<GrpcConn>, Bytes),
 }
@@ -354,10 +357,10 @@ impl Running {
             Front::Connect => Conn::Unix(
                 client::connect_uds(&self.uds, &dst.to_string())
                     .await
-                    .map_err(|(c, b)| anyhow::anyhow!("CONNECT {c}: {b}"))?,
+                    .map_err(|e| anyhow::anyhow!("CONNECT: {e}"))?,
             ),
             Front::Grpc => {
-                let ch = client::try_grpc_uds(&self.uds).await?;
+                let ch = client::channel(&Transport::Unix(self.uds.clone()), DIAL_LIMIT).await?;
                 let c = GrpcConn::dial(&ch, &dst.to_string())
                     .await
                     .map_err(|e| anyhow::anyhow!("dial: {e}"))?;
@@ -373,7 +376,7 @@ impl Conn {
         match self {
             Conn::Tcp(s) => s.write_all(b).await?,
             Conn::Unix(s) => s.write_all(b).await?,
-            Conn::Grpc(c, _) => c.send(Bytes::copy_from_slice(b)).await,
+            Conn::Grpc(c, _) => c.send(Bytes::copy_from_slice(b)).await?,
         }
         Ok(())
     }

@@ -84,20 +84,34 @@ fn valid_authority(t: &str) -> bool {
 
 /// The status a CONNECT client gets for an agent's dial error, chosen by the
 /// error text as the reference does: timeouts 504, file-descriptor exhaustion
-/// 503, everything else (refused, unknown host, TLS) 502.
+/// 503, everything else (refused, unknown host, TLS) 502. See
+/// [`crate::reason::DialReason::http_status`].
 pub fn status_for_dial_error(error: &str) -> u16 {
-    let e = error.to_ascii_lowercase();
-    if e.contains("timeout") || e.contains("timed out") || e.contains("deadline exceeded") {
-        504
-    } else if e.contains("too many open files") {
-        503
-    } else {
-        502
-    }
+    crate::reason::DialReason::from_text(error).http_status()
 }
+
+/// The response header that carries a failed dial's [`DialReason`] label
+/// (our extension; clients that do not know it see the usual status and text).
+///
+/// [`DialReason`]: crate::reason::DialReason
+pub const DIAL_REASON_HEADER: &str = "X-Konnectivity-Dial-Reason";
 
 /// A complete HTTP/1.1 error response with a text body, closing the connection.
 pub fn error_response(status: u16, body: &str) -> Vec<u8> {
+    error_response_with(status, body, None)
+}
+
+/// [`error_response`] for a failed dial, with its reason in
+/// [`DIAL_REASON_HEADER`].
+pub fn dial_error_response(reason: crate::reason::DialReason, body: &str) -> Vec<u8> {
+    error_response_with(reason.http_status(), body, Some(reason))
+}
+
+fn error_response_with(
+    status: u16,
+    body: &str,
+    dial_reason: Option<crate::reason::DialReason>,
+) -> Vec<u8> {
     let reason = match status {
         400 => "Bad Request",
         405 => "Method Not Allowed",
@@ -110,8 +124,11 @@ pub fn error_response(status: u16, body: &str) -> Vec<u8> {
         _ => "Error",
     };
     let body = format!("{body}\n");
+    let extra = dial_reason
+        .map(|r| format!("{DIAL_REASON_HEADER}: {r}\r\n"))
+        .unwrap_or_default();
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()

@@ -10,12 +10,15 @@
 //! - [`grpc`]: `Packet` streams straight on HTTP/2 bodies (no codec copies),
 //!   served through tonic's router and opened on tonic's `Channel`.
 //! - [`connect`]: the HTTP CONNECT request parser and the dial-error -> status map.
+//! - [`reason`]: why a dial failed, typed ([`DialReason`]), read from a peer's text or
+//!   carried on the wire between our own peers.
 
 pub mod connect;
 pub mod grpc;
 pub mod ids;
 pub mod metadata;
 pub mod packet;
+pub mod reason;
 pub mod table;
 
 /// Generated protobuf and tonic code. The proto file has no package, so prost
@@ -26,6 +29,7 @@ pub mod wire {
 }
 
 pub use packet::{Message, PacketError};
+pub use reason::DialReason;
 pub use wire::{Packet, PacketType};
 
 /// gRPC method path of the frontend service.

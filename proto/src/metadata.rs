@@ -21,6 +21,10 @@ pub const FEATURES: &str = "x-konnectivity-rs-features";
 /// Feature: per-connection credit flow control with `WINDOW` packets, and
 /// server heartbeats (`WINDOW{0,0}`).
 pub const FEATURE_FLOW_CONTROL: &str = "window-v1";
+/// Feature: failed `DIAL_RSP`s carry a typed reason (`DialResponse.reason`)
+/// besides the same error text. Offered by our agent and our clients, answered
+/// by our server.
+pub const FEATURE_DIAL_REASON: &str = "dial-reason-v1";
 
 /// With `window-v1`, the server sends a heartbeat (`WINDOW{0,0}`) this often;
 /// the agent takes [`HEARTBEAT_MISSES`] missed beats as a dead stream. This

@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 
+use crate::reason::DialReason;
 use crate::wire::{self, packet::Payload, PacketType};
 use crate::Packet;
 
@@ -46,6 +47,8 @@ pub enum Message {
         connect_id: i64,
         /// Empty on success.
         error: String,
+        /// Why it failed, when the peer sent it typed (our extension).
+        reason: Option<DialReason>,
     },
     /// `DATA`: bytes for an established connection.
     Data {
@@ -123,6 +126,7 @@ impl Message {
                 random: d.random,
                 connect_id: d.connect_id,
                 error: d.error,
+                reason: DialReason::from_wire(d.reason),
             },
             (PacketType::Data, Payload::Data(d)) => Message::Data {
                 connect_id: d.connect_id,
@@ -164,12 +168,14 @@ impl Message {
                 random,
                 connect_id,
                 error,
+                reason,
             } => (
                 PacketType::DialRsp,
                 Payload::DialResponse(wire::DialResponse {
                     error,
                     connect_id,
                     random,
+                    reason: reason.map_or(0, DialReason::to_wire),
                 }),
             ),
             Message::Data { connect_id, data } => (
@@ -248,16 +254,28 @@ pub fn dial_ok(random: i64, connect_id: i64) -> Packet {
         random,
         connect_id,
         error: String::new(),
+        reason: None,
     }
     .into()
 }
 
-/// Failed `DIAL_RSP` (connectID 0).
+/// Failed `DIAL_RSP` (connectID 0), text only (what reference peers send).
 pub fn dial_failed(random: i64, error: impl Into<String>) -> Packet {
+    dial_failed_with(random, error, None)
+}
+
+/// Failed `DIAL_RSP` with a typed reason for a peer that speaks
+/// [`crate::metadata::FEATURE_DIAL_REASON`]; `None` sends text only.
+pub fn dial_failed_with(
+    random: i64,
+    error: impl Into<String>,
+    reason: Option<DialReason>,
+) -> Packet {
     Message::DialResponse {
         random,
         connect_id: 0,
         error: error.into(),
+        reason,
     }
     .into()
 }
@@ -328,6 +346,13 @@ mod tests {
                 random: 42,
                 connect_id: 7,
                 error: String::new(),
+                reason: None,
+            },
+            Message::DialResponse {
+                random: 43,
+                connect_id: 0,
+                error: "dial tcp 10.0.0.5:1: connect: connection refused".into(),
+                reason: Some(DialReason::Refused),
             },
             Message::Data {
                 connect_id: 7,

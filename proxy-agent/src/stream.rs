@@ -18,7 +18,7 @@ use konnectivity_proto::grpc::{self, Incoming};
 use konnectivity_proto::ids::ConnectIds;
 use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
 use konnectivity_proto::table::{Pending, Table, TableError};
-use konnectivity_proto::{packet, Message, Packet};
+use konnectivity_proto::{packet, DialReason, Message, Packet};
 use konnectivity_runtime::flow::{self, ConnEntry, ConnInbox, Credit, Inbound};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -211,12 +211,16 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
             ascii(&format!("Bearer {}", token.trim()), "the token")?,
         );
     }
-    if cfg.flow_control {
-        md.insert(
-            metadata::FEATURES,
-            ascii(metadata::FEATURE_FLOW_CONTROL, "features")?,
-        );
-    }
+    let offered = if cfg.flow_control {
+        [
+            metadata::FEATURE_FLOW_CONTROL,
+            metadata::FEATURE_DIAL_REASON,
+        ]
+        .join(",")
+    } else {
+        metadata::FEATURE_DIAL_REASON.to_string()
+    };
+    md.insert(metadata::FEATURES, ascii(&offered, "features")?);
     let outgoing = ReceiverStream::new(out_rx).map(Ok);
     let resp = grpc::call(
         &mut ch,
@@ -245,9 +249,11 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
         })?;
     let features = md.get(metadata::FEATURES).and_then(|v| v.to_str().ok());
     let flow = cfg.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);
+    let dial_reason = metadata::has_feature(features, metadata::FEATURE_DIAL_REASON);
     let link = Arc::new(ServerLink {
         server_id: server_id.clone(),
         flow,
+        dial_reason,
         out: out_tx,
         state: Mutex::new(State {
             table: Table::new(cfg.max_pending, cfg.max_conns),
@@ -277,6 +283,8 @@ pub struct ServerLink {
     pub server_id: String,
     /// `window-v1` negotiated.
     pub flow: bool,
+    /// `dial-reason-v1` negotiated: failed dials carry their reason typed.
+    pub dial_reason: bool,
     out: mpsc::Sender<Packet>,
     state: Mutex<State>,
     /// Cancelled when the stream has ended.
@@ -513,18 +521,12 @@ impl ServerLink {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 let (reason, text) = dial_error_text(&address, &e);
-                m.endpoint_dial_failures.with_label_values(&[reason]).inc();
-                info!(error = text, "dial failed");
-                self.send(packet::dial_failed(random, text)).await;
+                self.dial_failed(random, reason, text).await;
                 return;
             }
             Err(_) => {
-                m.endpoint_dial_failures
-                    .with_label_values(&["timeout"])
-                    .inc();
                 let text = format!("dial tcp {address}: i/o timeout");
-                info!(error = text, "dial failed");
-                self.send(packet::dial_failed(random, text)).await;
+                self.dial_failed(random, DialReason::Timeout, text).await;
                 return;
             }
         };
@@ -538,11 +540,8 @@ impl ServerLink {
             table.establish(pending, id, conn).ok().map(|_| id)
         };
         let Some(connect_id) = connect_id else {
-            self.send(packet::dial_failed(
-                random,
-                "too many connections on this agent stream",
-            ))
-            .await;
+            let text = "too many connections on this agent stream".to_string();
+            self.dial_failed(random, DialReason::Exhausted, text).await;
             return;
         };
         m.open_endpoint_connections.inc();
@@ -552,6 +551,25 @@ impl ServerLink {
         }
         debug!("connected");
         self.relay(tcp, connect_id, inbox, credit, kill).await;
+    }
+
+    /// Answers a failed dial: counted, logged, and its reason typed for a
+    /// server that speaks `dial-reason-v1`.
+    async fn dial_failed(&self, random: i64, reason: DialReason, text: String) {
+        // The reference's label values.
+        let label = if reason == DialReason::Timeout {
+            "timeout"
+        } else {
+            "unknown"
+        };
+        self.metrics()
+            .endpoint_dial_failures
+            .with_label_values(&[label])
+            .inc();
+        info!(%reason, error = text, "dial failed");
+        let typed = self.dial_reason.then_some(reason);
+        self.send(packet::dial_failed_with(random, text, typed))
+            .await;
     }
 
     async fn relay(
@@ -619,22 +637,30 @@ impl Inbound for ConnInbound {
 }
 
 /// The dial error as the reference agent words it (Go's net errors), so that
-/// HTTP CONNECT status mapping and humans see the familiar text; and the
-/// metric reason.
-fn dial_error_text(address: &str, e: &std::io::Error) -> (&'static str, String) {
+/// HTTP CONNECT status mapping and humans see the familiar text; and its
+/// reason.
+fn dial_error_text(address: &str, e: &std::io::Error) -> (DialReason, String) {
     use std::io::ErrorKind::*;
     let text = e.to_string();
     if text.contains("failed to lookup address") {
         let host = konnectivity_proto::metadata::dest_host(address);
-        return ("unknown", format!("dial tcp: lookup {host}: no such host"));
+        return (
+            DialReason::Dns,
+            format!("dial tcp: lookup {host}: no such host"),
+        );
     }
     let (reason, what) = match e.kind() {
-        ConnectionRefused => ("unknown", "connect: connection refused".to_string()),
-        TimedOut => ("timeout", "i/o timeout".to_string()),
-        HostUnreachable => ("unknown", "connect: no route to host".to_string()),
-        NetworkUnreachable => ("unknown", "connect: network is unreachable".to_string()),
-        _ if e.raw_os_error() == Some(24) => ("unknown", "socket: too many open files".to_string()),
-        _ => ("unknown", text),
+        ConnectionRefused => (DialReason::Refused, "connect: connection refused".into()),
+        TimedOut => (DialReason::Timeout, "i/o timeout".into()),
+        HostUnreachable => (DialReason::NoRoute, "connect: no route to host".into()),
+        NetworkUnreachable => (
+            DialReason::NoRoute,
+            "connect: network is unreachable".into(),
+        ),
+        _ if e.raw_os_error() == Some(24) => {
+            (DialReason::Exhausted, "socket: too many open files".into())
+        }
+        _ => (DialReason::Other, text),
     };
     (reason, format!("dial tcp {address}: {what}"))
 }
@@ -642,6 +668,7 @@ fn dial_error_text(address: &str, e: &std::io::Error) -> (&'static str, String) 
 #[cfg(test)]
 mod tests {
     use super::dial_error_text;
+    use konnectivity_proto::DialReason;
     use std::io::{Error, ErrorKind};
 
     #[test]
@@ -650,12 +677,17 @@ mod tests {
         assert_eq!(
             dial_error_text("10.0.0.5:10250", &refused),
             (
-                "unknown",
+                DialReason::Refused,
                 "dial tcp 10.0.0.5:10250: connect: connection refused".into()
             )
         );
         let timeout = Error::from(ErrorKind::TimedOut);
-        assert_eq!(dial_error_text("a:1", &timeout).0, "timeout");
+        assert_eq!(dial_error_text("a:1", &timeout).0, DialReason::Timeout);
+        // The reason read back from the text is the typed one.
+        for e in [refused, timeout] {
+            let (reason, text) = dial_error_text("10.0.0.5:10250", &e);
+            assert_eq!(DialReason::from_text(&text), reason);
+        }
         let dns = Error::other("failed to lookup address information: Name or service not known");
         assert_eq!(
             dial_error_text("nowhere.example:80", &dns).1,

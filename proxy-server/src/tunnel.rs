@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use konnectivity_proto::packet;
 use konnectivity_proto::table::TableError;
+use konnectivity_proto::{packet, DialReason};
 use konnectivity_runtime::flow::{ConnInbox, Credit, Inbound};
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +31,8 @@ pub enum DialError {
         agent: String,
         /// The agent's error text.
         error: String,
+        /// Why, typed by the agent or read from its text.
+        reason: DialReason,
     },
     /// The agent stream ended while the dial was pending.
     #[error("agent {0} went away while dialing")]
@@ -55,6 +57,19 @@ pub enum DialError {
 }
 
 impl DialError {
+    /// Why, as a type: what a CONNECT client's status and a typed-reason
+    /// frontend's `DIAL_RSP` say.
+    pub fn kind(&self) -> DialReason {
+        match self {
+            DialError::NoAgent => DialReason::NoAgent,
+            DialError::Agent { reason, .. } => *reason,
+            DialError::AgentGone(_) => DialReason::AgentLost,
+            DialError::Timeout { .. } => DialReason::AgentUnresponsive,
+            DialError::Refused(_) => DialReason::Exhausted,
+            DialError::DialClosed | DialError::Cancelled => DialReason::Other,
+        }
+    }
+
     /// Label for the `dial_failure_count` metric.
     pub fn reason(&self) -> &'static str {
         match self {

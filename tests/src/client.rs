@@ -1,44 +1,33 @@
-//! Frontend clients: a gRPC `ProxyService` client (what kube-apiserver's
-//! konnectivity client does, written from the protocol) and an HTTP CONNECT
-//! client, over a Unix socket or mutual-TLS TCP.
+//! Frontend clients for the tests: the `konnectivity-client` library with the
+//! test PKI's credentials, plus hand-driven peers (a fake agent, a fake
+//! server) and small HTTP helpers.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::StreamExt;
-use konnectivity_proto::wire::proxy_service_client::ProxyServiceClient;
-use konnectivity_proto::{ids, packet, Message, Packet};
+pub use konnectivity_client::{
+    channel, connect_on, DialReason, Error, Frontend, GrpcConn, Hop, Mode, Transport, Tunnel,
+};
+use konnectivity_proto::{Message, Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pki::Pki;
 
+/// Per-stage limit of the test clients.
+const LIMIT: Duration = Duration::from_secs(30);
+
 /// A gRPC channel to a frontend Unix socket.
 pub async fn grpc_uds(path: &Path) -> Channel {
-    try_grpc_uds(path)
+    channel(&Transport::Unix(path.to_owned()), LIMIT)
         .await
         .expect("connect to frontend socket")
-}
-
-/// A gRPC channel to a frontend Unix socket, or the connect error.
-pub async fn try_grpc_uds(path: &Path) -> Result<Channel, tonic::transport::Error> {
-    let path = path.to_owned();
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
 }
 
 /// Client TLS for the frontend (our frontend certificate, or `identity`).
@@ -54,190 +43,48 @@ pub fn frontend_tls(
     konnectivity_runtime::tls::client_config(&pki.ca, id, alpn).expect("client tls")
 }
 
+/// The mutual-TLS transport to a TCP frontend with the frontend certificate.
+pub fn tls_transport(addr: SocketAddr, pki: &Pki) -> Transport {
+    Transport::Tls {
+        addr: addr.to_string(),
+        server_name: rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+        config: frontend_tls(pki, None, &[]),
+    }
+}
+
 /// A gRPC channel to a mutual-TLS TCP frontend.
 pub async fn grpc_tls(addr: SocketAddr, pki: &Pki) -> Channel {
-    let tls = tokio_rustls::TlsConnector::from(frontend_tls(pki, None, &[b"h2"]));
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let tls = tls.clone();
-            async move {
-                let tcp = TcpStream::connect(addr).await?;
-                let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls.connect(name, tcp).await?))
-            }
-        }))
+    channel(&tls_transport(addr, pki), LIMIT)
         .await
         .expect("connect to frontend")
 }
 
-/// One tunnelled connection over a `ProxyService.Proxy` stream (one dial per
-/// stream, like kube-apiserver's single-use client).
-pub struct GrpcConn {
-    tx: mpsc::Sender<Packet>,
-    inbound: tonic::Streaming<Packet>,
-    /// The connection id the agent chose.
-    pub connect_id: i64,
-    /// Set when a CLOSE_RSP arrived.
-    pub closed: bool,
-}
-
-impl GrpcConn {
-    /// Dials `address`; `Err` carries the `DIAL_RSP` error text.
-    pub async fn dial(ch: &Channel, address: &str) -> Result<GrpcConn, String> {
-        let mut client = ProxyServiceClient::new(ch.clone());
-        let (tx, rx) = mpsc::channel(16);
-        let random = ids::random_dial_id();
-        tx.send(packet::dial_request(address, random))
-            .await
-            .expect("queue dial");
-        let mut inbound = client
-            .proxy(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| format!("grpc: {s}"))?
-            .into_inner();
-        loop {
-            let p = inbound
-                .next()
-                .await
-                .ok_or("stream ended before DIAL_RSP")?
-                .map_err(|s| format!("grpc: {s}"))?;
-            match Message::from_packet(p).map_err(|e| e.to_string())? {
-                Message::DialResponse {
-                    random: r,
-                    connect_id,
-                    error,
-                } if r == random => {
-                    if !error.is_empty() {
-                        return Err(error);
-                    }
-                    return Ok(GrpcConn {
-                        tx,
-                        inbound,
-                        connect_id,
-                        closed: false,
-                    });
-                }
-                Message::CloseDial { .. } => return Err("DIAL_CLS".into()),
-                _ => continue,
-            }
-        }
-    }
-
-    /// Sends bytes.
-    pub async fn send(&self, data: impl Into<Bytes>) {
-        self.tx
-            .send(packet::data(self.connect_id, data.into()))
-            .await
-            .expect("send DATA");
-    }
-
-    /// Sends a raw packet on the stream.
-    pub async fn send_packet(&self, p: Packet) {
-        self.tx.send(p).await.expect("send packet");
-    }
-
-    /// The next bytes, or `None` when the connection or stream closed.
-    pub async fn recv(&mut self) -> Option<Bytes> {
-        loop {
-            let p = self.inbound.next().await?.ok()?;
-            match Message::from_packet(p).ok()? {
-                Message::Data { data, .. } => return Some(data),
-                Message::CloseResponse { connect_id, .. } if connect_id == self.connect_id => {
-                    self.closed = true;
-                    return None;
-                }
-                _ => continue,
-            }
-        }
-    }
-
-    /// Reads until the connection closes.
-    pub async fn read_to_end(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        while let Some(d) = self.recv().await {
-            out.extend_from_slice(&d);
-        }
-        out
-    }
-
-    /// Sends `CLOSE_REQ` and waits (bounded) for `CLOSE_RSP`.
-    pub async fn close(mut self) -> bool {
-        let _ = self.tx.send(packet::close_request(self.connect_id)).await;
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while self.recv().await.is_some() {}
-            self.closed
-        })
-        .await
-        .unwrap_or(false)
-    }
-}
-
-/// Sends `CONNECT target` on `s` and reads the response head byte by byte (so
-/// no tunnel byte is consumed). `Ok(head)` on 200, `Err((status, whole
-/// response))` otherwise.
-pub async fn connect_on<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    target: &str,
-) -> Result<Vec<u8>, (u16, String)> {
-    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| (0, e.to_string()))?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b).await {
-            Ok(1) => head.push(b[0]),
-            _ => {
-                return Err((
-                    0,
-                    format!("closed during head: {}", String::from_utf8_lossy(&head)),
-                ))
-            }
-        }
-    }
-    let text = String::from_utf8_lossy(&head).to_string();
-    let status: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    if status == 200 {
-        Ok(head)
-    } else {
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
-        Err((status, format!("{text}{}", String::from_utf8_lossy(&rest))))
-    }
-}
-
 /// CONNECT through a Unix-socket frontend.
-pub async fn connect_uds(path: &Path, target: &str) -> Result<UnixStream, (u16, String)> {
-    let mut s = UnixStream::connect(path)
+pub async fn connect_uds(path: &Path, target: &str) -> Result<Tunnel, Error> {
+    Frontend::new(Mode::HttpConnect, Transport::Unix(path.to_owned()))
+        .dial(target)
         .await
-        .map_err(|e| (0, e.to_string()))?;
-    connect_on(&mut s, target).await?;
-    Ok(s)
 }
 
 /// CONNECT through a mutual-TLS TCP frontend.
-pub async fn connect_tls(
-    addr: SocketAddr,
-    pki: &Pki,
-    target: &str,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, (u16, String)> {
-    let tls = tokio_rustls::TlsConnector::from(frontend_tls(pki, None, &[b"http/1.1"]));
-    let tcp = TcpStream::connect(addr)
+pub async fn connect_tls(addr: SocketAddr, pki: &Pki, target: &str) -> Result<Tunnel, Error> {
+    Frontend::new(Mode::HttpConnect, tls_transport(addr, pki))
+        .dial(target)
         .await
-        .map_err(|e| (0, e.to_string()))?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let mut s = tls
-        .connect(name, tcp)
-        .await
-        .map_err(|e| (0, e.to_string()))?;
-    connect_on(&mut s, target).await?;
-    Ok(s)
+}
+
+/// The status and text of a failed CONNECT (panics on any other outcome).
+pub fn refused(r: Result<Tunnel, Error>) -> (u16, String, DialReason) {
+    match r {
+        Err(Error::Dial {
+            status: Some(status),
+            message,
+            reason,
+            ..
+        }) => (status, message, reason),
+        Err(e) => panic!("expected a refused dial, got: {e}"),
+        Ok(_) => panic!("expected a refused dial, got a tunnel"),
+    }
 }
 
 /// Sends an HTTP GET on an established tunnel stream and returns the response.

@@ -20,7 +20,7 @@ async fn works_over_grpc(server: &Server) {
     let dst = dest::http("still fine").await;
     let ch = client::grpc_uds(&server.uds()).await;
     let mut c = GrpcConn::dial(&ch, &dst.to_string()).await.expect("dial");
-    c.send(&b"GET / HTTP/1.1\r\n\r\n"[..]).await;
+    c.send(&b"GET / HTTP/1.1\r\n\r\n"[..]).await.expect("send");
     let body = String::from_utf8(c.read_to_end().await).unwrap();
     assert!(body.ends_with("still fine"), "{body}");
 }
@@ -99,23 +99,26 @@ async fn frontend_packets_for_unknown_connections_are_answered_and_harmless() {
         c.connect_id + 1000,
         Bytes::from_static(b"stray"),
     ))
-    .await;
+    .await
+    .expect("send");
     // A packet whose type and payload disagree: ignored and counted.
     let mut bad = packet::data(c.connect_id, Bytes::from_static(b"x"));
     bad.r#type = PacketType::CloseReq as i32;
-    c.send_packet(bad).await;
+    c.send_packet(bad).await.expect("send");
     // An unknown packet type: ignored.
     c.send_packet(Packet {
         r#type: 42,
         payload: None,
     })
-    .await;
+    .await
+    .expect("send");
     // CLOSE_REQ for an unknown connection: answered with the reference error.
     c.send_packet(packet::close_request(c.connect_id + 2000))
-        .await;
+        .await
+        .expect("send");
 
     // The real connection still echoes.
-    c.send(&b"ping"[..]).await;
+    c.send(&b"ping"[..]).await.expect("send");
     let got = c.recv().await.expect("echo");
     assert_eq!(&got[..], b"ping");
     assert_eq!(
@@ -271,7 +274,8 @@ async fn colliding_connect_ids_on_one_frontend_stream_do_not_cross() {
         Message::DialResponse {
             random: 1001,
             connect_id: 7,
-            error: String::new()
+            error: String::new(),
+            reason: None,
         }
     );
     agents[j].send(packet::dial_ok(1002, 7)).await;
@@ -280,6 +284,7 @@ async fn colliding_connect_ids_on_one_frontend_stream_do_not_cross() {
             random: 1002,
             connect_id: 0,
             error,
+            ..
         } => {
             assert!(error.contains("already in use"), "{error}")
         }

@@ -31,7 +31,9 @@ async fn grpc_get(listen: Listen) {
     let ch = grpc_channel(&pki, &server, listen).await;
     let mut conn = GrpcConn::dial(&ch, &dst.to_string()).await.expect("dial");
     assert!(conn.connect_id > 0);
-    conn.send(&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]).await;
+    conn.send(&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..])
+        .await
+        .expect("send");
     let body = String::from_utf8(conn.read_to_end().await).unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.ends_with("hello from the node"), "{body}");
@@ -77,7 +79,9 @@ async fn twenty_mib_down_and_up_intact_over_grpc() {
     let ch = grpc_channel(&pki, &server, Listen::Uds).await;
 
     let mut down = GrpcConn::dial(&ch, &dst.to_string()).await.expect("dial");
-    down.send(format!("GET {} 7\n", 20 * MIB)).await;
+    down.send(format!("GET {} 7\n", 20 * MIB))
+        .await
+        .expect("send");
     let got = down.read_to_end().await;
     assert_eq!(got.len(), 20 * MIB);
     assert_eq!(
@@ -87,9 +91,13 @@ async fn twenty_mib_down_and_up_intact_over_grpc() {
 
     let mut up = GrpcConn::dial(&ch, &dst.to_string()).await.expect("dial");
     let data = tests::pattern(20 * MIB, 9);
-    up.send(format!("PUT {}\n", data.len())).await;
+    up.send(format!("PUT {}\n", data.len()))
+        .await
+        .expect("send");
     for chunk in data.chunks(256 * 1024) {
-        up.send(bytes::Bytes::copy_from_slice(chunk)).await;
+        up.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .expect("send");
     }
     let answer = String::from_utf8(up.read_to_end().await).unwrap();
     assert_eq!(answer.trim(), tests::sha256_hex(&data));
@@ -136,8 +144,22 @@ async fn dial_to_closed_port_reports_the_agents_error() {
         .await
         .err()
         .expect("must fail");
-    assert!(err.contains("connection refused"), "{err}");
-    assert!(err.contains(&closed.to_string()), "{err}");
+    let text = err.message().expect("the server answered").to_string();
+    assert!(text.contains("connection refused"), "{text}");
+    assert!(text.contains(&closed.to_string()), "{text}");
+    // Our server gives the agent's reason typed, and names the agent's hop.
+    assert!(
+        matches!(
+            err,
+            client::Error::Dial {
+                reason: client::DialReason::Refused,
+                typed: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.hop(), client::Hop::Agent);
     assert_eq!(
         agent
             .metrics
@@ -160,11 +182,11 @@ async fn dial_to_closed_port_reports_the_agents_error() {
 async fn dial_to_closed_port_over_http_connect_is_502_with_reason() {
     let (_pki, server, _agent) = setup("http-connect", Listen::Uds).await;
     let closed = dest::closed_port().await;
-    let (status, body) = client::connect_uds(&server.uds(), &closed.to_string())
-        .await
-        .expect_err("must fail");
+    let (status, body, reason) =
+        client::refused(client::connect_uds(&server.uds(), &closed.to_string()).await);
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("connection refused"), "{body}");
+    assert_eq!(reason, client::DialReason::Refused);
 }
 
 #[tokio::test]
@@ -177,7 +199,9 @@ async fn no_agent_is_reported_over_grpc_and_http_connect() {
         .await
         .err()
         .expect("must fail");
-    assert_eq!(err, "No agent available");
+    assert_eq!(err.message(), Some("No agent available"));
+    assert_eq!(err.reason(), Some(client::DialReason::NoAgent));
+    assert_eq!(err.hop(), client::Hop::Server);
     assert_eq!(
         grpc.metrics
             .dial_failures
@@ -187,10 +211,10 @@ async fn no_agent_is_reported_over_grpc_and_http_connect() {
     );
 
     let connect = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
-    let (status, body) = client::connect_uds(&connect.uds(), "127.0.0.1:1")
-        .await
-        .expect_err("must fail");
+    let (status, body, reason) =
+        client::refused(client::connect_uds(&connect.uds(), "127.0.0.1:1").await);
     assert_eq!(status, 500, "{body}");
+    assert_eq!(reason, client::DialReason::NoAgent);
     assert!(body.contains("No agent available"), "{body}");
 }
 

@@ -21,14 +21,17 @@ const LIMIT: Duration = Duration::from_secs(60);
 async fn start_stalled_download(server: &Server, dst: &str) -> (Channel, GrpcConn) {
     let ch = client::grpc_uds(&server.uds()).await;
     let mut stalled = GrpcConn::dial(&ch, dst).await.expect("dial");
-    stalled.send(format!("GET {} 1\n", 512 * MIB)).await;
+    stalled
+        .send(format!("GET {} 1\n", 512 * MIB))
+        .await
+        .expect("send");
     stalled.recv().await.expect("first bytes");
     (ch, stalled)
 }
 
 async fn download(ch: &tonic::transport::Channel, dst: &str, n: usize, seed: u64) {
     let mut c = GrpcConn::dial(ch, dst).await.expect("dial");
-    c.send(format!("GET {n} {seed}\n")).await;
+    c.send(format!("GET {n} {seed}\n")).await.expect("send");
     let got = c.read_to_end().await;
     assert_eq!(got.len(), n);
     assert_eq!(

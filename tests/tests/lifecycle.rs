@@ -23,7 +23,9 @@ async fn killed_agent_closes_its_connections_at_once() {
     let ch = client::grpc_uds(&server.uds()).await;
     let mut c = GrpcConn::dial(&ch, &dst.to_string()).await.expect("dial");
     // A transfer far larger than anything buffered on the way.
-    c.send(format!("GET {} 1\n", 1024 * MIB)).await;
+    c.send(format!("GET {} 1\n", 1024 * MIB))
+        .await
+        .expect("send");
     let mut got = 0;
     while got < 4 * MIB {
         got += c.recv().await.expect("data").len();
@@ -73,7 +75,8 @@ async fn pending_dial_fails_at_once_when_its_agent_goes_away() {
         .expect("dial must fail long before its 60 s timeout")
         .unwrap();
     let err = err.expect("dial fails");
-    assert!(err.contains("went away"), "{err}");
+    assert!(err.to_string().contains("went away"), "{err}");
+    assert_eq!(err.reason(), Some(tests::client::DialReason::AgentLost));
     eprintln!(
         "pending dial failed {:?} after the agent left",
         gone.elapsed()
@@ -109,7 +112,7 @@ async fn agent_reconnects_after_a_server_restart() {
     let mut c = GrpcConn::dial(&ch, &dst.to_string())
         .await
         .expect("dial after restart");
-    c.send(&b"GET / HTTP/1.1\r\n\r\n"[..]).await;
+    c.send(&b"GET / HTTP/1.1\r\n\r\n"[..]).await.expect("send");
     let body = String::from_utf8(c.read_to_end().await).unwrap();
     assert!(body.ends_with("after restart"), "{body}");
 }
@@ -154,7 +157,7 @@ async fn draining_agent_gets_no_new_dials_but_finishes_open_ones() {
     assert!(b.metrics.dial_duration.get_sample_count() >= before_b + 10);
 
     // The open connection on the draining agent still works...
-    open.send(&b"still here"[..]).await;
+    open.send(&b"still here"[..]).await.expect("send");
     assert_eq!(&open.recv().await.expect("echo")[..], b"still here");
     // ...and once it has closed and nothing more arrives, the agent leaves.
     assert_eq!(
@@ -240,7 +243,8 @@ async fn frontend_close_completes_when_the_agent_never_answers() {
     let mut conn = GrpcConn::dial(&ch, "10.0.0.9:443").await.expect("dial");
     assert_eq!(server.metrics.established_connections.get(), 1);
     conn.send_packet(packet::close_request(conn.connect_id))
-        .await;
+        .await
+        .expect("send");
     let _fake = agent.await.expect("agent side");
     let rest = tokio::time::timeout(Duration::from_secs(30), conn.read_to_end())
         .await

@@ -75,7 +75,7 @@ async fn sigterm_drains_and_a_second_signal_exits_at_once() {
     agent.signal("TERM");
     agent.wait_log(&["draining"], Duration::from_secs(10)).await;
     // Still serving the open connection during the grace period.
-    open.send(&b"after TERM"[..]).await;
+    open.send(&b"after TERM"[..]).await.expect("send");
     assert_eq!(&open.recv().await.expect("echo")[..], b"after TERM");
     assert!(
         agent.child.try_wait().expect("wait").is_none(),
@@ -133,10 +133,10 @@ async fn dial_timeout_on_the_agent_is_504_over_http_connect() {
     let (server, _agent) =
         tests::inproc::pair(&pki, "http-connect", &[], &["--dial-timeout=1s"]).await;
     let (hang, _fill, _listener) = dest::hanging();
-    let (status, body) = client::connect_uds(&server.uds(), &hang.to_string())
-        .await
-        .expect_err("must time out");
+    let (status, body, reason) =
+        client::refused(client::connect_uds(&server.uds(), &hang.to_string()).await);
     assert_eq!(status, 504, "{body}");
+    assert_eq!(reason, client::DialReason::Timeout);
     assert!(body.contains("i/o timeout"), "{body}");
 }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_proto::table::{Pending, Table};
-use konnectivity_proto::{packet, Message, Packet};
+use konnectivity_proto::{packet, DialReason, Message, Packet};
 use konnectivity_runtime::flow::{self, ConnEntry};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -289,7 +289,11 @@ impl AgentLink {
                 random,
                 connect_id,
                 error,
-            } => self.on_dial_response(random, connect_id, error).await,
+                reason,
+            } => {
+                self.on_dial_response(random, connect_id, error, reason)
+                    .await
+            }
             Message::Data { connect_id, data } => self.on_data(connect_id, data).await,
             Message::CloseResponse { connect_id, error } => {
                 if !self.remove_conn(connect_id, false) {
@@ -342,7 +346,13 @@ impl AgentLink {
         debug!(kind, id, "packet for unknown connection or dial ignored");
     }
 
-    async fn on_dial_response(self: &Arc<Self>, random: i64, connect_id: i64, error: String) {
+    async fn on_dial_response(
+        self: &Arc<Self>,
+        random: i64,
+        connect_id: i64,
+        error: String,
+        reason: Option<DialReason>,
+    ) {
         let m = &self.settings.metrics;
         let Some(pending) = self.take_pending(random) else {
             // The frontend already gave up. A successful dial must not leak on the
@@ -362,9 +372,11 @@ impl AgentLink {
             } else {
                 error
             };
+            let reason = reason.unwrap_or_else(|| DialReason::from_text(&error));
             let _ = pending.value.reply.send(Err(DialError::Agent {
                 agent: self.agent_id.clone(),
                 error,
+                reason,
             }));
             return;
         }

@@ -130,6 +130,7 @@ impl grpc::Handler for AgentEndpoint {
         let features = one_value(&req, metadata::FEATURES).ok().flatten();
         let flow =
             self.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);
+        let dial_reason = metadata::has_feature(features, metadata::FEATURE_DIAL_REASON);
 
         let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
@@ -188,8 +189,15 @@ impl grpc::Handler for AgentEndpoint {
             metadata::SERVER_COUNT,
             ascii(&self.server_count.to_string())?,
         );
-        if flow {
-            md.insert(metadata::FEATURES, ascii(metadata::FEATURE_FLOW_CONTROL)?);
+        let answered: Vec<&str> = [
+            flow.then_some(metadata::FEATURE_FLOW_CONTROL),
+            dial_reason.then_some(metadata::FEATURE_DIAL_REASON),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !answered.is_empty() {
+            md.insert(metadata::FEATURES, ascii(&answered.join(","))?);
         }
         Ok(resp)
     }

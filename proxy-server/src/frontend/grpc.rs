@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use konnectivity_proto::grpc::{self, Incoming, Replies};
-use konnectivity_proto::{packet, Message, Packet};
+use konnectivity_proto::{metadata, packet, Message, Packet};
 use konnectivity_runtime::flow::Inbound;
 use konnectivity_runtime::queue;
 use tokio_util::sync::CancellationToken;
@@ -48,12 +48,17 @@ impl grpc::Handler for GrpcFrontend {
         req: Request<Incoming<tonic::body::Body>>,
     ) -> Result<Response<Replies>, Status> {
         let (out_tx, out_rx) = queue::queue(OUT_QUEUE);
+        let features = req
+            .metadata()
+            .get(metadata::FEATURES)
+            .and_then(|v| v.to_str().ok());
         let stream = FrontendStream {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             out: out_tx,
             gone: self.stop.child_token(),
             book: Arc::default(),
+            typed_reasons: metadata::has_feature(features, metadata::FEATURE_DIAL_REASON),
         };
         let span = tracing::debug_span!("frontend", mode = "grpc");
         let fut = stream.serve(req.into_inner()).instrument(span);
@@ -109,6 +114,9 @@ struct FrontendStream {
     /// it is then abandoned or closed.
     gone: CancellationToken,
     book: SharedBook,
+    /// The frontend offered `dial-reason-v1` (our client): failed dials carry
+    /// their reason typed.
+    typed_reasons: bool,
 }
 
 impl FrontendStream {
@@ -189,6 +197,7 @@ impl FrontendStream {
                     cancel,
                     address,
                     random,
+                    typed_reasons: self.typed_reasons,
                 };
                 let span = tracing::info_span!("conn", dst.addr = %dial.address, random, connect_id = tracing::field::Empty);
                 let fut = dial.run().instrument(span);
@@ -251,6 +260,7 @@ struct Dial {
     cancel: CancellationToken,
     address: String,
     random: i64,
+    typed_reasons: bool,
 }
 
 impl Dial {
@@ -265,10 +275,12 @@ impl Dial {
             Ok(t) => t,
             Err(e) => {
                 if !matches!(e, DialError::Cancelled) {
-                    info!(error = %e, "dial failed");
+                    let reason = e.kind();
+                    info!(%reason, error = %e, "dial failed");
+                    let typed = self.typed_reasons.then_some(reason);
                     let _ = self
                         .out
-                        .send(packet::dial_failed(random, e.to_string()))
+                        .send(packet::dial_failed_with(random, e.to_string(), typed))
                         .await;
                 } else {
                     debug!("dial cancelled by frontend");

@@ -129,18 +129,14 @@ async fn open<S: ClientConn>(
     let tunnel = match registry.dial(&target, random).await {
         Ok(t) => t,
         Err(e) => {
-            let (status, body) = match &e {
-                DialError::NoAgent => (500, format!("currently no tunnels available: {e}")),
-                DialError::Agent { error, .. } => {
-                    (connect::status_for_dial_error(error), error.clone())
-                }
-                DialError::Timeout { .. } => (504, e.to_string()),
-                DialError::Refused(_) => (503, e.to_string()),
-                _ => (502, e.to_string()),
+            let body = match &e {
+                DialError::NoAgent => format!("currently no tunnels available: {e}"),
+                _ => e.to_string(),
             };
-            info!(status, error = %e, "CONNECT dial failed");
+            let reason = e.kind();
+            info!(status = reason.http_status(), %reason, error = %e, "CONNECT dial failed");
             let _ = sock
-                .write_all(&connect::error_response(status, &body))
+                .write_all(&connect::dial_error_response(reason, &body))
                 .await;
             let _ = sock.shutdown().await;
             return None;

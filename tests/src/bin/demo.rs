@@ -38,7 +38,8 @@ async fn main() -> anyhow::Result<()> {
         conn.connect_id
     );
     conn.send(&b"GET /healthz HTTP/1.1\r\nHost: kubelet\r\n\r\n"[..])
-        .await;
+        .await
+        .expect("send");
     let resp = String::from_utf8_lossy(&conn.read_to_end().await).to_string();
     println!(
         "   response through the tunnel:\n   | {}",
@@ -54,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     connect.wait_agents(1).await;
     let mut s = client::connect_uds(&connect.uds(), &kubelet.to_string())
         .await
-        .map_err(|(code, body)| anyhow::anyhow!("CONNECT failed: {code} {body}"))?;
+        .map_err(|e| anyhow::anyhow!("CONNECT failed: {e}"))?;
     println!(
         "6. HTTP CONNECT {kubelet} on {} -> 200 Connection Established",
         connect.uds().display()
