@@ -126,6 +126,16 @@ impl<P, C> Table<P, C> {
         self.conns.len()
     }
 
+    /// Every established connection (for diagnostics).
+    pub fn conns(&self) -> impl Iterator<Item = (i64, &C)> {
+        self.conns.iter().map(|(id, c)| (*id, c))
+    }
+
+    /// Every pending dial (for diagnostics).
+    pub fn pending(&self) -> impl Iterator<Item = (i64, &P)> {
+        self.pending.iter().map(|(id, p)| (*id, p))
+    }
+
     /// Empties the table (the stream ended): every pending dial and connection,
     /// for the caller to fail and close.
     pub fn drain(&mut self) -> (Vec<Pending<P>>, Vec<(i64, C)>) {

@@ -120,6 +120,7 @@ impl BoundAgent {
                     Err("no servers connected".into())
                 }
             }),
+            debug: None,
         };
         let stop_all = shutdown.immediate.clone();
         tokio::spawn(admin::serve(self.health, state.clone(), stop_all.clone()));

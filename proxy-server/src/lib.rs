@@ -6,10 +6,13 @@
 //! - [`backend`]: agent streams, agent choice, authentication.
 //! - [`tunnel`]: the connection handle between the two.
 //! - [`listen`]: accept loops (TLS, Unix).
+//! - [`diagnostics`]: the admin endpoint's JSON (agents, connections, routes,
+//!   recent refusals and dial failures).
 //! - [`metrics`], [`config`].
 
 pub mod backend;
 pub mod config;
+pub mod diagnostics;
 pub mod frontend;
 pub mod listen;
 pub mod metrics;

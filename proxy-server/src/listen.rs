@@ -102,6 +102,9 @@ pub async fn accept_backoff(role: &str, e: &io::Error) {
     }
 }
 
+/// Told about each refused TLS handshake: the peer and rustls' reason.
+pub type OnRefused = Arc<dyn Fn(SocketAddr, &str) + Send + Sync>;
+
 /// Accepts TLS connections on `listener` until `stop`, handing handshaken ones
 /// to the returned queue.
 pub fn tls_incoming(
@@ -109,6 +112,7 @@ pub fn tls_incoming(
     config: Arc<rustls::ServerConfig>,
     role: &'static str,
     stop: CancellationToken,
+    on_refused: Option<OnRefused>,
 ) -> mpsc::Receiver<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
@@ -128,6 +132,7 @@ pub fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let on_refused = on_refused.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -144,9 +149,15 @@ pub fn tls_incoming(
                     }
                     Ok(Err(e)) => {
                         warn!(listener = role, peer = %remote_addr, error = %e, "TLS handshake failed; connection refused");
+                        if let Some(f) = &on_refused {
+                            f(remote_addr, &format!("TLS handshake failed: {e}"));
+                        }
                     }
                     Err(_) => {
                         warn!(listener = role, peer = %remote_addr, "TLS handshake timed out");
+                        if let Some(f) = &on_refused {
+                            f(remote_addr, "TLS handshake timed out");
+                        }
                     }
                 }
             });

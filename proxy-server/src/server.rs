@@ -21,6 +21,7 @@ use crate::backend::auth::AgentAuth;
 use crate::backend::registry::AgentRegistry;
 use crate::backend::service::AgentEndpoint;
 use crate::config::{Config, FrontendListen, Mode};
+use crate::diagnostics;
 use crate::frontend::grpc::GrpcFrontend;
 use crate::frontend::http_connect;
 use crate::listen;
@@ -79,6 +80,11 @@ impl BoundServer {
     /// The bound health listener address.
     pub fn health_addr(&self) -> SocketAddr {
         self.health.local_addr().expect("bound")
+    }
+
+    /// The bound admin listener address, when it is not the health one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
     /// The server's metrics (tests read them directly).
     pub fn metrics(&self) -> Metrics {
@@ -211,10 +217,28 @@ impl BoundServer {
                     Ok(())
                 }
             }),
+            debug: None,
         };
-        tokio::spawn(admin::serve(self.health, state.clone(), stop_all.clone()));
-        if let Some(a) = self.admin {
-            tokio::spawn(admin::serve(a, state, stop_all.clone()));
+        let debug_registry = registry.clone();
+        let server_id = cfg.server_id.clone();
+        let debug: admin::DebugFn = Arc::new(move |path, query| {
+            diagnostics::render(&debug_registry, &server_id, path, query)
+                .map(|r| r.map(|v| v.to_string()))
+        });
+        let admin_state = AdminState {
+            debug: Some(debug),
+            ..state.clone()
+        };
+        // Diagnostics only on the admin listener (loopback by default); when
+        // it is the health listener, that one serves them.
+        match self.admin {
+            Some(a) => {
+                tokio::spawn(admin::serve(self.health, state, stop_all.clone()));
+                tokio::spawn(admin::serve(a, admin_state, stop_all.clone()));
+            }
+            None => {
+                tokio::spawn(admin::serve(self.health, admin_state, stop_all.clone()));
+            }
         }
         let open = metrics.established_connections.clone();
         tokio::spawn(konnectivity_runtime::memory::trim_after_bursts(
@@ -237,8 +261,19 @@ impl BoundServer {
             flow_control: cfg.flow_control,
             stop: stop_all.clone(),
         };
-        let agent_incoming =
-            listen::tls_incoming(self.agent, self.agent_tls, "agent", stop_all.clone());
+        let refusals = registry.clone();
+        let on_refused: listen::OnRefused = Arc::new(move |peer, why| {
+            refusals
+                .events()
+                .agent_refused(&peer.to_string(), None, "tls", why)
+        });
+        let agent_incoming = listen::tls_incoming(
+            self.agent,
+            self.agent_tls,
+            "agent",
+            stop_all.clone(),
+            Some(on_refused),
+        );
         let agent_server = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONN_WINDOW))
@@ -288,8 +323,13 @@ impl BoundServer {
                         })
                     }
                     FrontendListener::Tcp(l, tls_cfg) => {
-                        let incoming =
-                            listen::tls_incoming(l, tls_cfg, "frontend", frontend_stop.clone());
+                        let incoming = listen::tls_incoming(
+                            l,
+                            tls_cfg,
+                            "frontend",
+                            frontend_stop.clone(),
+                            None,
+                        );
                         let mut b = builder;
                         tokio::spawn(async move {
                             b.add_service(svc)
@@ -328,7 +368,7 @@ impl BoundServer {
                 let registry = registry.clone();
                 let metrics = metrics.clone();
                 let mut incoming =
-                    listen::tls_incoming(l, tls_cfg, "frontend", frontend_stop.clone());
+                    listen::tls_incoming(l, tls_cfg, "frontend", frontend_stop.clone(), None);
                 tokio::spawn(async move {
                     while let Some(Ok(conn)) = incoming.recv().await {
                         let peer = conn.info().remote_addr.to_string();

@@ -7,6 +7,7 @@
 //! Dropping both halves closes the connection on the agent (`CLOSE_REQ`)
 //! unless the agent closed it first.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,7 +16,7 @@ use konnectivity_proto::{packet, DialReason};
 use konnectivity_runtime::flow::{ConnInbox, Credit, Inbound};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::agent::AgentLink;
+use crate::backend::agent::{AgentLink, ConnInfo};
 
 /// Why a dial failed. The text is what a frontend sees.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -116,6 +117,7 @@ impl Tunnel {
         inbox: ConnInbox,
         credit: Arc<Credit>,
         kill: CancellationToken,
+        info: Arc<ConnInfo>,
     ) -> Self {
         let guard = Arc::new(CloseGuard {
             link: link.clone(),
@@ -127,12 +129,14 @@ impl Tunnel {
                 connect_id,
                 credit,
                 kill,
+                info: info.clone(),
                 _guard: guard.clone(),
             },
             rx: TunnelReceiver {
                 link,
                 connect_id,
                 inbox,
+                info,
                 _guard: guard,
             },
         }
@@ -156,6 +160,7 @@ pub struct TunnelSender {
     connect_id: i64,
     credit: Arc<Credit>,
     kill: CancellationToken,
+    info: Arc<ConnInfo>,
     _guard: Arc<CloseGuard>,
 }
 
@@ -191,6 +196,8 @@ impl TunnelSender {
                 .bytes
                 .with_label_values(&["to_agent"])
                 .inc_by(n);
+            self.info.to_agent.fetch_add(n, Ordering::Relaxed);
+            self.link.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
             Ok(())
         } else {
             Err(Closed)
@@ -208,6 +215,7 @@ pub struct TunnelReceiver {
     link: Arc<AgentLink>,
     connect_id: i64,
     inbox: ConnInbox,
+    info: Arc<ConnInfo>,
     _guard: Arc<CloseGuard>,
 }
 
@@ -225,6 +233,7 @@ impl Inbound for TunnelReceiver {
             .bytes
             .with_label_values(&["to_frontend"])
             .inc_by(n as u64);
+        self.info.to_frontend.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(g) = self.inbox.written(n) {
             self.link.send(packet::window(self.connect_id, g)).await;
         }

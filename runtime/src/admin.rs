@@ -1,6 +1,7 @@
 //! The health and metrics HTTP endpoint: `/healthz` (the process serves),
 //! `/readyz` (the component can do its job; 503 with the reason otherwise) and
-//! `/metrics` (Prometheus text). Served with hyper's HTTP/1 server.
+//! `/metrics` (Prometheus text); on the admin listener also `/debug/...`
+//! (the component's diagnostics as JSON). Served with hyper's HTTP/1 server.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 /// Readiness check: `Ok(())` when ready, or the reason it is not.
 pub type ReadyFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Diagnostics under `/debug/`: given the path and raw query, `None` for an
+/// unknown path, `Some(Err(why))` for a bad request, `Some(Ok(json))`.
+pub type DebugFn = Arc<dyn Fn(&str, Option<&str>) -> Option<Result<String, String>> + Send + Sync>;
+
 /// What the endpoint serves.
 #[derive(Clone)]
 pub struct AdminState {
@@ -25,6 +30,8 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     /// Readiness check.
     pub ready: ReadyFn,
+    /// `/debug/...` JSON, on the admin listener only.
+    pub debug: Option<DebugFn>,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -57,6 +64,21 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                     r
                 }
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        p if p.starts_with("/debug/") && state.debug.is_some() => {
+            let debug = state.debug.as_ref().expect("checked");
+            match debug(p, req.uri().query()) {
+                Some(Ok(json)) => {
+                    let mut r = text(StatusCode::OK, json);
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
+                Some(Err(why)) => text(StatusCode::BAD_REQUEST, why),
+                None => text(StatusCode::NOT_FOUND, "not found"),
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found"),

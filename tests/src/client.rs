@@ -226,6 +226,7 @@ pub async fn fake_server(pki: &Pki, headers: Vec<(&'static str, &'static str)>) 
         cfg,
         "fake",
         tokio_util::sync::CancellationToken::new(),
+        None,
     );
     tokio::spawn(
         tonic::transport::Server::builder()

@@ -27,6 +27,8 @@ pub struct Server {
     pub agent_addr: SocketAddr,
     /// Health listener.
     pub health: SocketAddr,
+    /// Admin listener, when separate from health.
+    pub admin: Option<SocketAddr>,
     /// Metrics.
     pub metrics: proxy_server::metrics::Metrics,
     /// Stops it.
@@ -83,6 +85,7 @@ impl Server {
             frontend: bound.frontend_addr(),
             agent_addr: bound.agent_addr(),
             health: bound.health_addr(),
+            admin: bound.admin_addr(),
             metrics: bound.metrics(),
             shutdown: shutdown.clone(),
             task: tokio::spawn(bound.run(shutdown)),

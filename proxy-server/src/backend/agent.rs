@@ -12,9 +12,9 @@
 //! `stalled_connections_closed_total` metric.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use konnectivity_proto::metadata::AgentIdentifiers;
@@ -45,12 +45,34 @@ pub struct LinkSettings {
 pub(crate) struct PendingDial {
     reply: oneshot::Sender<Result<Tunnel, DialError>>,
     started: Instant,
+    info: Arc<ConnInfo>,
+}
+
+/// What the admin endpoint shows about one dial or connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// `host:port` asked for.
+    pub destination: String,
+    /// The frontend that asked (`grpc` or `http-connect`).
+    pub frontend: &'static str,
+    /// When the dial was sent to the agent.
+    pub started: Instant,
+    /// Bytes sent to the agent.
+    pub to_agent: AtomicU64,
+    /// Bytes delivered to the frontend.
+    pub to_frontend: AtomicU64,
+}
+
+/// An established connection: its queue towards the frontend, credit towards
+/// the agent, the kill switch for closing on our own (stall), and what the
+/// admin endpoint shows.
+pub(crate) struct Slot {
+    conn: ConnEntry,
+    info: Arc<ConnInfo>,
 }
 
 struct LinkState {
-    /// Established connections: their queue towards the frontend, credit
-    /// towards the agent, and the kill switch for closing on our own (stall).
-    table: Table<PendingDial, ConnEntry>,
+    table: Table<PendingDial, Slot>,
     /// Connections closed recently; late DATA for them is dropped quietly.
     recent: VecDeque<i64>,
 }
@@ -69,6 +91,17 @@ pub struct AgentLink {
     pub identifiers: AgentIdentifiers,
     /// `window-v1` negotiated.
     pub flow: bool,
+    /// The agent's address.
+    pub peer: String,
+    /// When the stream was accepted.
+    pub connected_at: SystemTime,
+    started: Instant,
+    /// Milliseconds after `started` of the last packet from the agent.
+    last_packet_ms: AtomicU64,
+    /// Bytes of DATA from the agent.
+    pub bytes_from_agent: AtomicU64,
+    /// Bytes of DATA to the agent.
+    pub bytes_to_agent: AtomicU64,
     draining: AtomicBool,
     load: AtomicUsize,
     out: mpsc::Sender<Packet>,
@@ -85,6 +118,7 @@ impl AgentLink {
         agent_id: String,
         identifiers: AgentIdentifiers,
         flow: bool,
+        peer: String,
         out: mpsc::Sender<Packet>,
         settings: LinkSettings,
     ) -> Self {
@@ -93,6 +127,12 @@ impl AgentLink {
             agent_id,
             identifiers,
             flow,
+            peer,
+            connected_at: SystemTime::now(),
+            started: Instant::now(),
+            last_packet_ms: AtomicU64::new(0),
+            bytes_from_agent: AtomicU64::new(0),
+            bytes_to_agent: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             load: AtomicUsize::new(0),
             out,
@@ -122,6 +162,39 @@ impl AgentLink {
     /// Pending dials plus open connections: used to spread load.
     pub fn load(&self) -> usize {
         self.load.load(Ordering::Relaxed)
+    }
+
+    /// How long since the last packet from the agent (or since the stream
+    /// opened, if none came yet).
+    pub fn since_last_packet(&self) -> Duration {
+        let at = Duration::from_millis(self.last_packet_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(at)
+    }
+
+    /// How long the stream has been up.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Packets waiting in the queue towards the agent.
+    pub fn queued(&self) -> usize {
+        OUT_QUEUE - self.out.capacity()
+    }
+
+    /// Pending dials and established connections, for the admin endpoint.
+    pub fn snapshot(&self) -> (Vec<(i64, Arc<ConnInfo>)>, Vec<(i64, Arc<ConnInfo>, usize)>) {
+        let st = self.state();
+        let pending = st
+            .table
+            .pending()
+            .map(|(r, p)| (r, p.info.clone()))
+            .collect();
+        let conns = st
+            .table
+            .conns()
+            .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued()))
+            .collect();
+        (pending, conns)
     }
 
     /// Queues a packet for the agent, waiting for room. False when the stream
@@ -157,15 +230,25 @@ impl AgentLink {
         &self,
         address: &str,
         random: i64,
+        frontend: &'static str,
     ) -> Result<oneshot::Receiver<Result<Tunnel, DialError>>, DialError> {
         let (reply, rx) = oneshot::channel();
+        let started = Instant::now();
+        let info = Arc::new(ConnInfo {
+            destination: address.to_string(),
+            frontend,
+            started,
+            to_agent: AtomicU64::new(0),
+            to_frontend: AtomicU64::new(0),
+        });
         self.state()
             .table
             .add_pending(
                 random,
                 PendingDial {
                     reply,
-                    started: Instant::now(),
+                    started,
+                    info,
                 },
             )
             .map_err(DialError::Refused)?;
@@ -212,7 +295,7 @@ impl AgentLink {
         let Some(slot) = slot else { return false };
         self.load.fetch_sub(1, Ordering::Relaxed);
         self.settings.metrics.established_connections.dec();
-        slot.kill.cancel();
+        slot.conn.kill.cancel();
         if tell_agent {
             self.send_later(packet::close_request(connect_id));
         }
@@ -232,7 +315,11 @@ impl AgentLink {
                 _ = stop.cancelled() => break,
             };
             match next {
-                Some(Ok(p)) => match Message::from_packet(p) {
+                Some(Ok(p)) => match {
+                    let ms = self.started.elapsed().as_millis() as u64;
+                    self.last_packet_ms.store(ms, Ordering::Relaxed);
+                    Message::from_packet(p)
+                } {
                     Ok(m) => self.dispatch(m).await,
                     Err(e) => {
                         self.settings
@@ -272,7 +359,7 @@ impl AgentLink {
         let n = conns.len();
         for (_, slot) in conns {
             m.established_connections.dec();
-            slot.kill.cancel();
+            slot.conn.kill.cancel();
         }
         self.load.store(0, Ordering::Relaxed);
         if n > 0 {
@@ -323,7 +410,7 @@ impl AgentLink {
                         .state()
                         .table
                         .conn(connect_id)
-                        .map(|s| s.credit.clone());
+                        .map(|s| s.conn.credit.clone());
                     if let Some(c) = credit {
                         c.grant(bytes);
                     }
@@ -380,14 +467,19 @@ impl AgentLink {
             }));
             return;
         }
-        let (slot, inbox) = flow::connection(self.flow, CancellationToken::new());
-        let (credit, kill) = (slot.credit.clone(), slot.kill.clone());
+        let (conn, inbox) = flow::connection(self.flow, CancellationToken::new());
+        let (credit, kill) = (conn.credit.clone(), conn.kill.clone());
+        let info = pending.value.info.clone();
+        let slot = Slot {
+            conn,
+            info: info.clone(),
+        };
         let established = self.state().table.establish(pending, connect_id, slot);
         match established {
             Ok(dial) => {
                 self.load.fetch_add(1, Ordering::Relaxed);
                 m.established_connections.inc();
-                let tunnel = Tunnel::new(self.clone(), connect_id, inbox, credit, kill);
+                let tunnel = Tunnel::new(self.clone(), connect_id, inbox, credit, kill, info);
                 // If the frontend left meanwhile the tunnel comes back and is
                 // dropped here, which closes it on the agent.
                 let _ = dial.reply.send(Ok(tunnel));
@@ -402,10 +494,12 @@ impl AgentLink {
     }
 
     async fn on_data(self: &Arc<Self>, connect_id: i64, data: Bytes) {
+        self.bytes_from_agent
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let target = {
             let st = self.state();
             match st.table.conn(connect_id) {
-                Some(s) => Some(s.clone()),
+                Some(s) => Some(s.conn.clone()),
                 None if st.recent.contains(&connect_id) => return,
                 None => None,
             }

@@ -9,6 +9,7 @@ use tracing::{debug, info};
 
 use super::agent::AgentLink;
 use super::strategy::Strategy;
+use crate::diagnostics::Events;
 use crate::metrics::Metrics;
 use crate::tunnel::{DialError, Tunnel};
 
@@ -19,6 +20,15 @@ pub struct AgentRegistry {
     rotate: AtomicUsize,
     dial_timeout: Duration,
     metrics: Metrics,
+    events: Events,
+}
+
+/// A stream chosen for a dial.
+pub struct Choice {
+    /// The stream.
+    pub link: Arc<AgentLink>,
+    /// The strategy that found it.
+    pub strategy: Strategy,
 }
 
 impl AgentRegistry {
@@ -30,6 +40,7 @@ impl AgentRegistry {
             rotate: AtomicUsize::new(0),
             dial_timeout,
             metrics,
+            events: Events::default(),
         }
     }
 
@@ -71,12 +82,33 @@ impl AgentRegistry {
     /// equal agents share the work. A draining stream is used only when no
     /// strategy finds another.
     pub fn pick(&self, address: &str) -> Option<Arc<AgentLink>> {
+        let start = self.rotate.fetch_add(1, Ordering::Relaxed);
+        self.choose(address, start).map(|c| c.link)
+    }
+
+    /// Which stream a dial of `address` would take now, and by which
+    /// strategy, without dialing (the admin endpoint's route answer).
+    pub fn preview(&self, address: &str) -> Option<Choice> {
+        let start = self.rotate.load(Ordering::Relaxed);
+        self.choose(address, start)
+    }
+
+    /// The configured strategies, in order.
+    pub fn strategies(&self) -> &[Strategy] {
+        &self.strategies
+    }
+
+    /// The events the admin endpoint reports.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    fn choose(&self, address: &str, start: usize) -> Option<Choice> {
         let links = self.links.read().unwrap_or_else(|e| e.into_inner());
         if links.is_empty() {
             return None;
         }
         let host = dest_host(address);
-        let start = self.rotate.fetch_add(1, Ordering::Relaxed);
         let mut fallback = None;
         for strategy in &self.strategies {
             let matches = |l: &AgentLink| match strategy {
@@ -92,7 +124,10 @@ impl AgentRegistry {
                     continue;
                 }
                 if l.is_draining() {
-                    fallback.get_or_insert_with(|| l.clone());
+                    fallback.get_or_insert_with(|| Choice {
+                        link: l.clone(),
+                        strategy: *strategy,
+                    });
                     continue;
                 }
                 if best.is_none_or(|b| l.load() < b.load()) {
@@ -101,7 +136,10 @@ impl AgentRegistry {
             }
             if let Some(b) = best {
                 debug!(?strategy, agent.id = %b.agent_id, "agent chosen");
-                return Some(b.clone());
+                return Some(Choice {
+                    link: b.clone(),
+                    strategy: *strategy,
+                });
             }
         }
         fallback
@@ -110,9 +148,17 @@ impl AgentRegistry {
     /// Dials `address` through a chosen agent. `random` is the dial id. If this
     /// future is dropped before the agent answers, the dial is abandoned
     /// (`DIAL_CLS` to the agent) and a late success is closed.
-    pub async fn dial(&self, address: &str, random: i64) -> Result<Tunnel, DialError> {
-        let result = self.dial_inner(address, random).await;
+    pub async fn dial(
+        &self,
+        address: &str,
+        random: i64,
+        frontend: &'static str,
+    ) -> Result<Tunnel, DialError> {
+        let result = self.dial_inner(address, random, frontend).await;
         if let Err(e) = &result {
+            if !matches!(e, DialError::Cancelled) {
+                self.events.dial_failed(address, frontend, e);
+            }
             // Reasons the agent reported are counted where the answer arrives.
             if !matches!(
                 e,
@@ -127,9 +173,14 @@ impl AgentRegistry {
         result
     }
 
-    async fn dial_inner(&self, address: &str, random: i64) -> Result<Tunnel, DialError> {
+    async fn dial_inner(
+        &self,
+        address: &str,
+        random: i64,
+        frontend: &'static str,
+    ) -> Result<Tunnel, DialError> {
         let link = self.pick(address).ok_or(DialError::NoAgent)?;
-        let rx = link.begin_dial(address, random).await?;
+        let rx = link.begin_dial(address, random, frontend).await?;
         struct Abandon<'a>(&'a AgentLink, i64, bool);
         impl Drop for Abandon<'_> {
             fn drop(&mut self) {

@@ -54,6 +54,7 @@ impl AgentEndpoint {
     fn refuse(
         &self,
         peer: &str,
+        agent_id: Option<&str>,
         reason: &'static str,
         detail: String,
         code: tonic::Code,
@@ -64,6 +65,9 @@ impl AgentEndpoint {
             .with_label_values(&[reason])
             .inc();
         warn!(peer, reason, detail, "agent stream refused");
+        self.registry
+            .events()
+            .agent_refused(peer, agent_id, reason, &detail);
         Status::new(code, detail)
     }
 }
@@ -87,24 +91,28 @@ impl grpc::Handler for AgentEndpoint {
             Ok(_) => {
                 return Err(self.refuse(
                     &peer,
+                    None,
                     "no_agent_id",
                     "agentID metadata missing".into(),
                     invalid,
                 ))
             }
-            Err(e) => return Err(self.refuse(&peer, "bad_agent_id", e, invalid)),
+            Err(e) => return Err(self.refuse(&peer, None, "bad_agent_id", e, invalid)),
         };
         let identifiers = match one_value(&req, metadata::AGENT_IDENTIFIERS) {
             Ok(None) => AgentIdentifiers::default(),
             Ok(Some(s)) => AgentIdentifiers::parse(s).map_err(|e| {
                 self.refuse(
                     &peer,
+                    Some(&agent_id),
                     "bad_identifiers",
                     format!("agent {agent_id}: {e}"),
                     invalid,
                 )
             })?,
-            Err(e) => return Err(self.refuse(&peer, "bad_identifiers", e, invalid)),
+            Err(e) => {
+                return Err(self.refuse(&peer, Some(&agent_id), "bad_identifiers", e, invalid))
+            }
         };
         // Before serverID/serverCount go out: a refused agent learns nothing.
         let authorization: Vec<String> = req
@@ -123,7 +131,13 @@ impl grpc::Handler for AgentEndpoint {
                 } else {
                     tonic::Code::Unauthenticated
                 };
-                return Err(self.refuse(&peer, e.reason(), format!("agent {agent_id}: {e}"), code));
+                return Err(self.refuse(
+                    &peer,
+                    Some(&agent_id),
+                    e.reason(),
+                    format!("agent {agent_id}: {e}"),
+                    code,
+                ));
             }
         }
         drop(authorization);
@@ -139,6 +153,7 @@ impl grpc::Handler for AgentEndpoint {
             agent_id.clone(),
             identifiers,
             flow,
+            peer.clone(),
             out_tx,
             self.settings.clone(),
         ));

@@ -13,6 +13,15 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// The flag's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Default => "default",
+            Strategy::DestHost => "destHost",
+            Strategy::DefaultRoute => "defaultRoute",
+        }
+    }
+
     /// Parses a comma-separated list such as `destHost,default`.
     pub fn parse_list(s: &str) -> Result<Vec<Strategy>, String> {
         let mut out = Vec::new();

@@ -268,7 +268,7 @@ impl Dial {
         let random = self.random;
         let result = tokio::select! {
             // Boxed: freed once answered, so the pump task stays small.
-            r = Box::pin(self.registry.dial(&self.address, random)) => r,
+            r = Box::pin(self.registry.dial(&self.address, random, "grpc")) => r,
             _ = self.cancel.cancelled() => Err(DialError::Cancelled),
         };
         let tunnel = match result {

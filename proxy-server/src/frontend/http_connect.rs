@@ -126,7 +126,7 @@ async fn open<S: ClientConn>(
     };
     tracing::Span::current().record("dst.addr", target.as_str());
     let random = ids::random_dial_id();
-    let tunnel = match registry.dial(&target, random).await {
+    let tunnel = match registry.dial(&target, random, "http-connect").await {
         Ok(t) => t,
         Err(e) => {
             let body = match &e {

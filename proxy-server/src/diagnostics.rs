@@ -1,0 +1,193 @@
+//! What the admin endpoint tells an operator (or `kubectl konnectivity
+//! diagnose`) about this server, as JSON:
+//!
+//! - `GET /debug/agents`: every agent stream: id, identifiers, peer address,
+//!   age, time since its last packet, draining, flow control, pending dials,
+//!   open connections, bytes both ways, packets queued towards it.
+//! - `GET /debug/connections`: every open connection (frontend, agent,
+//!   destination, age, bytes, chunks queued towards the frontend) and pending
+//!   dial.
+//! - `GET /debug/route?address=host:port`: the stream a dial would take now,
+//!   and by which strategy (nothing is dialled).
+//! - `GET /debug/events`: the most recent agent refusals (TLS, token,
+//!   identity) and dial failures with their reasons, newest last, at most
+//!   [`EVENTS_KEPT`] of each.
+//!
+//! Served on the admin listener only (`--admin-bind-address`, loopback by
+//! default), never on the health port.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+
+use crate::backend::agent::AgentLink;
+use crate::backend::registry::AgentRegistry;
+use crate::tunnel::DialError;
+
+/// Refusals and dial failures kept, each.
+pub const EVENTS_KEPT: usize = 64;
+
+/// Recent refusals and dial failures, bounded.
+#[derive(Default)]
+pub struct Events {
+    refusals: Mutex<VecDeque<Value>>,
+    dial_failures: Mutex<VecDeque<Value>>,
+}
+
+fn push(q: &Mutex<VecDeque<Value>>, v: Value) {
+    let mut q = q.lock().unwrap_or_else(|e| e.into_inner());
+    if q.len() == EVENTS_KEPT {
+        q.pop_front();
+    }
+    q.push_back(v);
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl Events {
+    /// An agent was refused: at the TLS handshake (`reason` `tls`), or on its
+    /// stream (token, identity, metadata; the `agent_refused_total` reasons).
+    pub fn agent_refused(&self, peer: &str, agent_id: Option<&str>, reason: &str, message: &str) {
+        push(
+            &self.refusals,
+            json!({
+                "time": now(),
+                "peer": peer,
+                "agent_id": agent_id,
+                "reason": reason,
+                "message": message,
+            }),
+        );
+    }
+
+    /// A dial failed.
+    pub fn dial_failed(&self, destination: &str, frontend: &str, e: &DialError) {
+        let agent = match e {
+            DialError::Agent { agent, .. }
+            | DialError::AgentGone(agent)
+            | DialError::Timeout { agent, .. } => Some(agent.as_str()),
+            _ => None,
+        };
+        push(
+            &self.dial_failures,
+            json!({
+                "time": now(),
+                "destination": destination,
+                "frontend": frontend,
+                "agent_id": agent,
+                "reason": e.kind().as_str(),
+                "message": e.to_string(),
+            }),
+        );
+    }
+
+    fn json(&self) -> Value {
+        let all = |q: &Mutex<VecDeque<Value>>| {
+            let q = q.lock().unwrap_or_else(|e| e.into_inner());
+            Value::Array(q.iter().cloned().collect())
+        };
+        json!({
+            "refusals": all(&self.refusals),
+            "dial_failures": all(&self.dial_failures),
+        })
+    }
+}
+
+fn agent_json(l: &AgentLink) -> Value {
+    let (pending, conns) = l.snapshot();
+    let id = &l.identifiers;
+    json!({
+        "agent_id": l.agent_id,
+        "stream": l.serial,
+        "peer": l.peer,
+        "identifiers": {
+            "host": id.host,
+            "ipv4": id.ipv4.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "ipv6": id.ipv6.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "cidr": id.cidr,
+            "default_route": id.default_route,
+        },
+        "connected_at": humantime::format_rfc3339_seconds(l.connected_at).to_string(),
+        "age_seconds": l.age().as_secs_f64(),
+        "last_packet_seconds_ago": l.since_last_packet().as_secs_f64(),
+        "draining": l.is_draining(),
+        "flow_control": l.flow,
+        "pending_dials": pending.len(),
+        "connections": conns.len(),
+        "bytes_from_agent": l.bytes_from_agent.load(Ordering::Relaxed),
+        "bytes_to_agent": l.bytes_to_agent.load(Ordering::Relaxed),
+        "queued_packets": l.queued(),
+    })
+}
+
+/// The JSON for `path` (`query` is the raw query string), or `None` for an
+/// unknown path.
+pub fn render(
+    registry: &AgentRegistry,
+    server_id: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Result<Value, String>> {
+    Some(Ok(match path {
+        "/debug/agents" => {
+            let agents: Vec<Value> = registry.links().iter().map(|l| agent_json(l)).collect();
+            json!({ "server_id": server_id, "agents": agents })
+        }
+        "/debug/connections" => {
+            let mut conns = Vec::new();
+            let mut pending = Vec::new();
+            for l in registry.links() {
+                let (p, c) = l.snapshot();
+                for (random, info) in p {
+                    pending.push(json!({
+                        "agent_id": l.agent_id,
+                        "stream": l.serial,
+                        "random": random,
+                        "destination": info.destination,
+                        "frontend": info.frontend,
+                        "age_seconds": info.started.elapsed().as_secs_f64(),
+                    }));
+                }
+                for (connect_id, info, queued) in c {
+                    conns.push(json!({
+                        "agent_id": l.agent_id,
+                        "stream": l.serial,
+                        "connect_id": connect_id,
+                        "destination": info.destination,
+                        "frontend": info.frontend,
+                        "age_seconds": info.started.elapsed().as_secs_f64(),
+                        "bytes_to_agent": info.to_agent.load(Ordering::Relaxed),
+                        "bytes_to_frontend": info.to_frontend.load(Ordering::Relaxed),
+                        "queued_chunks": queued,
+                    }));
+                }
+            }
+            json!({ "connections": conns, "pending": pending })
+        }
+        "/debug/route" => {
+            let address = query
+                .into_iter()
+                .flat_map(|q| form_urlencoded::parse(q.as_bytes()))
+                .find(|(k, _)| k == "address")
+                .map(|(_, v)| v.into_owned());
+            let Some(address) = address else {
+                return Some(Err("missing ?address=host:port".into()));
+            };
+            let choice = registry.preview(&address);
+            json!({
+                "address": address,
+                "strategies": registry.strategies().iter().map(|s| s.name()).collect::<Vec<_>>(),
+                "agents_connected": registry.len(),
+                "strategy": choice.as_ref().map(|c| c.strategy.name()),
+                "agent": choice.as_ref().map(|c| agent_json(&c.link)),
+            })
+        }
+        "/debug/events" => registry.events().json(),
+        _ => return None,
+    }))
+}
