@@ -99,7 +99,7 @@ impl Events {
 }
 
 fn agent_json(l: &AgentLink) -> Value {
-    let (pending, conns) = l.snapshot();
+    let snap = l.snapshot();
     let id = &l.identifiers;
     json!({
         "agent_id": l.agent_id,
@@ -117,8 +117,8 @@ fn agent_json(l: &AgentLink) -> Value {
         "last_packet_seconds_ago": l.since_last_packet().as_secs_f64(),
         "draining": l.is_draining(),
         "flow_control": l.flow,
-        "pending_dials": pending.len(),
-        "connections": conns.len(),
+        "pending_dials": snap.pending.len(),
+        "connections": snap.conns.len(),
         "bytes_from_agent": l.bytes_from_agent.load(Ordering::Relaxed),
         "bytes_to_agent": l.bytes_to_agent.load(Ordering::Relaxed),
         "queued_packets": l.queued(),
@@ -142,8 +142,8 @@ pub fn render(
             let mut conns = Vec::new();
             let mut pending = Vec::new();
             for l in registry.links() {
-                let (p, c) = l.snapshot();
-                for (random, info) in p {
+                let snap = l.snapshot();
+                for (random, info) in snap.pending {
                     pending.push(json!({
                         "agent_id": l.agent_id,
                         "stream": l.serial,
@@ -153,7 +153,7 @@ pub fn render(
                         "age_seconds": info.started.elapsed().as_secs_f64(),
                     }));
                 }
-                for (connect_id, info, queued) in c {
+                for (connect_id, info, queued) in snap.conns {
                     conns.push(json!({
                         "agent_id": l.agent_id,
                         "stream": l.serial,

@@ -63,6 +63,14 @@ pub struct ConnInfo {
     pub to_frontend: AtomicU64,
 }
 
+/// A stream's dials and connections at one moment.
+pub struct Snapshot {
+    /// Pending dials by dial id.
+    pub pending: Vec<(i64, Arc<ConnInfo>)>,
+    /// Connections by connectID, with the chunks queued towards the frontend.
+    pub conns: Vec<(i64, Arc<ConnInfo>, usize)>,
+}
+
 /// An established connection: its queue towards the frontend, credit towards
 /// the agent, the kill switch for closing on our own (stall), and what the
 /// admin endpoint shows.
@@ -171,6 +179,13 @@ impl AgentLink {
         self.started.elapsed().saturating_sub(at)
     }
 
+    /// Notes that a packet arrived, and reads it.
+    fn seen(&self, p: Packet) -> Result<Message, konnectivity_proto::PacketError> {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_packet_ms.store(ms, Ordering::Relaxed);
+        Message::from_packet(p)
+    }
+
     /// How long the stream has been up.
     pub fn age(&self) -> Duration {
         self.started.elapsed()
@@ -182,19 +197,20 @@ impl AgentLink {
     }
 
     /// Pending dials and established connections, for the admin endpoint.
-    pub fn snapshot(&self) -> (Vec<(i64, Arc<ConnInfo>)>, Vec<(i64, Arc<ConnInfo>, usize)>) {
+    pub fn snapshot(&self) -> Snapshot {
         let st = self.state();
-        let pending = st
-            .table
-            .pending()
-            .map(|(r, p)| (r, p.info.clone()))
-            .collect();
-        let conns = st
-            .table
-            .conns()
-            .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued()))
-            .collect();
-        (pending, conns)
+        Snapshot {
+            pending: st
+                .table
+                .pending()
+                .map(|(r, p)| (r, p.info.clone()))
+                .collect(),
+            conns: st
+                .table
+                .conns()
+                .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued()))
+                .collect(),
+        }
     }
 
     /// Queues a packet for the agent, waiting for room. False when the stream
@@ -315,11 +331,7 @@ impl AgentLink {
                 _ = stop.cancelled() => break,
             };
             match next {
-                Some(Ok(p)) => match {
-                    let ms = self.started.elapsed().as_millis() as u64;
-                    self.last_packet_ms.store(ms, Ordering::Relaxed);
-                    Message::from_packet(p)
-                } {
+                Some(Ok(p)) => match self.seen(p) {
                     Ok(m) => self.dispatch(m).await,
                     Err(e) => {
                         self.settings
