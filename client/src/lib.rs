@@ -255,6 +255,19 @@ impl Frontend {
         }
     }
 
+    /// Reaches the server without dialing: opens the socket or TCP
+    /// connection, does the TLS handshake, and in gRPC mode the HTTP/2
+    /// handshake. (A refused client certificate or the wrong mode in CONNECT
+    /// mode only shows once a dial is sent.)
+    pub async fn reach(&self) -> Result<(), Error> {
+        match self.mode {
+            Mode::Grpc => grpc::channel(&self.transport, self.timeout).await.map(drop),
+            Mode::HttpConnect => open(&self.transport, b"http/1.1", self.timeout)
+                .await
+                .map(drop),
+        }
+    }
+
     fn in_mode(&self, e: Error) -> Error {
         match e {
             Error::Protocol { detail, .. } => Error::Protocol {

@@ -1,0 +1,611 @@
+//! The walk: each hop in turn, within one deadline, stopping at the first
+//! broken one.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use konnectivity_client::{DialReason, Error, Frontend, Mode, Stage, Transport};
+
+use crate::egress::{self, Egress, Where};
+use crate::kubelet::{self, HandshakeError, KubeletTls};
+use crate::report::{Check, Hop, Report, Status};
+use crate::server::{self, ServerView};
+
+/// What the walk needs.
+pub struct Plan {
+    /// `host:port` of the kubelet.
+    pub target: String,
+    /// The kubelet's host (for its certificate name).
+    pub host: String,
+    /// Where the target came from, for the report.
+    pub target_source: String,
+    /// `--egress-selector-config-file`.
+    pub egress_file: Option<PathBuf>,
+    /// The frontend from flags, when no file is given.
+    pub frontend_flags: Option<(Mode, Where)>,
+    /// The server's admin endpoint (`host:port`).
+    pub admin: String,
+    /// kube-apiserver's kubelet TLS settings.
+    pub kubelet_tls: KubeletTls,
+    /// The whole run's limit.
+    pub timeout: Duration,
+}
+
+/// Time left before `deadline`, never below a small floor so a hop still
+/// gets to report.
+fn left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(50))
+}
+
+fn transport_for(w: &Where) -> Result<Transport, String> {
+    Ok(match w {
+        Where::Unix(p) => Transport::Unix(p.clone()),
+        Where::Tls {
+            addr,
+            host,
+            ca,
+            cert,
+            key,
+        } => {
+            let ca = ca.as_deref().ok_or(
+                "tlsConfig.caBundle is not set (this command needs it to verify the server)",
+            )?;
+            let config = konnectivity_runtime::tls::client_config(
+                ca,
+                Some((cert.as_path(), key.as_path())),
+                &[],
+            )
+            .map_err(|e| e.to_string())?;
+            let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("server name {host:?}: {e}"))?;
+            Transport::Tls {
+                addr: addr.clone(),
+                server_name,
+                config,
+            }
+        }
+    })
+}
+
+fn where_line(mode: Mode, w: &Where) -> String {
+    match w {
+        Where::Unix(p) => format!("{mode} over the Unix socket {}", p.display()),
+        Where::Tls { addr, .. } => format!("{mode} over mutual-TLS TCP to {addr}"),
+    }
+}
+
+/// Hop 1.
+fn egress_check(plan: &Plan) -> (Check, Option<(Mode, Where)>) {
+    let (source, egress) = match (&plan.egress_file, &plan.frontend_flags) {
+        (Some(path), _) => match egress::load(path) {
+            Ok(e) => (path.display().to_string(), e),
+            Err(why) => {
+                let c = Check::new(Hop::EgressConfig, Status::Failed, "kube-apiserver would reject it")
+                    .evidence(format!("{}: {why}", path.display()))
+                    .next("fix the file kube-apiserver's --egress-selector-config-file points at; kube-apiserver does not start with an invalid one");
+                return (c, None);
+            }
+        },
+        (None, Some((mode, w))) => (
+            "flags".to_string(),
+            Egress::Proxy {
+                mode: *mode,
+                transport: w.clone(),
+            },
+        ),
+        (None, None) => {
+            let c = Check::new(Hop::EgressConfig, Status::Failed, "no egress configuration given")
+                .next("pass kube-apiserver's --egress-selector-config-file, or --uds-name / --server-address with --mode");
+            return (c, None);
+        }
+    };
+    let (mode, w) = match egress {
+        Egress::Direct => {
+            let c = Check::new(
+                Hop::EgressConfig,
+                Status::Failed,
+                "the cluster egress selection is Direct (or absent): kube-apiserver dials kubelets itself, not through the tunnel",
+            )
+            .evidence(source)
+            .next("add an egressSelections entry named cluster with proxyProtocol GRPC or HTTPConnect");
+            return (c, None);
+        }
+        Egress::Proxy { mode, transport } => (mode, transport),
+    };
+    let missing = egress::missing_files(&w);
+    if !missing.is_empty() {
+        let mut c = Check::new(
+            Hop::EgressConfig,
+            Status::Failed,
+            format!(
+                "it names {} that do not exist",
+                if missing.len() == 1 {
+                    "a file"
+                } else {
+                    "files"
+                }
+            ),
+        )
+        .evidence(format!("{source}: {}", where_line(mode, &w)));
+        for m in missing {
+            c = c.evidence(m);
+        }
+        c = c.next("compare the path with proxy-server's --uds-name (and the volume both containers mount); is proxy-server running?");
+        return (c, None);
+    }
+    let c = Check::new(Hop::EgressConfig, Status::Ok, where_line(mode, &w))
+        .evidence(format!("from {source}"));
+    (c, Some((mode, w)))
+}
+
+/// Hop 2 (or a later hop's failure that turns out to be the frontend's).
+fn frontend_failed(e: &Error) -> Check {
+    let mut c = Check::new(Hop::Frontend, Status::Failed, e.to_string());
+    c = match e {
+        Error::Connect { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => c.next(
+                "proxy-server is not running or listens elsewhere: check its pod and its --uds-name / --server-port",
+            ),
+            std::io::ErrorKind::PermissionDenied => c.next("this user may not open the socket: run as the user kube-apiserver runs as, or check the socket's mode"),
+            _ => c.next("check proxy-server's pod and its listen flags"),
+        },
+        Error::Tls { .. } => c.next(
+            "the server and the egress configuration's tlsConfig disagree: caBundle must sign the server's --server-cert, and the server's --server-ca-cert must sign clientCert",
+        ),
+        Error::Protocol { .. } => c.next(
+            "the server speaks another mode: proxyProtocol (GRPC or HTTPConnect) must match proxy-server's --mode",
+        ),
+        Error::Timeout { .. } => c.next("the server accepted but did not answer: is it overloaded or stuck? check its logs and /readyz"),
+        Error::Dial { .. } => c,
+    };
+    c
+}
+
+/// Hop 3 or 4 for a failed dial.
+pub fn dial_failed(e: &Error, view: &ServerView, target: &str) -> Check {
+    match e {
+        Error::Dial {
+            message,
+            reason,
+            typed,
+            status,
+            ..
+        } => {
+            let how = format!(
+                "{}{}",
+                if *typed { "reason from the server" } else { "reason read from the text" },
+                status.map(|s| format!(", HTTP {s}")).unwrap_or_default()
+            );
+            match reason {
+                DialReason::NoAgent => Check::new(Hop::Server, Status::Failed, format!("no agent can reach {target}"))
+                    .evidence(format!("server: {message} ({how})"))
+                    .next("check that an agent runs on the node and connected (its logs), and its --agent-identifiers against --proxy-strategies"),
+                DialReason::AgentUnresponsive | DialReason::AgentLost => Check::new(
+                    Hop::Server,
+                    Status::Failed,
+                    "the agent chosen for the dial did not answer",
+                )
+                .evidence(format!("server: {message} ({how})"))
+                .next("check the agent's logs; a partitioned agent is dropped once its heartbeat fails"),
+                DialReason::Refused => Check::new(Hop::Dial, Status::Failed, format!("the node refused the connection to {target}"))
+                    .evidence(format!("agent: {message} ({how})"))
+                    .next("nothing listens on that address and port on the node: is the kubelet running? does the node's kubelet port match?"),
+                DialReason::Timeout => Check::new(Hop::Dial, Status::Failed, format!("{target} did not answer the agent's dial"))
+                    .evidence(format!("agent: {message} ({how})"))
+                    .next("a firewall or network policy on the node drops the traffic, or the address is not the node's"),
+                DialReason::NoRoute => Check::new(Hop::Dial, Status::Failed, format!("the agent has no route to {target}"))
+                    .evidence(format!("agent: {message} ({how})"))
+                    .next("the agent runs where that address is not reachable: check hostNetwork on the agent DaemonSet and the node's addresses"),
+                DialReason::Dns => Check::new(Hop::Dial, Status::Failed, format!("the agent could not resolve {target}"))
+                    .evidence(format!("agent: {message} ({how})"))
+                    .next("kube-apiserver dials a node name: set --kubelet-preferred-address-types=InternalIP,... or make the name resolvable on the node"),
+                DialReason::Exhausted => Check::new(Hop::Dial, Status::Failed, "the agent or server is out of resources")
+                    .evidence(format!("{message} ({how})"))
+                    .next("check open file limits and --max-connections on the agent"),
+                DialReason::Other => Check::new(Hop::Dial, Status::Failed, format!("the dial of {target} failed"))
+                    .evidence(format!("{message} ({how})")),
+            }
+        }
+        Error::Timeout {
+            stage: Stage::Dial,
+            after,
+        } => match &view.agent {
+            Some((id, silent)) if *silent < server::SILENT.as_secs_f64() => Check::new(
+                Hop::Dial,
+                Status::Failed,
+                format!("{target} did not answer within {after:?}"),
+            )
+            .evidence(format!(
+                "agent {id} is connected (last packet {silent:.1} s ago) and took the dial, but no answer came"
+            ))
+            .next("a firewall or drop rule on the node swallows the kubelet's traffic, or the address is not the node's"),
+            _ => Check::new(
+                Hop::Server,
+                Status::Failed,
+                format!("no answer to the dial within {after:?}"),
+            )
+            .evidence("the server's admin endpoint was not available to tell whether the agent is alive")
+            .next("check the server's and the agent's logs for this destination"),
+        },
+        other => frontend_failed(other),
+    }
+}
+
+/// Runs every hop.
+pub async fn run(plan: Plan) -> Report {
+    let started = Instant::now();
+    let deadline = started + plan.timeout;
+    let mut report = Report {
+        target: plan.target.clone(),
+        target_source: plan.target_source.clone(),
+        ..Report::default()
+    };
+    // Records a hop; a failed one ends the walk.
+    macro_rules! push {
+        ($check:expr, $t:expr) => {{
+            let mut c = $check;
+            c.took = $t.elapsed();
+            let failed = c.status == Status::Failed;
+            report.checks.push(c);
+            if failed {
+                report.took = started.elapsed();
+                return report;
+            }
+        }};
+    }
+    // Records a failed hop and ends the walk.
+    macro_rules! stop {
+        ($check:expr, $t:expr) => {{
+            let mut c = $check;
+            c.took = $t.elapsed();
+            report.checks.push(c);
+            report.took = started.elapsed();
+            return report;
+        }};
+    }
+
+    // 1. The egress configuration.
+    let t = Instant::now();
+    let (c, found) = egress_check(&plan);
+    let Some((mode, w)) = found else {
+        stop!(c, t);
+    };
+    push!(c, t);
+
+    // 2. The frontend.
+    let t = Instant::now();
+    let transport = match transport_for(&w) {
+        Ok(tr) => tr,
+        Err(why) => stop!(
+            Check::new(
+                Hop::Frontend,
+                Status::Failed,
+                "the TLS settings cannot be used"
+            )
+            .evidence(why),
+            t
+        ),
+    };
+    let frontend = Frontend::new(mode, transport.clone()).timeout(left(deadline));
+    match frontend.reach().await {
+        Ok(()) => push!(
+            Check::new(
+                Hop::Frontend,
+                Status::Ok,
+                format!("{} answers", transport.target())
+            )
+            .evidence(match mode {
+                Mode::Grpc => "HTTP/2 handshake done",
+                Mode::HttpConnect =>
+                    "connection accepted (the CONNECT itself is checked by the dial)",
+            }),
+            t
+        ),
+        Err(e) => stop!(frontend_failed(&e), t),
+    }
+
+    // 3. The server's view.
+    let t = Instant::now();
+    let admin_limit = left(deadline).min(Duration::from_millis(1500));
+    let route_path = format!("/debug/route?address={}", plan.target);
+    let view = match server::get(&plan.admin, &route_path, admin_limit).await {
+        Ok((200, route)) => {
+            let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+            let ready = server::get(&plan.admin, "/readyz", admin_limit)
+                .await
+                .unwrap_or((0, String::new()));
+            let agents = server::get(&plan.admin, "/debug/agents", admin_limit)
+                .await
+                .map(|(_, b)| parse(&b))
+                .unwrap_or_default();
+            let events = server::get(&plan.admin, "/debug/events", admin_limit)
+                .await
+                .map(|(_, b)| parse(&b))
+                .unwrap_or_default();
+            let (c, view) = server::judge(
+                &plan.target,
+                (ready.0, &ready.1),
+                &parse(&route),
+                &agents,
+                &events,
+            );
+            push!(c, t);
+            view
+        }
+        Ok((status, _)) => {
+            push!(
+                Check::new(
+                    Hop::Server,
+                    Status::Skipped,
+                    format!("the admin endpoint {} has no diagnostics (HTTP {status}): a reference server?", plan.admin)
+                ),
+                t
+            );
+            ServerView::default()
+        }
+        Err(why) => {
+            push!(
+                Check::new(
+                    Hop::Server,
+                    Status::Skipped,
+                    format!("the admin endpoint is not reachable: {why}")
+                )
+                .next("pass --admin-address (proxy-server's --admin-bind-address:--admin-port) to see its agents"),
+                t
+            );
+            ServerView::default()
+        }
+    };
+
+    // 4. The dial.
+    let t = Instant::now();
+    let frontend = frontend.timeout(left(deadline).saturating_sub(Duration::from_millis(100)));
+    let tunnel = match frontend.dial(&plan.target).await {
+        Ok(tunnel) => {
+            push!(
+                Check::new(
+                    Hop::Dial,
+                    Status::Ok,
+                    format!("connected to {}", plan.target)
+                ),
+                t
+            );
+            tunnel
+        }
+        Err(e) => {
+            let mut c = dial_failed(&e, &view, &plan.target);
+            c.took = t.elapsed();
+            // A server-side failure replaces a hop 3 that looked fine.
+            report.checks.retain(|k| k.hop < c.hop);
+            report.checks.push(c);
+            report.took = started.elapsed();
+            return report;
+        }
+    };
+
+    // 5. TLS to the kubelet.
+    let t = Instant::now();
+    let hs = kubelet::handshake(tunnel, &plan.host, &plan.kubelet_tls, left(deadline)).await;
+    let verified = plan.kubelet_tls.roots.is_some();
+    let mut tls = match hs.result {
+        Ok(s) => {
+            let now = SystemTime::now();
+            let problems = hs
+                .chain
+                .first()
+                .map(|c| c.problems(&plan.host, now))
+                .unwrap_or_default();
+            let mut c = if verified {
+                Check::new(
+                    Hop::KubeletTls,
+                    Status::Ok,
+                    "certificate verified against --kubelet-certificate-authority",
+                )
+            } else if problems.is_empty() {
+                Check::new(Hop::KubeletTls, Status::Warn, "handshake done; certificate not verified (no --kubelet-certificate-authority, as kube-apiserver then does not verify either)")
+            } else {
+                let mut c = Check::new(Hop::KubeletTls, Status::Warn, "handshake done; the certificate would fail verification, which kube-apiserver skips without --kubelet-certificate-authority");
+                for p in problems {
+                    c = c.evidence(format!("certificate {p}"));
+                }
+                c
+            };
+            for info in &hs.chain {
+                c = c.evidence(info.line());
+            }
+            push!(c, t);
+            s
+        }
+        Err(HandshakeError::Certificate(why)) => {
+            let mut c = Check::new(Hop::KubeletTls, Status::Failed, why);
+            for info in &hs.chain {
+                c = c.evidence(info.line());
+            }
+            c = c.next("renew the kubelet's serving certificate for the address kube-apiserver dials (see hop 4), signed by --kubelet-certificate-authority");
+            stop!(c, t);
+        }
+        Err(HandshakeError::Other(why)) => {
+            stop!(
+                Check::new(Hop::KubeletTls, Status::Failed, why)
+                    .next("is the kubelet serving TLS on that port?"),
+                t
+            );
+        }
+    };
+
+    // 6. The request.
+    let t = Instant::now();
+    let answer = kubelet::healthz(&mut tls, &plan.host, left(deadline)).await;
+    let with_client = plan.kubelet_tls.client.is_some();
+    let c = match answer {
+        Ok(a) => {
+            let mut c = match a.status {
+                200..=299 => Check::new(
+                    Hop::KubeletRequest,
+                    Status::Ok,
+                    format!("GET /healthz: {} {:?} in {} ms", a.status, a.body, a.latency.as_millis()),
+                ),
+                401 | 403 if !with_client => Check::new(
+                    Hop::KubeletRequest,
+                    Status::Warn,
+                    format!("GET /healthz: {} in {} ms: the kubelet answers, but wants kube-apiserver's client certificate", a.status, a.latency.as_millis()),
+                )
+                .next("pass --kubelet-client-certificate and --kubelet-client-key (kube-apiserver's) to check its authorization too"),
+                s => Check::new(
+                    Hop::KubeletRequest,
+                    Status::Failed,
+                    format!("GET /healthz: {s} {:?}", a.body),
+                )
+                .next(if s == 401 || s == 403 {
+                    "the kubelet refuses kube-apiserver's client certificate: check the kubelet's --client-ca-file and authorization"
+                } else {
+                    "the kubelet answers but is not healthy: check its logs"
+                }),
+            };
+            if let Some(date) = a.date {
+                let now = SystemTime::now();
+                let skew = now
+                    .duration_since(date)
+                    .or_else(|_| date.duration_since(now))
+                    .unwrap_or_default();
+                if skew > Duration::from_secs(30) {
+                    c = c.evidence(format!(
+                        "clock skew: the node's clock differs from this machine's by {} s",
+                        skew.as_secs()
+                    ));
+                    if c.status == Status::Ok {
+                        c.status = Status::Warn;
+                    }
+                } else {
+                    c = c.evidence(format!("clocks agree within {} s", skew.as_secs()));
+                }
+            }
+            c
+        }
+        Err(why) => Check::new(
+            Hop::KubeletRequest,
+            Status::Failed,
+            format!("GET /healthz: {why}"),
+        ),
+    };
+    push!(c, t);
+    report.took = started.elapsed();
+    report
+}
+
+/// The kube-apiserver TLS settings from flag paths.
+pub fn kubelet_tls(
+    ca: Option<&std::path::Path>,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<KubeletTls, String> {
+    let roots = match ca {
+        Some(p) => {
+            let certs = konnectivity_runtime::tls::load_certs("kubelet CA", p)
+                .map_err(|e| e.to_string())?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("kubelet CA {}: {e}", p.display()))?;
+            }
+            Some(roots)
+        }
+        None => None,
+    };
+    let client = match client {
+        Some((cert, key)) => Some((
+            konnectivity_runtime::tls::load_certs("kubelet client certificate", cert)
+                .map_err(|e| e.to_string())?,
+            konnectivity_runtime::tls::load_key("kubelet client key", key)
+                .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    Ok(KubeletTls { roots, client })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dial(reason: DialReason, message: &str) -> Error {
+        Error::Dial {
+            address: "10.0.0.5:10250".into(),
+            message: message.into(),
+            reason,
+            typed: true,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn each_dial_failure_names_its_hop() {
+        let view = ServerView::default();
+        let t = "10.0.0.5:10250";
+        let cases = [
+            (dial(DialReason::NoAgent, "No agent available"), Hop::Server),
+            (
+                dial(DialReason::AgentUnresponsive, "dial timeout"),
+                Hop::Server,
+            ),
+            (
+                dial(
+                    DialReason::Refused,
+                    "dial tcp 10.0.0.5:10250: connect: connection refused",
+                ),
+                Hop::Dial,
+            ),
+            (
+                dial(DialReason::Timeout, "dial tcp 10.0.0.5:10250: i/o timeout"),
+                Hop::Dial,
+            ),
+            (
+                dial(DialReason::Dns, "dial tcp: lookup node-1: no such host"),
+                Hop::Dial,
+            ),
+            (
+                Error::Connect {
+                    target: "/x.sock".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                },
+                Hop::Frontend,
+            ),
+            (
+                Error::Tls {
+                    target: "x".into(),
+                    detail: "received fatal alert: UnknownCA".into(),
+                },
+                Hop::Frontend,
+            ),
+        ];
+        for (e, hop) in cases {
+            let c = dial_failed(&e, &view, t);
+            assert_eq!(c.hop, hop, "{e}");
+            assert_eq!(c.status, Status::Failed);
+        }
+        let refused = dial_failed(&dial(DialReason::Refused, "connection refused"), &view, t);
+        assert!(
+            refused.evidence[0].contains("connection refused"),
+            "{:?}",
+            refused.evidence
+        );
+    }
+
+    #[test]
+    fn a_dial_timeout_blames_the_node_only_when_the_agent_is_alive() {
+        let e = Error::Timeout {
+            stage: Stage::Dial,
+            after: Duration::from_secs(4),
+        };
+        let alive = ServerView {
+            agent: Some(("node-1".into(), 0.5)),
+        };
+        assert_eq!(dial_failed(&e, &alive, "x:1").hop, Hop::Dial);
+        assert_eq!(
+            dial_failed(&e, &ServerView::default(), "x:1").hop,
+            Hop::Server
+        );
+    }
+}
