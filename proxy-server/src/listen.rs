@@ -147,6 +147,11 @@ pub fn tls_incoming(
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
+                    // Closed before a ClientHello: a TCP probe (load balancer,
+                    // tcpSocket health check), not a refused peer.
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        debug!(listener = role, peer = %remote_addr, error = %e, "connection closed before the TLS handshake");
+                    }
                     Ok(Err(e)) => {
                         warn!(listener = role, peer = %remote_addr, error = %e, "TLS handshake failed; connection refused");
                         if let Some(f) = &on_refused {

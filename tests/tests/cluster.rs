@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use tests::cluster::{self, Bins, Cluster, Mode, Node, Side, Tunnel};
 
+#[path = "cluster/diagnose.rs"]
+mod diagnose;
 #[path = "cluster/kube.rs"]
 mod kube;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -42,11 +44,12 @@ impl Setup {
     }
 }
 
-/// Whether the Kubernetes API cases (TokenReview, Leases) run: always,
-/// unless `KUBE_E2E_SETUPS` names setups and not `kubernetes-api`.
-fn kube_selected() -> bool {
+/// Whether a group of cases beyond the setups runs (`kubernetes-api`:
+/// TokenReview, Leases, manifests; `diagnose`: the diagnose command): always,
+/// unless `KUBE_E2E_SETUPS` names setups and not this group.
+fn group_selected(group: &str) -> bool {
     match std::env::var("KUBE_E2E_SETUPS") {
-        Ok(f) => f.split(',').any(|f| "kubernetes-api".contains(f.trim())),
+        Ok(f) => f.split(',').any(|f| group.contains(f.trim())),
         Err(_) => true,
     }
 }
@@ -121,7 +124,7 @@ fn main() {
         }
         None => {}
     }
-    if setups().is_empty() && !kube_selected() {
+    if setups().is_empty() && !group_selected("kubernetes-api") && !group_selected("diagnose") {
         println!("KUBE_E2E_SETUPS matches no setup");
         println!("0 passed, 1 failed");
         std::process::exit(1);
@@ -156,8 +159,11 @@ async fn run() -> Report {
     for setup in setups() {
         run_setup(&mut cluster, setup, &mut report).await;
     }
-    if kube_selected() {
+    if group_selected("kubernetes-api") {
         kube::run(&mut cluster, &mut report).await;
+    }
+    if group_selected("diagnose") {
+        diagnose::run(&mut cluster, &mut report).await;
     }
     report
 }

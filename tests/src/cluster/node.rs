@@ -10,6 +10,7 @@ use super::control_plane::{Bins, Kubectl};
 use super::net::NodeNet;
 use super::pki::ClusterPki;
 use crate::process::{binary, Proc};
+use konnectivity_runtime::pki::Leaf;
 
 /// The port the pod's port-forward cases ask for.
 pub const POD_PORT: u16 = 8080;
@@ -30,6 +31,8 @@ pub struct Node {
     /// The exec working directory (the "container filesystem").
     pub rootfs: PathBuf,
     kwok: Proc,
+    kwok_argv: Vec<String>,
+    kwok_home: String,
     _pod_http: Proc,
 }
 
@@ -136,7 +139,8 @@ impl Node {
             argv.push(format!("--config={}", entry?.path().display()));
         }
         argv.push(format!("--config={}", debug.display()));
-        let kwok = Proc::spawn_cmd(&argv, &[("HOME", home.display().to_string())]);
+        let kwok_home = home.display().to_string();
+        let kwok = Proc::spawn_cmd(&argv, &[("HOME", kwok_home.clone())]);
 
         let mut http = net.exec_prefix();
         http.push(binary("pod-http").display().to_string());
@@ -157,10 +161,61 @@ impl Node {
             lines: std::sync::Mutex::new(lines),
             rootfs,
             kwok,
+            kwok_argv: argv,
+            kwok_home,
             _pod_http: pod_http,
         };
         node.wait_running(kubectl).await?;
         Ok(node)
+    }
+
+    /// Stops the node's kubelet (kwok): its port then refuses connections.
+    pub async fn stop_kubelet(&mut self) {
+        self.kwok.kill().await;
+    }
+
+    /// Starts the kubelet again, serving `serving` (its usual certificate
+    /// when `None`), and waits until its port accepts (from inside the
+    /// node's namespace).
+    pub async fn start_kubelet(&mut self, serving: Option<&Leaf>) -> anyhow::Result<()> {
+        self.kwok.kill().await;
+        let mut argv = self.kwok_argv.clone();
+        if let Some(leaf) = serving {
+            for a in argv.iter_mut() {
+                if a.starts_with("--tls-cert-file=") {
+                    *a = format!("--tls-cert-file={}", leaf.cert.display());
+                } else if a.starts_with("--tls-private-key-file=") {
+                    *a = format!("--tls-private-key-file={}", leaf.key.display());
+                }
+            }
+        }
+        self.kwok = Proc::spawn_cmd(&argv, &[("HOME", self.kwok_home.clone())]);
+        let addr = format!("{}:10250", self.net.kubelet_ip);
+        let mut probe = self.net.exec_prefix();
+        probe.extend([
+            "bash".into(),
+            "-c".into(),
+            format!("exec 3<>/dev/tcp/{}/10250", self.net.kubelet_ip),
+        ]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = tokio::process::Command::new(&probe[0])
+                .args(&probe[1..])
+                .output()
+                .await
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "kubelet {addr} not listening after 30 s; kwok log:\n{}",
+                    self.kwok.logs().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn wait_running(&self, kubectl: &Kubectl) -> anyhow::Result<()> {

@@ -298,6 +298,16 @@ impl Tunnel {
         Proc::spawn_cmd(&a, &[])
     }
 
+    /// The server's admin endpoint (`127.0.0.1:<port>`).
+    pub fn server_admin(&self) -> String {
+        let port = self
+            .argv
+            .iter()
+            .find_map(|a| a.strip_prefix("--admin-port="))
+            .unwrap_or("0");
+        format!("127.0.0.1:{port}")
+    }
+
     /// The agent listener (`198.51.100.1:<port>`).
     pub fn agent_addr(&self) -> String {
         format!("{CONTROL_PLANE_IP}:{}", self.agent_port)

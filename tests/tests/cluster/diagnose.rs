@@ -1,0 +1,384 @@
+//! `kubectl konnectivity diagnose` against the real cluster: each hop broken
+//! in turn (as an operator would meet it), and the command must name that
+//! hop, with its exit code, within its 5 s limit; then everything healthy
+//! again.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use serde_json::Value;
+use tests::cluster::{Cluster, Mode, Side, Tunnel};
+use tests::process::binary;
+
+use super::Report;
+
+/// The command's own limit; a run must end within it (plus start-up).
+const LIMIT_MS: u64 = 5000;
+
+/// One run's outcome.
+struct Run {
+    code: i32,
+    json: Value,
+}
+
+impl Run {
+    fn failed_hop(&self) -> &str {
+        self.json["failed_hop"].as_str().unwrap_or("none")
+    }
+
+    fn hop(&self, name: &str) -> &Value {
+        self.json["hops"]
+            .as_array()
+            .and_then(|h| h.iter().find(|c| c["name"] == name))
+            .unwrap_or(&Value::Null)
+    }
+
+    fn expect(&self, hop: Option<(&str, i32)>, needle: &str) -> anyhow::Result<()> {
+        let took = self.json["took_ms"].as_u64().unwrap_or(u64::MAX);
+        ensure!(
+            took <= LIMIT_MS + 500,
+            "the run took {took} ms, over its {LIMIT_MS} ms limit:\n{:#}",
+            self.json
+        );
+        match hop {
+            None => ensure!(
+                self.code == 0 && self.json["healthy"] == true,
+                "want healthy (exit 0), got exit {}:\n{:#}",
+                self.code,
+                self.json
+            ),
+            Some((name, code)) => {
+                ensure!(
+                    self.failed_hop() == name && self.code == code,
+                    "want hop {name} (exit {code}), got {} (exit {}):\n{:#}",
+                    self.failed_hop(),
+                    self.code,
+                    self.json
+                );
+                let text = self.hop(name).to_string();
+                ensure!(
+                    text.contains(needle),
+                    "hop {name} does not mention {needle:?}:\n{:#}",
+                    self.hop(name)
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The command with kube-apiserver's flags.
+struct Diagnose {
+    egress: PathBuf,
+    admin: String,
+    kubeconfig: PathBuf,
+    ca: PathBuf,
+    client: (PathBuf, PathBuf),
+}
+
+impl Diagnose {
+    fn argv(&self, node: &str, egress: &Path) -> Vec<String> {
+        let f = |p: &Path| p.display().to_string();
+        vec![
+            "diagnose".into(),
+            node.into(),
+            format!("--kubeconfig={}", f(&self.kubeconfig)),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            format!("--egress-selector-config-file={}", f(egress)),
+            format!("--admin-address={}", self.admin),
+            format!("--kubelet-certificate-authority={}", f(&self.ca)),
+            format!("--kubelet-client-certificate={}", f(&self.client.0)),
+            format!("--kubelet-client-key={}", f(&self.client.1)),
+        ]
+    }
+
+    async fn run_with(&self, node: &str, egress: &Path) -> anyhow::Result<Run> {
+        let mut argv = self.argv(node, egress);
+        argv.push("-o".into());
+        argv.push("json".into());
+        let out = tokio::process::Command::new(binary("kubectl-konnectivity"))
+            .args(&argv)
+            .output()
+            .await
+            .context("run kubectl-konnectivity")?;
+        let code = out.status.code().unwrap_or(-1);
+        let json: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "exit {code}, no JSON: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        ensure!(
+            json["exit_code"] == code,
+            "exit code {code} differs from the report's {}",
+            json["exit_code"]
+        );
+        Ok(Run { code, json })
+    }
+
+    async fn run(&self, node: &str) -> anyhow::Result<Run> {
+        self.run_with(node, &self.egress).await
+    }
+
+    /// The text output, printed (the README shows two of these).
+    async fn show(&self, node: &str) {
+        if let Ok(out) = tokio::process::Command::new(binary("kubectl-konnectivity"))
+            .args(self.argv(node, &self.egress))
+            .output()
+            .await
+        {
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                println!("     | {l}");
+            }
+        }
+    }
+}
+
+/// An nftables table in the node's namespace that drops everything sent to
+/// the kubelet port (the agent's SYNs go unanswered).
+fn drop_rule(node: &tests::cluster::NodeNet, add: bool) -> anyhow::Result<()> {
+    let mut argv = node.exec_prefix();
+    argv.extend(["nft".into(), "-f".into(), "-".into()]);
+    let rules = if add {
+        "table inet knp_diagnose {\n chain out {\n  type filter hook output priority 0;\n  tcp dport 10250 drop\n }\n}\n"
+    } else {
+        "delete table inet knp_diagnose\n"
+    };
+    use std::io::Write;
+    let mut child = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("nft")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Every fault, one hop at a time.
+pub async fn run(cluster: &mut Cluster, report: &mut Report) {
+    let name = "diagnose";
+    println!("== {name}");
+    let tunnel = match Tunnel::start(
+        &cluster.bins,
+        cluster.dir.path(),
+        &cluster.pki,
+        Mode::GrpcUds,
+        Side::Ours,
+        Side::Ours,
+        &cluster.net.nodes,
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            println!("FAIL [{name}] tunnel start: {e:#}");
+            report.failed.push(format!("[{name}] tunnel start"));
+            return;
+        }
+    };
+    if let Err(e) = cluster.start_apiserver(&tunnel.egress).await {
+        println!("FAIL [{name}] kube-apiserver start: {e:#}");
+        report.failed.push(format!("[{name}] kube-apiserver start"));
+        return;
+    }
+    let mut tunnel = tunnel;
+    let dir = cluster.dir.path().join("diagnose");
+    let _ = std::fs::create_dir_all(&dir);
+    let egress = dir.join("egress.yaml");
+    let config = tunnel.egress.config(&cluster.pki);
+    let wrong = dir.join("egress-wrong-socket.yaml");
+    let written = std::fs::write(&egress, &config).and_then(|_| {
+        std::fs::write(
+            &wrong,
+            config.replace("konnectivity-server.sock", "konnectivity-server-typo.sock"),
+        )
+    });
+    if let Err(e) = written {
+        println!("FAIL [{name}] write egress files: {e}");
+        report.failed.push(format!("[{name}] write egress files"));
+        return;
+    }
+    let pki = &cluster.pki;
+    let d = Diagnose {
+        egress,
+        admin: tunnel.server_admin(),
+        kubeconfig: cluster.kubectl.kubeconfig.clone(),
+        ca: pki.ca.clone(),
+        client: (
+            pki.kubelet_client.cert.clone(),
+            pki.kubelet_client.key.clone(),
+        ),
+    };
+    let limit = Duration::from_secs(60);
+
+    report
+        .case(name, "healthy: every hop ok, exit 0", limit, async {
+            for node in ["node-1", "node-2"] {
+                d.run(node).await?.expect(None, "")?;
+            }
+            d.show("node-1").await;
+            Ok(())
+        })
+        .await;
+
+    report
+        .case(
+            name,
+            "wrong socket path in the egress configuration -> hop 1",
+            limit,
+            async {
+                d.run_with("node-1", &wrong)
+                    .await?
+                    .expect(Some(("egress-config", 11)), "konnectivity-server-typo.sock")
+            },
+        )
+        .await;
+
+    let nodes = cluster.net.nodes.clone();
+    report
+        .case(name, "no agent for the node -> hop 3", limit, async {
+            tunnel.agents[1].kill().await;
+            tunnel.wait_agents_exactly(1).await?;
+            let r = d.run("node-2").await;
+            tunnel.start_agent(1, pki, &nodes[1]);
+            tunnel.wait_agents(2).await?;
+            r?.expect(Some(("server", 13)), "no connected agent serves")
+        })
+        .await;
+
+    report
+        .case(
+            name,
+            "agent refused (it does not trust the server's CA) -> hop 3 with the refusal",
+            limit,
+            async {
+                tunnel.agents[1].kill().await;
+                tunnel.wait_agents_exactly(1).await?;
+                let mut rogue = tunnel.extra_agent(
+                    Side::Ours,
+                    pki,
+                    &nodes[1],
+                    "node-2",
+                    (18093, 18094),
+                    &[format!("--ca-cert={}", pki.front_proxy_ca.display())],
+                );
+                let r = async {
+                    // The refusal is recorded once the agent has tried.
+                    tests::poll_until(Duration::from_secs(20), "a refusal", || async {
+                        let r = d.run("node-2").await.ok()?;
+                        r.hop("server")
+                            .to_string()
+                            .contains("TLS handshake failed")
+                            .then_some(r)
+                    })
+                    .await
+                }
+                .await;
+                if r.is_ok() {
+                    d.show("node-2").await;
+                }
+                rogue.kill().await;
+                tunnel.start_agent(1, pki, &nodes[1]);
+                tunnel.wait_agents(2).await?;
+                r?.expect(Some(("server", 13)), "refused")
+            },
+        )
+        .await;
+
+    report
+        .case(
+            name,
+            "agent connected, kubelet down (refused) -> hop 4",
+            limit,
+            async {
+                let n = cluster
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.net.name == "node-1")
+                    .context("node-1")?;
+                n.stop_kubelet().await;
+                let r = d.run("node-1").await;
+                n.start_kubelet(None).await?;
+                r?.expect(Some(("dial", 14)), "connection refused")
+            },
+        )
+        .await;
+
+    report
+        .case(
+            name,
+            "kubelet unreachable (drop rule in the node namespace) -> hop 4 timeout, within the limit",
+            limit,
+            async {
+                drop_rule(&nodes[0], true)?;
+                let r = d.run("node-1").await;
+                drop_rule(&nodes[0], false)?;
+                r?.expect(Some(("dial", 14)), "did not answer")
+            },
+        )
+        .await;
+
+    report
+        .case(
+            name,
+            "kubelet certificate for the wrong address -> hop 5",
+            limit,
+            async {
+                let wrong_ip = nodes[1].kubelet_ip;
+                let leaf = cluster
+                    .pki
+                    .serving("kubelet-node-1-wrong-address", wrong_ip)?;
+                let n = cluster
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.net.name == "node-1")
+                    .context("node-1")?;
+                n.start_kubelet(Some(&leaf)).await?;
+                let r = d.run("node-1").await;
+                d.show("node-1").await;
+                n.start_kubelet(None).await?;
+                r?.expect(Some(("kubelet-tls", 15)), "not valid for the address")
+            },
+        )
+        .await;
+
+    report
+        .case(
+            name,
+            "server not running (killed, socket left behind) -> hop 2",
+            Duration::from_secs(90),
+            async {
+                tunnel.server.kill().await;
+                let r = d.run("node-1").await;
+                tunnel.restart_server().await?;
+                tunnel.wait_agents(2).await?;
+                r?.expect(Some(("frontend", 12)), "cannot reach the proxy-server")
+            },
+        )
+        .await;
+
+    report
+        .case(name, "healthy again after every fault", limit, async {
+            tests::poll_until(Duration::from_secs(30), "healthy", || async {
+                let r = d.run("node-1").await.ok()?;
+                (r.code == 0).then_some(r)
+            })
+            .await?
+            .expect(None, "")
+        })
+        .await;
+    tunnel.stop().await;
+}
