@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::Config;
+use crate::diagnostics;
 use crate::metrics::Metrics;
 use crate::stream::{self, ServerLink, Settings};
 
@@ -72,6 +73,7 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundAgent> {
             config,
             tls,
             metrics: Metrics::new(),
+            events: Default::default(),
         }),
         health,
         admin,
@@ -122,10 +124,27 @@ impl BoundAgent {
             }),
             debug: None,
         };
+        let (debug_links, debug_settings) = (links.clone(), s.clone());
+        let debug: admin::DebugFn = Arc::new(move |path, _query| {
+            let links: Vec<Arc<ServerLink>> = lock(&debug_links).values().cloned().collect();
+            let s = &debug_settings;
+            diagnostics::render(&s.config.agent_id, &links, &s.events, path)
+                .map(|v| Ok(v.to_string()))
+        });
+        let admin_state = AdminState {
+            debug: Some(debug),
+            ..state.clone()
+        };
         let stop_all = shutdown.immediate.clone();
-        tokio::spawn(admin::serve(self.health, state.clone(), stop_all.clone()));
-        if let Some(a) = self.admin {
-            tokio::spawn(admin::serve(a, state, stop_all.clone()));
+        // Diagnostics only on the admin listener (loopback by default).
+        match self.admin {
+            Some(a) => {
+                tokio::spawn(admin::serve(self.health, state, stop_all.clone()));
+                tokio::spawn(admin::serve(a, admin_state, stop_all.clone()));
+            }
+            None => {
+                tokio::spawn(admin::serve(self.health, admin_state, stop_all.clone()));
+            }
         }
         let open = s.metrics.open_endpoint_connections.clone();
         tokio::spawn(konnectivity_runtime::memory::trim_after_bursts(
@@ -300,6 +319,7 @@ async fn supervise(
                     .inc();
                 let d = delays.next();
                 warn!(error = %e, retry_in = ?d, "cannot open a stream to the proxy server");
+                s.events.stream_failed(e.reason(), &e.to_string());
                 d
             }
         };

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod diagnostics;
 pub mod metrics;
 pub mod stream;
 

@@ -19,7 +19,7 @@ use konnectivity_proto::ids::ConnectIds;
 use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
 use konnectivity_proto::table::{Pending, Table, TableError};
 use konnectivity_proto::{packet, DialReason, Message, Packet};
-use konnectivity_runtime::flow::{self, ConnEntry, ConnInbox, Credit, Inbound};
+use konnectivity_runtime::flow::{self, ConnInbox, ConnInfo, Credit, Inbound, Slot};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -48,6 +48,8 @@ pub struct Settings {
     pub tls: Arc<rustls::ClientConfig>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Recent dial and stream failures, for the admin endpoint.
+    pub events: crate::diagnostics::Events,
 }
 
 /// Why a stream could not be opened.
@@ -254,6 +256,10 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
         server_id: server_id.clone(),
         flow,
         dial_reason,
+        addr: addr.clone(),
+        connected_at: std::time::SystemTime::now(),
+        started: Instant::now(),
+        last_packet_ms: Default::default(),
         out: out_tx,
         state: Mutex::new(State {
             table: Table::new(cfg.max_pending, cfg.max_conns),
@@ -272,7 +278,7 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
 }
 
 struct State {
-    table: Table<CancellationToken, ConnEntry>,
+    table: Table<CancellationToken, Slot>,
     ids: ConnectIds,
     recent: VecDeque<i64>,
 }
@@ -285,6 +291,13 @@ pub struct ServerLink {
     pub flow: bool,
     /// `dial-reason-v1` negotiated: failed dials carry their reason typed.
     pub dial_reason: bool,
+    /// The address the stream was opened to.
+    pub addr: String,
+    /// When the stream opened.
+    pub connected_at: std::time::SystemTime,
+    started: Instant,
+    /// Milliseconds after `started` of the last packet from the server.
+    last_packet_ms: std::sync::atomic::AtomicU64,
     out: mpsc::Sender<Packet>,
     state: Mutex<State>,
     /// Cancelled when the stream has ended.
@@ -320,6 +333,32 @@ impl ServerLink {
         st.table.conns_len() + st.table.pending_len()
     }
 
+    /// How long since the last packet from the server.
+    pub fn since_last_packet(&self) -> Duration {
+        let at = Duration::from_millis(
+            self.last_packet_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.started.elapsed().saturating_sub(at)
+    }
+
+    /// How long the stream has been up.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Pending dials, and each connection with its record and the chunks
+    /// queued towards the destination (for the admin endpoint).
+    pub fn snapshot(&self) -> (usize, Vec<(i64, Arc<ConnInfo>, usize)>) {
+        let st = self.state();
+        let conns = st
+            .table
+            .conns()
+            .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued()))
+            .collect();
+        (st.table.pending_len(), conns)
+    }
+
     fn add_pending(&self, random: i64, cancel: CancellationToken) -> Result<(), TableError> {
         self.state().table.add_pending(random, cancel)?;
         self.metrics().pending_endpoint_dials.inc();
@@ -350,7 +389,7 @@ impl ServerLink {
         };
         match conn {
             Some(c) => {
-                c.kill.cancel();
+                c.conn.kill.cancel();
                 self.metrics().open_endpoint_connections.dec();
                 true
             }
@@ -376,6 +415,9 @@ impl ServerLink {
                 _ = stop.cancelled() => break,
             };
             last_rx = Instant::now();
+            let ms = self.started.elapsed().as_millis() as u64;
+            self.last_packet_ms
+                .store(ms, std::sync::atomic::Ordering::Relaxed);
             match next {
                 Some(Ok(p)) => match Message::from_packet(p) {
                     Ok(m) => self.dispatch(m).await,
@@ -400,7 +442,7 @@ impl ServerLink {
             p.value.cancel();
         }
         for (_, c) in &conns {
-            c.kill.cancel();
+            c.conn.kill.cancel();
         }
         self.metrics()
             .open_endpoint_connections
@@ -429,7 +471,7 @@ impl ServerLink {
                     self.send(packet::dial_failed(random, e.to_string())).await;
                     return;
                 }
-                let span = tracing::info_span!("conn", dst.addr = %address, random, connect_id = tracing::field::Empty);
+                let span = tracing::info_span!("conn", agent.id = %self.settings.config.agent_id, dst.addr = %address, random, connect_id = tracing::field::Empty);
                 let fut = self.clone().dial(address, random, cancel).instrument(span);
                 tokio::spawn(fut);
             }
@@ -455,7 +497,7 @@ impl ServerLink {
                         .state()
                         .table
                         .conn(connect_id)
-                        .map(|c| c.credit.clone());
+                        .map(|c| c.conn.credit.clone());
                     if let Some(c) = credit {
                         c.grant(bytes);
                     }
@@ -473,7 +515,7 @@ impl ServerLink {
         let target = {
             let st = self.state();
             match st.table.conn(connect_id) {
-                Some(c) => Some(c.clone()),
+                Some(c) => Some(c.conn.clone()),
                 None if st.recent.contains(&connect_id) => return,
                 None => None,
             }
@@ -521,27 +563,34 @@ impl ServerLink {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 let (reason, text) = dial_error_text(&address, &e);
-                self.dial_failed(random, reason, text).await;
+                self.dial_failed(&address, random, reason, text).await;
                 return;
             }
             Err(_) => {
                 let text = format!("dial tcp {address}: i/o timeout");
-                self.dial_failed(random, DialReason::Timeout, text).await;
+                self.dial_failed(&address, random, DialReason::Timeout, text)
+                    .await;
                 return;
             }
         };
         let _ = tcp.set_nodelay(true);
         let (conn, inbox) = flow::connection(self.flow, self.closed.child_token());
         let (credit, kill) = (conn.credit.clone(), conn.kill.clone());
+        let info = ConnInfo::new(&address, &self.server_id);
+        let slot = Slot {
+            conn,
+            info: info.clone(),
+        };
         let connect_id = {
             let mut st = self.state();
             let State { table, ids, .. } = &mut *st;
             let id = ids.next_free(|id| table.has_conn(id));
-            table.establish(pending, id, conn).ok().map(|_| id)
+            table.establish(pending, id, slot).ok().map(|_| id)
         };
         let Some(connect_id) = connect_id else {
             let text = "too many connections on this agent stream".to_string();
-            self.dial_failed(random, DialReason::Exhausted, text).await;
+            self.dial_failed(&address, random, DialReason::Exhausted, text)
+                .await;
             return;
         };
         m.open_endpoint_connections.inc();
@@ -550,12 +599,12 @@ impl ServerLink {
             return;
         }
         debug!("connected");
-        self.relay(tcp, connect_id, inbox, credit, kill).await;
+        self.relay(tcp, connect_id, inbox, credit, kill, info).await;
     }
 
     /// Answers a failed dial: counted, logged, and its reason typed for a
     /// server that speaks `dial-reason-v1`.
-    async fn dial_failed(&self, random: i64, reason: DialReason, text: String) {
+    async fn dial_failed(&self, address: &str, random: i64, reason: DialReason, text: String) {
         // The reference's label values.
         let label = if reason == DialReason::Timeout {
             "timeout"
@@ -567,6 +616,9 @@ impl ServerLink {
             .with_label_values(&[label])
             .inc();
         info!(%reason, error = text, "dial failed");
+        self.settings
+            .events
+            .dial_failed(address, &self.server_id, reason, &text);
         let typed = self.dial_reason.then_some(reason);
         self.send(packet::dial_failed_with(random, text, typed))
             .await;
@@ -579,17 +631,20 @@ impl ServerLink {
         inbox: ConnInbox,
         credit: Arc<Credit>,
         kill: CancellationToken,
+        info: Arc<ConnInfo>,
     ) {
         let (reader, writer) = tcp.into_split();
         let up = flow::socket_to_tunnel(reader, &credit, |b: Bytes| {
             let n = b.len() as u64;
             let link = self.clone();
+            let info = info.clone();
             async move {
                 let ok = link.send(packet::data(connect_id, b)).await;
                 link.metrics()
                     .bytes
                     .with_label_values(&["to_server"])
                     .inc_by(n);
+                info.sent(n);
                 ok
             }
         });
@@ -597,6 +652,7 @@ impl ServerLink {
             link: self.clone(),
             connect_id,
             inbox,
+            info: info.clone(),
         };
         let down = flow::tunnel_to_socket(&mut inbound, writer);
         tokio::select! {
@@ -617,6 +673,7 @@ struct ConnInbound {
     link: Arc<ServerLink>,
     connect_id: i64,
     inbox: ConnInbox,
+    info: Arc<ConnInfo>,
 }
 
 impl Inbound for ConnInbound {
@@ -630,6 +687,7 @@ impl Inbound for ConnInbound {
             .bytes
             .with_label_values(&["to_endpoint"])
             .inc_by(n as u64);
+        self.info.delivered(n as u64);
         if let Some(g) = self.inbox.written(n) {
             self.link.send(packet::window(self.connect_id, g)).await;
         }

@@ -16,11 +16,10 @@
 //! Served on the admin listener only (`--admin-bind-address`, loopback by
 //! default), never on the health port.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
 use std::time::SystemTime;
 
+use konnectivity_runtime::admin::Recent;
 use serde_json::{json, Value};
 
 use crate::backend::agent::AgentLink;
@@ -31,21 +30,22 @@ use crate::tunnel::DialError;
 pub const EVENTS_KEPT: usize = 64;
 
 /// Recent refusals and dial failures, bounded.
-#[derive(Default)]
 pub struct Events {
-    refusals: Mutex<VecDeque<Value>>,
-    dial_failures: Mutex<VecDeque<Value>>,
+    refusals: Recent<Value>,
+    dial_failures: Recent<Value>,
 }
 
-fn push(q: &Mutex<VecDeque<Value>>, v: Value) {
-    let mut q = q.lock().unwrap_or_else(|e| e.into_inner());
-    if q.len() == EVENTS_KEPT {
-        q.pop_front();
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            refusals: Recent::new(EVENTS_KEPT),
+            dial_failures: Recent::new(EVENTS_KEPT),
+        }
     }
-    q.push_back(v);
 }
 
-fn now() -> String {
+/// Now, as RFC 3339 (the events' `time`).
+pub fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
@@ -53,47 +53,32 @@ impl Events {
     /// An agent was refused: at the TLS handshake (`reason` `tls`), or on its
     /// stream (token, identity, metadata; the `agent_refused_total` reasons).
     pub fn agent_refused(&self, peer: &str, agent_id: Option<&str>, reason: &str, message: &str) {
-        push(
-            &self.refusals,
-            json!({
+        self.refusals.push(json!({
                 "time": now(),
                 "peer": peer,
                 "agent_id": agent_id,
                 "reason": reason,
                 "message": message,
-            }),
-        );
+        }));
     }
 
     /// A dial failed.
     pub fn dial_failed(&self, destination: &str, frontend: &str, e: &DialError) {
-        let agent = match e {
-            DialError::Agent { agent, .. }
-            | DialError::AgentGone(agent)
-            | DialError::Timeout { agent, .. } => Some(agent.as_str()),
-            _ => None,
-        };
-        push(
-            &self.dial_failures,
-            json!({
+        let agent = e.agent();
+        self.dial_failures.push(json!({
                 "time": now(),
                 "destination": destination,
                 "frontend": frontend,
                 "agent_id": agent,
                 "reason": e.kind().as_str(),
                 "message": e.to_string(),
-            }),
-        );
+        }));
     }
 
     fn json(&self) -> Value {
-        let all = |q: &Mutex<VecDeque<Value>>| {
-            let q = q.lock().unwrap_or_else(|e| e.into_inner());
-            Value::Array(q.iter().cloned().collect())
-        };
         json!({
-            "refusals": all(&self.refusals),
-            "dial_failures": all(&self.dial_failures),
+            "refusals": self.refusals.snapshot(),
+            "dial_failures": self.dial_failures.snapshot(),
         })
     }
 }
@@ -149,7 +134,7 @@ pub fn render(
                         "stream": l.serial,
                         "random": random,
                         "destination": info.destination,
-                        "frontend": info.frontend,
+                        "frontend": info.origin,
                         "age_seconds": info.started.elapsed().as_secs_f64(),
                     }));
                 }
@@ -159,10 +144,10 @@ pub fn render(
                         "stream": l.serial,
                         "connect_id": connect_id,
                         "destination": info.destination,
-                        "frontend": info.frontend,
+                        "frontend": info.origin,
                         "age_seconds": info.started.elapsed().as_secs_f64(),
-                        "bytes_to_agent": info.to_agent.load(Ordering::Relaxed),
-                        "bytes_to_frontend": info.to_frontend.load(Ordering::Relaxed),
+                        "bytes_to_agent": info.to_tunnel.load(Ordering::Relaxed),
+                        "bytes_to_frontend": info.from_tunnel.load(Ordering::Relaxed),
                         "queued_chunks": queued,
                     }));
                 }

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use konnectivity_proto::table::TableError;
 use konnectivity_proto::{packet, DialReason};
-use konnectivity_runtime::flow::{ConnInbox, Credit, Inbound};
+use konnectivity_runtime::flow::{ConnInbox, ConnInfo, Credit, Inbound};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::agent::{AgentLink, ConnInfo};
+use crate::backend::agent::AgentLink;
 
 /// Why a dial failed. The text is what a frontend sees.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -68,6 +68,16 @@ impl DialError {
             DialError::Timeout { .. } => DialReason::AgentUnresponsive,
             DialError::Refused(_) => DialReason::Exhausted,
             DialError::DialClosed | DialError::Cancelled => DialReason::Other,
+        }
+    }
+
+    /// The agent that failed the dial, when one was involved.
+    pub fn agent(&self) -> Option<&str> {
+        match self {
+            DialError::Agent { agent, .. }
+            | DialError::AgentGone(agent)
+            | DialError::Timeout { agent, .. } => Some(agent),
+            _ => None,
         }
     }
 
@@ -196,7 +206,7 @@ impl TunnelSender {
                 .bytes
                 .with_label_values(&["to_agent"])
                 .inc_by(n);
-            self.info.to_agent.fetch_add(n, Ordering::Relaxed);
+            self.info.sent(n);
             self.link.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
             Ok(())
         } else {
@@ -233,7 +243,7 @@ impl Inbound for TunnelReceiver {
             .bytes
             .with_label_values(&["to_frontend"])
             .inc_by(n as u64);
-        self.info.to_frontend.fetch_add(n as u64, Ordering::Relaxed);
+        self.info.delivered(n as u64);
         if let Some(g) = self.inbox.written(n) {
             self.link.send(packet::window(self.connect_id, g)).await;
         }

@@ -34,6 +34,38 @@ pub struct AdminState {
     pub debug: Option<DebugFn>,
 }
 
+/// The most recent `cap` items, the oldest dropped first: the admin
+/// endpoint's event lists (refusals, dial failures), bounded whatever peers do.
+pub struct Recent<T> {
+    cap: usize,
+    items: std::sync::Mutex<std::collections::VecDeque<T>>,
+}
+
+impl<T: Clone> Recent<T> {
+    /// An empty list keeping at most `cap` items.
+    pub fn new(cap: usize) -> Self {
+        Recent {
+            cap,
+            items: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(cap)),
+        }
+    }
+
+    /// Adds an item, dropping the oldest when full.
+    pub fn push(&self, item: T) {
+        let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() == self.cap {
+            q.pop_front();
+        }
+        q.push_back(item);
+    }
+
+    /// The items, oldest first.
+    pub fn snapshot(&self) -> Vec<T> {
+        let q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        q.iter().cloned().collect()
+    }
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;

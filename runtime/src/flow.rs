@@ -224,6 +224,57 @@ pub enum Delivery {
     Stalled,
 }
 
+/// What the admin endpoint shows about one dial or connection; both sides
+/// keep one per connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// `host:port` asked for.
+    pub destination: String,
+    /// Who asked: on the server the frontend (`grpc`, `http-connect`), on the
+    /// agent the server's id.
+    pub origin: String,
+    /// When the dial began.
+    pub started: std::time::Instant,
+    /// Bytes this side sent into the tunnel.
+    pub to_tunnel: std::sync::atomic::AtomicU64,
+    /// Bytes from the tunnel delivered to this side's socket.
+    pub from_tunnel: std::sync::atomic::AtomicU64,
+}
+
+impl ConnInfo {
+    /// A new record, started now.
+    pub fn new(destination: &str, origin: &str) -> Arc<ConnInfo> {
+        Arc::new(ConnInfo {
+            destination: destination.to_string(),
+            origin: origin.to_string(),
+            started: std::time::Instant::now(),
+            to_tunnel: Default::default(),
+            from_tunnel: Default::default(),
+        })
+    }
+
+    /// Counts bytes sent into the tunnel.
+    pub fn sent(&self, n: u64) {
+        self.to_tunnel
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts bytes delivered from the tunnel.
+    pub fn delivered(&self, n: u64) {
+        self.from_tunnel
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A connection-table entry: the connection and what diagnostics show of it.
+#[derive(Debug)]
+pub struct Slot {
+    /// The connection.
+    pub conn: ConnEntry,
+    /// Its record.
+    pub info: Arc<ConnInfo>,
+}
+
 /// The shared-stream side of one tunnelled connection, kept in the stream's
 /// connection table: where its inbound chunks go, its send credit (topped up
 /// by the peer's `WINDOW` grants) and its kill switch.

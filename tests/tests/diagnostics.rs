@@ -143,3 +143,102 @@ async fn diagnostics_are_not_on_a_separate_health_port() {
     assert_eq!(status, 200, "{body}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn agent_admin_endpoint_shows_servers_connections_and_failures() {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "grpc", Listen::Uds, &[]).await;
+    let agent = Agent::start(&pki, server.agent_addr, "node-a", &[]).await;
+    server.wait_agents(1).await;
+    let (status, servers) = get(agent.health, "/debug/servers").await;
+    assert_eq!(status, 200, "{servers}");
+    assert_eq!(servers["agent_id"], "node-a");
+    let s = &servers["servers"][0];
+    assert_eq!(s["address"], server.agent_addr.to_string(), "{servers}");
+    assert_eq!(
+        s["dial_reasons"], true,
+        "typed reasons negotiated: {servers}"
+    );
+    assert_eq!(s["flow_control"], true);
+
+    let echo = dest::echo().await;
+    let ch = client::grpc_uds(&server.uds()).await;
+    let mut conn = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
+    conn.send(&b"abc"[..]).await.expect("send");
+    assert_eq!(conn.recv().await.as_deref(), Some(&b"abc"[..]));
+    let (_, conns) = get(agent.health, "/debug/connections").await;
+    let c = &conns["connections"][0];
+    assert_eq!(c["destination"], echo.to_string(), "{conns}");
+    assert_eq!(c["connect_id"], conn.connect_id);
+    assert_eq!(c["bytes_to_destination"], 3, "{conns}");
+    assert_eq!(c["bytes_to_server"], 3, "{conns}");
+    assert!(conn.close().await);
+
+    let closed = dest::closed_port().await;
+    let _ = GrpcConn::dial(&ch, &closed.to_string())
+        .await
+        .err()
+        .expect("refused");
+    let (_, events) = get(agent.health, "/debug/events").await;
+    let f = &events["dial_failures"][0];
+    assert_eq!(f["reason"], "refused", "{events}");
+    assert_eq!(f["destination"], closed.to_string());
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// One grep follows one request: the server's and the agent's log lines for
+/// a connection carry the same connectID, dial id and agent id.
+#[tokio::test]
+async fn both_logs_carry_the_connection_and_agent_ids() {
+    use tests::process::Proc;
+    init_logs();
+    let pki = Pki::new();
+    let uds = pki.path("logs.sock");
+    let mut sargs = Server::args(&pki, "grpc", Listen::Uds, &uds, &[]);
+    sargs.push("--v=4".into());
+    let server = Proc::spawn(&[], &sargs);
+    let agent_addr: SocketAddr = server
+        .log_field("proxy-server started", "agent")
+        .await
+        .parse()
+        .unwrap();
+    let mut aargs = Agent::args(&pki, agent_addr, "node-logs", &[]);
+    aargs.push("--v=4".into());
+    let agent = Proc::spawn(&[], &aargs);
+    agent.wait_log(&["connected to proxy server"], WAIT).await;
+    let http = dest::http("hello").await;
+    let ch = client::grpc_uds(std::path::Path::new(&uds)).await;
+    let mut conn = GrpcConn::dial(&ch, &http.to_string()).await.expect("dial");
+    conn.send(&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..])
+        .await
+        .expect("send");
+    let _ = conn.read_to_end().await;
+    let id = format!("\"connect_id\":{}", conn.connect_id);
+    let spans = |line: &str| -> Value {
+        let v: Value = serde_json::from_str(line).expect("json");
+        v["span"].clone()
+    };
+    let s = server
+        .wait_log(&[&id, "connection established"], WAIT)
+        .await;
+    let a = agent.wait_log(&[&id, "connected"], WAIT).await;
+    let (s, a) = (spans(&s), spans(&a));
+    assert_eq!(s["agent.id"], "node-logs", "{s}");
+    assert_eq!(a["agent.id"], "node-logs", "{a}");
+    assert_eq!(s["random"], a["random"], "the dial id differs: {s} {a}");
+    assert_eq!(s["dst.addr"], a["dst.addr"]);
+
+    // A failed dial: both sides' "dial failed" lines share the dial id.
+    let closed = dest::closed_port().await;
+    let _ = GrpcConn::dial(&ch, &closed.to_string())
+        .await
+        .err()
+        .expect("refused");
+    let dst = format!("\"dst.addr\":\"{closed}\"");
+    let s = spans(&server.wait_log(&[&dst, "dial failed"], WAIT).await);
+    let a = spans(&agent.wait_log(&[&dst, "dial failed"], WAIT).await);
+    assert_eq!(s["random"], a["random"], "{s} {a}");
+    assert_eq!(s["agent.id"], "node-logs", "{s}");
+}

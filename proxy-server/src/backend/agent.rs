@@ -20,7 +20,7 @@ use bytes::Bytes;
 use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_proto::table::{Pending, Table};
 use konnectivity_proto::{packet, DialReason, Message, Packet};
-use konnectivity_runtime::flow::{self, ConnEntry};
+use konnectivity_runtime::flow::{self, ConnInfo, Slot};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -48,35 +48,12 @@ pub(crate) struct PendingDial {
     info: Arc<ConnInfo>,
 }
 
-/// What the admin endpoint shows about one dial or connection.
-#[derive(Debug)]
-pub struct ConnInfo {
-    /// `host:port` asked for.
-    pub destination: String,
-    /// The frontend that asked (`grpc` or `http-connect`).
-    pub frontend: &'static str,
-    /// When the dial was sent to the agent.
-    pub started: Instant,
-    /// Bytes sent to the agent.
-    pub to_agent: AtomicU64,
-    /// Bytes delivered to the frontend.
-    pub to_frontend: AtomicU64,
-}
-
 /// A stream's dials and connections at one moment.
 pub struct Snapshot {
     /// Pending dials by dial id.
     pub pending: Vec<(i64, Arc<ConnInfo>)>,
     /// Connections by connectID, with the chunks queued towards the frontend.
     pub conns: Vec<(i64, Arc<ConnInfo>, usize)>,
-}
-
-/// An established connection: its queue towards the frontend, credit towards
-/// the agent, the kill switch for closing on our own (stall), and what the
-/// admin endpoint shows.
-pub(crate) struct Slot {
-    conn: ConnEntry,
-    info: Arc<ConnInfo>,
 }
 
 struct LinkState {
@@ -250,13 +227,7 @@ impl AgentLink {
     ) -> Result<oneshot::Receiver<Result<Tunnel, DialError>>, DialError> {
         let (reply, rx) = oneshot::channel();
         let started = Instant::now();
-        let info = Arc::new(ConnInfo {
-            destination: address.to_string(),
-            frontend,
-            started,
-            to_agent: AtomicU64::new(0),
-            to_frontend: AtomicU64::new(0),
-        });
+        let info = ConnInfo::new(address, frontend);
         self.state()
             .table
             .add_pending(

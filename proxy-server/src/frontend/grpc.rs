@@ -199,7 +199,7 @@ impl FrontendStream {
                     random,
                     typed_reasons: self.typed_reasons,
                 };
-                let span = tracing::info_span!("conn", dst.addr = %dial.address, random, connect_id = tracing::field::Empty);
+                let span = tracing::info_span!("conn", dst.addr = %dial.address, random, agent.id = tracing::field::Empty, connect_id = tracing::field::Empty);
                 let fut = dial.run().instrument(span);
                 tokio::spawn(fut);
             }
@@ -276,6 +276,9 @@ impl Dial {
             Err(e) => {
                 if !matches!(e, DialError::Cancelled) {
                     let reason = e.kind();
+                    if let Some(agent) = e.agent() {
+                        tracing::Span::current().record("agent.id", agent);
+                    }
                     info!(%reason, error = %e, "dial failed");
                     let typed = self.typed_reasons.then_some(reason);
                     let _ = self
@@ -290,12 +293,10 @@ impl Dial {
             }
         };
         let connect_id = tunnel.connect_id();
-        tracing::Span::current().record("connect_id", connect_id);
-        debug!(
-            connect_id,
-            agent.id = tunnel.agent_id(),
-            "connection established"
-        );
+        let span = tracing::Span::current();
+        span.record("connect_id", connect_id);
+        span.record("agent.id", tunnel.agent_id());
+        debug!("connection established");
         // Cancelled when the frontend asks to close (not a child token: the
         // stream's own `cancel` is watched separately).
         let closing = CancellationToken::new();

@@ -63,7 +63,7 @@ pub async fn serve_conn<S: ClientConn>(
         .frontend_connections
         .with_label_values(&["http-connect"]);
     gauge.inc();
-    let span = tracing::info_span!("connect", %peer, dst.addr = tracing::field::Empty, connect_id = tracing::field::Empty);
+    let span = tracing::info_span!("connect", %peer, dst.addr = tracing::field::Empty, random = tracing::field::Empty, agent.id = tracing::field::Empty, connect_id = tracing::field::Empty);
     serve_inner(sock, registry).instrument(span).await;
     gauge.dec();
 }
@@ -126,6 +126,7 @@ async fn open<S: ClientConn>(
     };
     tracing::Span::current().record("dst.addr", target.as_str());
     let random = ids::random_dial_id();
+    tracing::Span::current().record("random", random);
     let tunnel = match registry.dial(&target, random, "http-connect").await {
         Ok(t) => t,
         Err(e) => {
@@ -134,6 +135,9 @@ async fn open<S: ClientConn>(
                 _ => e.to_string(),
             };
             let reason = e.kind();
+            if let Some(agent) = e.agent() {
+                tracing::Span::current().record("agent.id", agent);
+            }
             info!(status = reason.http_status(), %reason, error = %e, "CONNECT dial failed");
             let _ = sock
                 .write_all(&connect::dial_error_response(reason, &body))
@@ -142,7 +146,9 @@ async fn open<S: ClientConn>(
             return None;
         }
     };
-    tracing::Span::current().record("connect_id", tunnel.connect_id());
+    let span = tracing::Span::current();
+    span.record("connect_id", tunnel.connect_id());
+    span.record("agent.id", tunnel.agent_id());
     if sock.write_all(connect::ESTABLISHED).await.is_err() {
         return None;
     }
