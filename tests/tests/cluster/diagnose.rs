@@ -381,4 +381,75 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
         })
         .await;
     tunnel.stop().await;
+    mtls(cluster, report, d).await;
+}
+
+/// HTTP CONNECT over mutual-TLS TCP: healthy, then a client certificate the
+/// server does not trust (refused after the handshake, as TLS 1.3 does).
+async fn mtls(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) {
+    let name = "diagnose connect-mtls";
+    println!("== {name}");
+    let tunnel = match Tunnel::start(
+        &cluster.bins,
+        cluster.dir.path(),
+        &cluster.pki,
+        Mode::ConnectTls,
+        Side::Ours,
+        Side::Ours,
+        &cluster.net.nodes,
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            println!("FAIL [{name}] tunnel start: {e:#}");
+            report.failed.push(format!("[{name}] tunnel start"));
+            return;
+        }
+    };
+    let pki = &cluster.pki;
+    let dir = cluster.dir.path().join("diagnose");
+    let config = tunnel.egress.config(pki);
+    let good = dir.join("egress-mtls.yaml");
+    let untrusted = dir.join("egress-mtls-untrusted-client.yaml");
+    let written = std::fs::write(&good, &config).and_then(|_| {
+        std::fs::write(
+            &untrusted,
+            config
+                .replace(
+                    &pki.tunnel_frontend.cert.display().to_string(),
+                    &pki.proxy_client.cert.display().to_string(),
+                )
+                .replace(
+                    &pki.tunnel_frontend.key.display().to_string(),
+                    &pki.proxy_client.key.display().to_string(),
+                ),
+        )
+    });
+    if let Err(e) = written {
+        println!("FAIL [{name}] write egress files: {e}");
+        report.failed.push(format!("[{name}] write egress files"));
+        return;
+    }
+    d.egress = good;
+    d.admin = tunnel.server_admin();
+    let limit = Duration::from_secs(60);
+    report
+        .case(name, "healthy: every hop ok, exit 0", limit, async {
+            d.run("node-2").await?.expect(None, "")
+        })
+        .await;
+    report
+        .case(
+            name,
+            "client certificate from another CA -> hop 2",
+            limit,
+            async {
+                d.run_with("node-2", &untrusted)
+                    .await?
+                    .expect(Some(("frontend", 12)), "TLS")
+            },
+        )
+        .await;
+    tunnel.stop().await;
 }
