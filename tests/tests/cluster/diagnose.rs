@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use serde_json::Value;
+use tests::cluster::tunnel::Extra;
 use tests::cluster::{Cluster, Mode, Side, Tunnel};
 use tests::process::binary;
 
@@ -381,12 +382,91 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
         })
         .await;
     tunnel.stop().await;
-    mtls(cluster, report, d).await;
+    let d = mtls(cluster, report, d).await;
+    if let Some(d) = d {
+        bad_token(cluster, report, d).await;
+    }
+}
+
+/// A server that authenticates agents by service-account token, and an agent
+/// whose token kube-apiserver does not vouch for: the refusal and its reason
+/// show at hop 3.
+async fn bad_token(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) {
+    let name = "diagnose token";
+    println!("== {name}");
+    let extra = Extra {
+        server: vec![
+            "--agent-namespace=kube-system".into(),
+            "--agent-service-account=konnectivity-agent".into(),
+            "--authentication-audience=system:konnectivity-server".into(),
+            format!("--kubeconfig={}", cluster.kubectl.kubeconfig.display()),
+        ],
+        agent: Vec::new(),
+    };
+    // No agents of the tunnel's own: the one below is refused.
+    let tunnel = match Tunnel::start_with(
+        &cluster.bins,
+        cluster.dir.path(),
+        &cluster.pki,
+        Mode::GrpcUds,
+        (Side::Ours, Side::Ours),
+        &[],
+        extra,
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            println!("FAIL [{name}] tunnel start: {e:#}");
+            report.failed.push(format!("[{name}] tunnel start"));
+            return;
+        }
+    };
+    let dir = cluster.dir.path().join("diagnose");
+    let token = dir.join("bad-token");
+    let egress = dir.join("egress-token.yaml");
+    let written = std::fs::write(&token, "not-a-token-kube-apiserver-issued\n")
+        .and_then(|_| std::fs::write(&egress, tunnel.egress.config(&cluster.pki)));
+    if let Err(e) = written {
+        println!("FAIL [{name}] write files: {e}");
+        report.failed.push(format!("[{name}] write files"));
+        return;
+    }
+    let mut agent = tunnel.extra_agent(
+        Side::Ours,
+        &cluster.pki,
+        &cluster.net.nodes[0],
+        "node-1",
+        (18093, 18094),
+        &[format!("--service-account-token-path={}", token.display())],
+    );
+    d.egress = egress;
+    d.admin = tunnel.server_admin();
+    report
+        .case(
+            name,
+            "agent with a token kube-apiserver does not vouch for -> hop 3 with the reason",
+            Duration::from_secs(60),
+            async {
+                let r = tests::poll_until(Duration::from_secs(20), "a refusal", || async {
+                    let r = d.run("node-1").await.ok()?;
+                    r.hop("server")
+                        .to_string()
+                        .contains("token_not_authenticated")
+                        .then_some(r)
+                })
+                .await?;
+                r.expect(Some(("server", 13)), "token_not_authenticated")
+            },
+        )
+        .await;
+    agent.kill().await;
+    tunnel.stop().await;
 }
 
 /// HTTP CONNECT over mutual-TLS TCP: healthy, then a client certificate the
 /// server does not trust (refused after the handshake, as TLS 1.3 does).
-async fn mtls(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) {
+async fn mtls(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) -> Option<Diagnose> {
     let name = "diagnose connect-mtls";
     println!("== {name}");
     let tunnel = match Tunnel::start(
@@ -404,7 +484,7 @@ async fn mtls(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) {
         Err(e) => {
             println!("FAIL [{name}] tunnel start: {e:#}");
             report.failed.push(format!("[{name}] tunnel start"));
-            return;
+            return None;
         }
     };
     let pki = &cluster.pki;
@@ -429,7 +509,7 @@ async fn mtls(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) {
     if let Err(e) = written {
         println!("FAIL [{name}] write egress files: {e}");
         report.failed.push(format!("[{name}] write egress files"));
-        return;
+        return None;
     }
     d.egress = good;
     d.admin = tunnel.server_admin();
@@ -452,4 +532,5 @@ async fn mtls(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) {
         )
         .await;
     tunnel.stop().await;
+    Some(d)
 }
