@@ -137,6 +137,20 @@ impl Diagnose {
     }
 }
 
+/// `kubectl logs` of the node's pod while the fault is in place: it must fail
+/// (kube-apiserver meets the same broken hop); its message is printed, the
+/// words operators see.
+async fn kubectl_fails(kubectl: &tests::cluster::Kubectl, node: &str) -> anyhow::Result<()> {
+    let out = kubectl.run(&["logs", &format!("app-{node}")]).await;
+    println!("     kubectl logs app-{node}: {}", out.stderr.trim());
+    ensure!(
+        !out.ok(),
+        "kubectl logs worked, so the fault is not on kube-apiserver's path: {}",
+        out.stdout
+    );
+    Ok(())
+}
+
 /// An nftables table in the node's namespace that drops everything sent to
 /// the kubelet port (the agent's SYNs go unanswered).
 fn drop_rule(node: &tests::cluster::NodeNet, add: bool) -> anyhow::Result<()> {
@@ -254,8 +268,10 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
             tunnel.agents[1].kill().await;
             tunnel.wait_agents_exactly(1).await?;
             let r = d.run("node-2").await;
+            let k = kubectl_fails(&cluster.kubectl, "node-2").await;
             tunnel.start_agent(1, pki, &nodes[1]);
             tunnel.wait_agents(2).await?;
+            k?;
             r?.expect(Some(("server", 13)), "no connected agent serves")
         })
         .await;
@@ -312,7 +328,9 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
                     .context("node-1")?;
                 n.stop_kubelet().await;
                 let r = d.run("node-1").await;
+                let k = kubectl_fails(&cluster.kubectl, "node-1").await;
                 n.start_kubelet(None).await?;
+                k?;
                 r?.expect(Some(("dial", 14)), "connection refused")
             },
         )
@@ -326,7 +344,9 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
             async {
                 drop_rule(&nodes[0], true)?;
                 let r = d.run("node-1").await;
+                let k = kubectl_fails(&cluster.kubectl, "node-1").await;
                 drop_rule(&nodes[0], false)?;
+                k?;
                 r?.expect(Some(("dial", 14)), "did not answer")
             },
         )
@@ -349,8 +369,10 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
                     .context("node-1")?;
                 n.start_kubelet(Some(&leaf)).await?;
                 let r = d.run("node-1").await;
+                let k = kubectl_fails(&cluster.kubectl, "node-1").await;
                 d.show("node-1").await;
                 n.start_kubelet(None).await?;
+                k?;
                 r?.expect(Some(("kubelet-tls", 15)), "not valid for the address")
             },
         )
@@ -364,7 +386,9 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
             async {
                 tunnel.server.kill().await;
                 let r = d.run("node-1").await;
+                let k = kubectl_fails(&cluster.kubectl, "node-1").await;
                 tunnel.restart_server().await?;
+                k?;
                 tunnel.wait_agents(2).await?;
                 r?.expect(Some(("frontend", 12)), "cannot reach the proxy-server")
             },
