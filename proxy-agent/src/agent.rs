@@ -131,21 +131,8 @@ impl BoundAgent {
             diagnostics::render(&s.config.agent_id, &links, &s.events, path)
                 .map(|v| Ok(v.to_string()))
         });
-        let admin_state = AdminState {
-            debug: Some(debug),
-            ..state.clone()
-        };
         let stop_all = shutdown.immediate.clone();
-        // Diagnostics only on the admin listener (loopback by default).
-        match self.admin {
-            Some(a) => {
-                tokio::spawn(admin::serve(self.health, state, stop_all.clone()));
-                tokio::spawn(admin::serve(a, admin_state, stop_all.clone()));
-            }
-            None => {
-                tokio::spawn(admin::serve(self.health, admin_state, stop_all.clone()));
-            }
-        }
+        admin::spawn(self.health, self.admin, state, debug, stop_all.clone());
         let open = s.metrics.open_endpoint_connections.clone();
         tokio::spawn(konnectivity_runtime::memory::trim_after_bursts(
             move || open.get(),

@@ -225,21 +225,7 @@ impl BoundServer {
             diagnostics::render(&debug_registry, &server_id, path, query)
                 .map(|r| r.map(|v| v.to_string()))
         });
-        let admin_state = AdminState {
-            debug: Some(debug),
-            ..state.clone()
-        };
-        // Diagnostics only on the admin listener (loopback by default); when
-        // it is the health listener, that one serves them.
-        match self.admin {
-            Some(a) => {
-                tokio::spawn(admin::serve(self.health, state, stop_all.clone()));
-                tokio::spawn(admin::serve(a, admin_state, stop_all.clone()));
-            }
-            None => {
-                tokio::spawn(admin::serve(self.health, admin_state, stop_all.clone()));
-            }
-        }
+        admin::spawn(self.health, self.admin, state, debug, stop_all.clone());
         let open = metrics.established_connections.clone();
         tokio::spawn(konnectivity_runtime::memory::trim_after_bursts(
             move || open.get(),

@@ -117,6 +117,31 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
 }
 
+/// Serves the health listener and, when separate, the admin listener until
+/// `stop`; `debug` (the `/debug/` diagnostics) only on the admin listener, or
+/// on the health listener when it is also the admin one.
+pub fn spawn(
+    health: TcpListener,
+    admin: Option<TcpListener>,
+    state: AdminState,
+    debug: DebugFn,
+    stop: CancellationToken,
+) {
+    let with_debug = AdminState {
+        debug: Some(debug),
+        ..state.clone()
+    };
+    match admin {
+        Some(a) => {
+            tokio::spawn(serve(health, state, stop.clone()));
+            tokio::spawn(serve(a, with_debug, stop));
+        }
+        None => {
+            tokio::spawn(serve(health, with_debug, stop));
+        }
+    }
+}
+
 /// Serves the endpoint on `listener` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
     loop {

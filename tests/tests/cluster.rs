@@ -88,6 +88,18 @@ struct Report {
 }
 
 impl Report {
+    /// A set-up step's value, or its failure recorded as `[setup] what`.
+    fn step<T>(&mut self, setup: &str, what: &str, r: anyhow::Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                println!("FAIL [{setup}] {what}: {e:#}");
+                self.failed.push(format!("[{setup}] {what}"));
+                None
+            }
+        }
+    }
+
     async fn case<F>(&mut self, setup: &str, name: &str, limit: Duration, f: F)
     where
         F: Future<Output = anyhow::Result<()>>,
@@ -171,7 +183,7 @@ async fn run() -> Report {
 async fn run_setup(cluster: &mut Cluster, setup: Setup, report: &mut Report) {
     let name = setup.name();
     println!("== {name}");
-    let tunnel = match Tunnel::start(
+    let started = Tunnel::start(
         &cluster.bins,
         cluster.dir.path(),
         &cluster.pki,
@@ -180,18 +192,12 @@ async fn run_setup(cluster: &mut Cluster, setup: Setup, report: &mut Report) {
         setup.agent,
         &cluster.net.nodes,
     )
-    .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            println!("FAIL [{name}] tunnel start: {e:#}");
-            report.failed.push(format!("[{name}] tunnel start"));
-            return;
-        }
+    .await;
+    let Some(tunnel) = report.step(&name, "tunnel start", started) else {
+        return;
     };
-    if let Err(e) = cluster.start_apiserver(&tunnel.egress).await {
-        println!("FAIL [{name}] kube-apiserver start: {e:#}");
-        report.failed.push(format!("[{name}] kube-apiserver start"));
+    let up = cluster.start_apiserver(&tunnel.egress).await;
+    if report.step(&name, "kube-apiserver start", up).is_none() {
         return;
     }
     let mut tunnel = tunnel;

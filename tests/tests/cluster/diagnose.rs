@@ -186,7 +186,7 @@ fn drop_rule(node: &tests::cluster::NodeNet, add: bool) -> anyhow::Result<()> {
 pub async fn run(cluster: &mut Cluster, report: &mut Report) {
     let name = "diagnose";
     println!("== {name}");
-    let tunnel = match Tunnel::start(
+    let started = Tunnel::start(
         &cluster.bins,
         cluster.dir.path(),
         &cluster.pki,
@@ -195,18 +195,12 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
         Side::Ours,
         &cluster.net.nodes,
     )
-    .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            println!("FAIL [{name}] tunnel start: {e:#}");
-            report.failed.push(format!("[{name}] tunnel start"));
-            return;
-        }
+    .await;
+    let Some(tunnel) = report.step(name, "tunnel start", started) else {
+        return;
     };
-    if let Err(e) = cluster.start_apiserver(&tunnel.egress).await {
-        println!("FAIL [{name}] kube-apiserver start: {e:#}");
-        report.failed.push(format!("[{name}] kube-apiserver start"));
+    let up = cluster.start_apiserver(&tunnel.egress).await;
+    if report.step(name, "kube-apiserver start", up).is_none() {
         return;
     }
     let mut tunnel = tunnel;
@@ -221,9 +215,14 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
             config.replace("konnectivity-server.sock", "konnectivity-server-typo.sock"),
         )
     });
-    if let Err(e) = written {
-        println!("FAIL [{name}] write egress files: {e}");
-        report.failed.push(format!("[{name}] write egress files"));
+    if report
+        .step(
+            name,
+            "write egress files",
+            written.map_err(anyhow::Error::from),
+        )
+        .is_none()
+    {
         return;
     }
     let pki = &cluster.pki;
@@ -428,7 +427,7 @@ async fn bad_token(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) 
         agent: Vec::new(),
     };
     // No agents of the tunnel's own: the one below is refused.
-    let tunnel = match Tunnel::start_with(
+    let started = Tunnel::start_with(
         &cluster.bins,
         cluster.dir.path(),
         &cluster.pki,
@@ -437,23 +436,19 @@ async fn bad_token(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) 
         &[],
         extra,
     )
-    .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            println!("FAIL [{name}] tunnel start: {e:#}");
-            report.failed.push(format!("[{name}] tunnel start"));
-            return;
-        }
+    .await;
+    let Some(tunnel) = report.step(name, "tunnel start", started) else {
+        return;
     };
     let dir = cluster.dir.path().join("diagnose");
     let token = dir.join("bad-token");
     let egress = dir.join("egress-token.yaml");
     let written = std::fs::write(&token, "not-a-token-kube-apiserver-issued\n")
         .and_then(|_| std::fs::write(&egress, tunnel.egress.config(&cluster.pki)));
-    if let Err(e) = written {
-        println!("FAIL [{name}] write files: {e}");
-        report.failed.push(format!("[{name}] write files"));
+    if report
+        .step(name, "write files", written.map_err(anyhow::Error::from))
+        .is_none()
+    {
         return;
     }
     let mut agent = tunnel.extra_agent(
@@ -493,7 +488,7 @@ async fn bad_token(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) 
 async fn mtls(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) -> Option<Diagnose> {
     let name = "diagnose connect-mtls";
     println!("== {name}");
-    let tunnel = match Tunnel::start(
+    let started = Tunnel::start(
         &cluster.bins,
         cluster.dir.path(),
         &cluster.pki,
@@ -502,15 +497,8 @@ async fn mtls(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) -> Op
         Side::Ours,
         &cluster.net.nodes,
     )
-    .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            println!("FAIL [{name}] tunnel start: {e:#}");
-            report.failed.push(format!("[{name}] tunnel start"));
-            return None;
-        }
-    };
+    .await;
+    let tunnel = report.step(name, "tunnel start", started)?;
     let pki = &cluster.pki;
     let dir = cluster.dir.path().join("diagnose");
     let config = tunnel.egress.config(pki);
@@ -530,11 +518,11 @@ async fn mtls(cluster: &mut Cluster, report: &mut Report, mut d: Diagnose) -> Op
                 ),
         )
     });
-    if let Err(e) = written {
-        println!("FAIL [{name}] write egress files: {e}");
-        report.failed.push(format!("[{name}] write egress files"));
-        return None;
-    }
+    report.step(
+        name,
+        "write egress files",
+        written.map_err(anyhow::Error::from),
+    )?;
     d.egress = good;
     d.admin = tunnel.server_admin();
     let limit = Duration::from_secs(60);

@@ -101,9 +101,10 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
             t.stop().await;
             r
         };
-        if let Err(e) = up.await {
-            println!("FAIL [{name}] kube-apiserver start: {e:#}");
-            report.failed.push(format!("[{name}] kube-apiserver start"));
+        if report
+            .step(name, "kube-apiserver start", up.await)
+            .is_none()
+        {
             return;
         }
     }
@@ -277,13 +278,9 @@ async fn claims(c: &Cluster, exp_in: i64) -> anyhow::Result<serde_json::Value> {
 async fn token_review(cluster: &mut Cluster, report: &mut Report, tok: &Tokens) {
     let name = "tokenreview server=ours";
     let dir = cluster.dir.path().to_path_buf();
-    let node_token = match write(&dir, "agent-token", &tok.good_1) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("FAIL [{name}] token file: {e:#}");
-            report.failed.push(format!("[{name}] token file"));
-            return;
-        }
+    let written = write(&dir, "agent-token", &tok.good_1);
+    let Some(node_token) = report.step(name, "token file", written) else {
+        return;
     };
     let extra = Extra {
         server: vec![
