@@ -10,6 +10,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::report::{Check, Hop, Status};
+
 /// One certificate of the kubelet's chain, as read.
 #[derive(Debug, Clone)]
 pub struct CertInfo {
@@ -322,6 +324,102 @@ where
     Handshake { chain, result }
 }
 
+/// Hop 5's verdict from the chain seen and the handshake's outcome
+/// (`verified`: a CA was given, so rustls checked the chain).
+pub fn tls_check(
+    chain: &[CertInfo],
+    outcome: Result<(), &HandshakeError>,
+    verified: bool,
+    host: &str,
+    now: SystemTime,
+) -> Check {
+    let mut c = match outcome {
+        Ok(()) if verified => Check::new(
+            Hop::KubeletTls,
+            Status::Ok,
+            "certificate verified against --kubelet-certificate-authority",
+        ),
+        Ok(()) => {
+            let problems = chain
+                .first()
+                .map(|c| c.problems(host, now))
+                .unwrap_or_default();
+            if problems.is_empty() {
+                Check::new(Hop::KubeletTls, Status::Warn, "handshake done; certificate not verified (no --kubelet-certificate-authority, as kube-apiserver then does not verify either)")
+            } else {
+                let mut c = Check::new(Hop::KubeletTls, Status::Warn, "handshake done; the certificate would fail verification, which kube-apiserver skips without --kubelet-certificate-authority");
+                for p in problems {
+                    c = c.evidence(format!("certificate {p}"));
+                }
+                c
+            }
+        }
+        Err(HandshakeError::Certificate(why)) => Check::new(Hop::KubeletTls, Status::Failed, why.clone())
+            .next("renew the kubelet's serving certificate for the address kube-apiserver dials (see hop 4), signed by --kubelet-certificate-authority"),
+        Err(HandshakeError::Other(why)) => Check::new(Hop::KubeletTls, Status::Failed, why.clone())
+            .next("is the kubelet serving TLS on that port?"),
+    };
+    for info in chain {
+        c = c.evidence(info.line());
+    }
+    c
+}
+
+/// Hop 6's verdict from the kubelet's answer (`with_client`: we presented
+/// kube-apiserver's client certificate).
+pub fn request_check(answer: Result<Answer, String>, with_client: bool, now: SystemTime) -> Check {
+    let a = match answer {
+        Ok(a) => a,
+        Err(why) => {
+            return Check::new(
+                Hop::KubeletRequest,
+                Status::Failed,
+                format!("GET /healthz: {why}"),
+            )
+        }
+    };
+    let ms = a.latency.as_millis();
+    let mut c = match a.status {
+        200..=299 => Check::new(
+            Hop::KubeletRequest,
+            Status::Ok,
+            format!("GET /healthz: {} {:?} in {ms} ms", a.status, a.body),
+        ),
+        401 | 403 if !with_client => Check::new(
+            Hop::KubeletRequest,
+            Status::Warn,
+            format!("GET /healthz: {} in {ms} ms: the kubelet answers, but wants kube-apiserver's client certificate", a.status),
+        )
+        .next("pass --kubelet-client-certificate and --kubelet-client-key (kube-apiserver's) to check its authorization too"),
+        s @ (401 | 403) => Check::new(Hop::KubeletRequest, Status::Failed, format!("GET /healthz: {s} {:?}", a.body))
+            .next("the kubelet refuses kube-apiserver's client certificate: check the kubelet's --client-ca-file and authorization"),
+        s => Check::new(Hop::KubeletRequest, Status::Failed, format!("GET /healthz: {s} {:?}", a.body))
+            .next("the kubelet answers but is not healthy: check its logs"),
+    };
+    if let Some(date) = a.date {
+        let skew = now
+            .duration_since(date)
+            .or_else(|_| date.duration_since(now))
+            .unwrap_or_default();
+        if skew > MAX_SKEW {
+            c = c.evidence(format!(
+                "clock skew: the node's clock differs from this machine's by {} s",
+                skew.as_secs()
+            ));
+            if c.status == Status::Ok {
+                c.status = Status::Warn;
+                c = c.next("certificates and tokens are judged by the clocks: run NTP on both");
+            }
+        } else {
+            c = c.evidence(format!("clocks agree within {} s", skew.as_secs()));
+        }
+    }
+    c
+}
+
+/// Clock difference reported as skew.
+const MAX_SKEW: Duration = Duration::from_secs(30);
+
 /// A kubelet's answer to `GET /healthz`.
 #[derive(Debug)]
 pub struct Answer {
@@ -422,6 +520,55 @@ mod tests {
             "2026-12-01T10:00:00Z"
         );
         assert!(parse_http_date("yesterday").is_none());
+    }
+
+    fn answer(status: u16, date: Option<SystemTime>) -> Result<Answer, String> {
+        Ok(Answer {
+            status,
+            body: "ok".into(),
+            date,
+            latency: Duration::from_millis(3),
+        })
+    }
+
+    #[test]
+    fn request_verdicts() {
+        let now = SystemTime::now();
+        assert_eq!(request_check(answer(200, Some(now)), true, now).status, Status::Ok);
+        assert_eq!(request_check(answer(401, None), false, now).status, Status::Warn);
+        assert_eq!(request_check(answer(403, None), true, now).status, Status::Failed);
+        assert_eq!(request_check(answer(500, None), true, now).status, Status::Failed);
+        let skewed = request_check(answer(200, Some(now - Duration::from_secs(600))), true, now);
+        assert_eq!(skewed.status, Status::Warn);
+        assert!(skewed.evidence[0].contains("600 s"), "{:?}", skewed.evidence);
+        let gone = request_check(Err("no answer within 1s".into()), true, now);
+        assert_eq!((gone.hop, gone.status), (Hop::KubeletRequest, Status::Failed));
+    }
+
+    #[test]
+    fn tls_verdicts() {
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86400);
+        let expired = CertInfo {
+            subject: "CN=node".into(),
+            issuer: "CN=ca".into(),
+            not_before: now - day * 2,
+            not_after: now - day,
+            sans: vec!["10.0.0.5".into()],
+        };
+        let chain = [expired];
+        assert_eq!(tls_check(&chain, Ok(()), true, "10.0.0.5", now).status, Status::Ok);
+        let unverified = tls_check(&chain, Ok(()), false, "10.0.0.5", now);
+        assert_eq!(unverified.status, Status::Warn);
+        assert!(unverified.evidence[0].contains("expired"), "{:?}", unverified.evidence);
+        let refused = HandshakeError::Certificate("the kubelet's serving certificate has expired".into());
+        let c = tls_check(&chain, Err(&refused), true, "10.0.0.5", now);
+        assert_eq!(c.status, Status::Failed);
+        assert!(c.evidence[0].contains("CN=node"), "{:?}", c.evidence);
+        let other = HandshakeError::Other("not TLS".into());
+        assert_eq!(tls_check(&[], Err(&other), true, "h", now).status, Status::Failed);
+        assert!(certificate_words(&CertificateError::NotValidYet).contains("clock"));
+        assert!(certificate_words(&CertificateError::UnknownIssuer).contains("kubelet-certificate-authority"));
     }
 
     #[test]

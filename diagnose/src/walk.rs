@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use konnectivity_client::{DialReason, Error, Frontend, Mode, Stage, Transport};
 
 use crate::egress::{self, Egress, Where};
-use crate::kubelet::{self, HandshakeError, KubeletTls};
+use crate::kubelet::{self, KubeletTls};
 use crate::report::{Check, Hop, Report, Status};
 use crate::server::{self, ServerView};
 
@@ -389,107 +389,23 @@ pub async fn run(plan: Plan) -> Report {
     let t = Instant::now();
     let hs = kubelet::handshake(tunnel, &plan.host, &plan.kubelet_tls, left(deadline)).await;
     let verified = plan.kubelet_tls.roots.is_some();
-    let mut tls = match hs.result {
-        Ok(s) => {
-            let now = SystemTime::now();
-            let problems = hs
-                .chain
-                .first()
-                .map(|c| c.problems(&plan.host, now))
-                .unwrap_or_default();
-            let mut c = if verified {
-                Check::new(
-                    Hop::KubeletTls,
-                    Status::Ok,
-                    "certificate verified against --kubelet-certificate-authority",
-                )
-            } else if problems.is_empty() {
-                Check::new(Hop::KubeletTls, Status::Warn, "handshake done; certificate not verified (no --kubelet-certificate-authority, as kube-apiserver then does not verify either)")
-            } else {
-                let mut c = Check::new(Hop::KubeletTls, Status::Warn, "handshake done; the certificate would fail verification, which kube-apiserver skips without --kubelet-certificate-authority");
-                for p in problems {
-                    c = c.evidence(format!("certificate {p}"));
-                }
-                c
-            };
-            for info in &hs.chain {
-                c = c.evidence(info.line());
-            }
-            push!(c, t);
-            s
-        }
-        Err(HandshakeError::Certificate(why)) => {
-            let mut c = Check::new(Hop::KubeletTls, Status::Failed, why);
-            for info in &hs.chain {
-                c = c.evidence(info.line());
-            }
-            c = c.next("renew the kubelet's serving certificate for the address kube-apiserver dials (see hop 4), signed by --kubelet-certificate-authority");
-            stop!(c, t);
-        }
-        Err(HandshakeError::Other(why)) => {
-            stop!(
-                Check::new(Hop::KubeletTls, Status::Failed, why)
-                    .next("is the kubelet serving TLS on that port?"),
-                t
-            );
-        }
+    let verdict = kubelet::tls_check(
+        &hs.chain,
+        hs.result.as_ref().map(drop),
+        verified,
+        &plan.host,
+        SystemTime::now(),
+    );
+    let Ok(mut tls) = hs.result else {
+        stop!(verdict, t);
     };
+    push!(verdict, t);
 
     // 6. The request.
     let t = Instant::now();
     let answer = kubelet::healthz(&mut tls, &plan.host, left(deadline)).await;
     let with_client = plan.kubelet_tls.client.is_some();
-    let c = match answer {
-        Ok(a) => {
-            let mut c = match a.status {
-                200..=299 => Check::new(
-                    Hop::KubeletRequest,
-                    Status::Ok,
-                    format!("GET /healthz: {} {:?} in {} ms", a.status, a.body, a.latency.as_millis()),
-                ),
-                401 | 403 if !with_client => Check::new(
-                    Hop::KubeletRequest,
-                    Status::Warn,
-                    format!("GET /healthz: {} in {} ms: the kubelet answers, but wants kube-apiserver's client certificate", a.status, a.latency.as_millis()),
-                )
-                .next("pass --kubelet-client-certificate and --kubelet-client-key (kube-apiserver's) to check its authorization too"),
-                s => Check::new(
-                    Hop::KubeletRequest,
-                    Status::Failed,
-                    format!("GET /healthz: {s} {:?}", a.body),
-                )
-                .next(if s == 401 || s == 403 {
-                    "the kubelet refuses kube-apiserver's client certificate: check the kubelet's --client-ca-file and authorization"
-                } else {
-                    "the kubelet answers but is not healthy: check its logs"
-                }),
-            };
-            if let Some(date) = a.date {
-                let now = SystemTime::now();
-                let skew = now
-                    .duration_since(date)
-                    .or_else(|_| date.duration_since(now))
-                    .unwrap_or_default();
-                if skew > Duration::from_secs(30) {
-                    c = c.evidence(format!(
-                        "clock skew: the node's clock differs from this machine's by {} s",
-                        skew.as_secs()
-                    ));
-                    if c.status == Status::Ok {
-                        c.status = Status::Warn;
-                    }
-                } else {
-                    c = c.evidence(format!("clocks agree within {} s", skew.as_secs()));
-                }
-            }
-            c
-        }
-        Err(why) => Check::new(
-            Hop::KubeletRequest,
-            Status::Failed,
-            format!("GET /healthz: {why}"),
-        ),
-    };
+    let c = kubelet::request_check(answer, with_client, SystemTime::now());
     push!(c, t);
     report.took = started.elapsed();
     report

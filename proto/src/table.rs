@@ -7,7 +7,7 @@
 //! [`Table::establish`]), so a dial can never be answered twice. Both maps are
 //! bounded; a full table refuses new dials instead of growing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Why the table refused an operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,6 +149,55 @@ impl<P, C> Table<P, C> {
     }
 }
 
+/// Connection ids closed recently, so late packets for them are dropped
+/// quietly instead of answered as unknown. Bounded: the oldest id leaves when
+/// a new one comes in at the cap, whatever a peer sends; lookups are O(1).
+#[derive(Debug)]
+pub struct RecentlyClosed {
+    order: VecDeque<i64>,
+    set: HashSet<i64>,
+    cap: usize,
+}
+
+impl RecentlyClosed {
+    /// An empty set holding at most `cap` ids.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            order: VecDeque::with_capacity(cap),
+            set: HashSet::with_capacity(cap),
+            cap,
+        }
+    }
+
+    /// Remembers `id`, forgetting the oldest at the cap.
+    pub fn insert(&mut self, id: i64) {
+        if self.cap == 0 || !self.set.insert(id) {
+            return;
+        }
+        if self.order.len() == self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.order.push_back(id);
+    }
+
+    /// Was `id` closed recently?
+    pub fn contains(&self, id: i64) -> bool {
+        self.set.contains(&id)
+    }
+
+    /// How many ids are remembered.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// None remembered?
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +255,16 @@ mod tests {
         assert_eq!(pending.len(), 1);
         assert_eq!(conns, vec![(9, 9)]);
         assert_eq!(t.pending_len() + t.conns_len(), 0);
+    }
+
+    #[test]
+    fn recently_closed_stays_bounded() {
+        let mut r = RecentlyClosed::new(3);
+        for id in 1..=100 {
+            r.insert(id);
+            r.insert(id); // a repeat does not take a second slot
+        }
+        assert_eq!(r.len(), 3);
+        assert!(r.contains(100) && r.contains(98) && !r.contains(97));
     }
 }

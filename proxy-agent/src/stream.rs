@@ -17,7 +17,7 @@ use futures::StreamExt;
 use konnectivity_proto::grpc::{self, Incoming};
 use konnectivity_proto::ids::ConnectIds;
 use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
-use konnectivity_proto::table::{Pending, Table, TableError};
+use konnectivity_proto::table::{Pending, RecentlyClosed, Table, TableError};
 use konnectivity_proto::{packet, DialReason, Message, Packet};
 use konnectivity_runtime::flow::{self, ConnInbox, ConnInfo, Credit, Inbound, Slot};
 use tokio::net::TcpStream;
@@ -264,7 +264,7 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
         state: Mutex::new(State {
             table: Table::new(cfg.max_pending, cfg.max_conns),
             ids: ConnectIds::new(),
-            recent: VecDeque::with_capacity(RECENT),
+            recent: RecentlyClosed::new(RECENT),
         }),
         closed: CancellationToken::new(),
         settings: s.clone(),
@@ -280,7 +280,7 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
 struct State {
     table: Table<CancellationToken, Slot>,
     ids: ConnectIds,
-    recent: VecDeque<i64>,
+    recent: RecentlyClosed,
 }
 
 /// The agent's state for one server stream.
@@ -380,10 +380,7 @@ impl ServerLink {
             let mut st = self.state();
             let c = st.table.remove_conn(connect_id);
             if c.is_some() {
-                if st.recent.len() == RECENT {
-                    st.recent.pop_front();
-                }
-                st.recent.push_back(connect_id);
+                st.recent.insert(connect_id);
             }
             c
         };
@@ -516,7 +513,7 @@ impl ServerLink {
             let st = self.state();
             match st.table.conn(connect_id) {
                 Some(c) => Some(c.conn.clone()),
-                None if st.recent.contains(&connect_id) => return,
+                None if st.recent.contains(connect_id) => return,
                 None => None,
             }
         };

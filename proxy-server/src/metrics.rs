@@ -35,6 +35,9 @@ pub struct Metrics {
     pub agent_refused: IntCounterVec,
     /// Malformed packets received, by side.
     pub bad_packets: IntCounterVec,
+    /// Control packets (`CLOSE_REQ`, `DIAL_CLS`) dropped because an agent
+    /// left its queue full past the overflow bound.
+    pub control_dropped: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -83,6 +86,11 @@ impl Metrics {
                 &["direction"],
             )
             .expect("valid"),
+            control_dropped: IntCounter::with_opts(opts(
+                "dropped_control_packets_total",
+                "CLOSE_REQ/DIAL_CLS packets dropped because the agent's queue stayed full past the overflow bound",
+            ))
+            .expect("valid"),
             stalled_closed: IntCounter::with_opts(opts(
                 "stalled_connections_closed_total",
                 "Connections closed because their reader stalled past --stall-timeout",
@@ -123,6 +131,7 @@ impl Metrics {
             Box::new(m.unknown_packets.clone()),
             Box::new(m.agent_refused.clone()),
             Box::new(m.bad_packets.clone()),
+            Box::new(m.control_dropped.clone()),
         ];
         for c in collectors {
             registry.register(c).expect("metric names are unique");

@@ -50,6 +50,57 @@ pub async fn http(body: &'static str) -> SocketAddr {
     addr
 }
 
+/// An HTTPS server on `l` (certificate and key from PEM files) answering
+/// every request with 200 and `body`, as a stand-in kubelet.
+pub fn https_on(
+    l: TcpListener,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    body: &'static str,
+) -> anyhow::Result<()> {
+    let files = konnectivity_runtime::tls::ServerTlsFiles {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        client_ca: None,
+    };
+    let cfg = konnectivity_runtime::tls::server_config(&files, &[b"http/1.1"])?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// A stand-in kubelet on 127.0.0.1:0: HTTPS with the PKI's server
+/// certificate (valid for 127.0.0.1), answering `ok`.
+pub async fn https(pki: &crate::pki::Pki) -> SocketAddr {
+    let l = listen().await;
+    let addr = l.local_addr().expect("addr");
+    https_on(l, &pki.server.cert, &pki.server.key, "ok").expect("test TLS server");
+    addr
+}
+
 /// Echoes every byte back until EOF.
 pub async fn echo() -> SocketAddr {
     let l = listen().await;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use konnectivity_proto::metadata::AgentIdentifiers;
-use konnectivity_proto::table::{Pending, Table};
+use konnectivity_proto::table::{Pending, RecentlyClosed, Table};
 use konnectivity_proto::{packet, DialReason, Message, Packet};
 use konnectivity_runtime::flow::{self, ConnInfo, Slot};
 use tokio::sync::{mpsc, oneshot};
@@ -59,10 +59,19 @@ pub struct Snapshot {
 struct LinkState {
     table: Table<PendingDial, Slot>,
     /// Connections closed recently; late DATA for them is dropped quietly.
-    recent: VecDeque<i64>,
+    recent: RecentlyClosed,
 }
 
 const RECENT: usize = 256;
+/// Control packets that may wait for room towards one agent.
+pub const LATER_MAX: usize = 4096;
+
+/// Control packets waiting for room, and whether a task is flushing them.
+#[derive(Default)]
+struct Later {
+    packets: VecDeque<Packet>,
+    flushing: bool,
+}
 /// Capacity of the packet queue towards the agent, shared by its connections.
 pub const OUT_QUEUE: usize = 256;
 
@@ -90,6 +99,7 @@ pub struct AgentLink {
     draining: AtomicBool,
     load: AtomicUsize,
     out: mpsc::Sender<Packet>,
+    later: Mutex<Later>,
     state: Mutex<LinkState>,
     /// Cancelled when the stream has ended.
     pub closed: CancellationToken,
@@ -121,9 +131,10 @@ impl AgentLink {
             draining: AtomicBool::new(false),
             load: AtomicUsize::new(0),
             out,
+            later: Mutex::default(),
             state: Mutex::new(LinkState {
                 table: Table::new(settings.max_pending, settings.max_conns),
-                recent: VecDeque::with_capacity(RECENT),
+                recent: RecentlyClosed::new(RECENT),
             }),
             closed: CancellationToken::new(),
             settings,
@@ -199,22 +210,64 @@ impl AgentLink {
         }
     }
 
-    /// Queues a control packet from a context that cannot wait (a `Drop`).
-    pub fn send_later(&self, p: Packet) {
-        match self.out.try_send(p) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(p)) => {
-                let out = self.out.clone();
-                let closed = self.closed.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = out.send(p) => {}
-                        _ = closed.cancelled() => {}
-                    }
-                });
+    /// Queues a control packet (`CLOSE_REQ`, `DIAL_CLS`) from a context that
+    /// cannot wait (a `Drop`). When the queue towards the agent is full the
+    /// packet waits in a bounded overflow list that one task at a time
+    /// flushes, in order; past [`LATER_MAX`] packets the agent has not read
+    /// for a long while and further ones are dropped (counted, and the
+    /// stream's end cleans up everything anyway).
+    pub fn send_later(self: &Arc<Self>, p: Packet) {
+        let p = match self.out.try_send(p) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(p)) => p,
+        };
+        let start = {
+            let mut later = self.later.lock().unwrap_or_else(|e| e.into_inner());
+            if later.packets.len() >= LATER_MAX {
+                drop(later);
+                self.settings.metrics.control_dropped.inc();
+                warn!(
+                    agent.id = %self.agent_id,
+                    waiting = LATER_MAX,
+                    "control packet dropped: the agent has not read its queue for a long while"
+                );
+                return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            later.packets.push_back(p);
+            !std::mem::replace(&mut later.flushing, true)
+        };
+        if start {
+            let link = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    let next = {
+                        let mut later = link.later.lock().unwrap_or_else(|e| e.into_inner());
+                        let next = later.packets.pop_front();
+                        if next.is_none() {
+                            later.flushing = false;
+                        }
+                        next
+                    };
+                    let Some(p) = next else { return };
+                    if !link.send(p).await {
+                        let mut later = link.later.lock().unwrap_or_else(|e| e.into_inner());
+                        later.packets.clear();
+                        later.flushing = false;
+                        return;
+                    }
+                }
+            });
         }
+    }
+
+    /// Control packets waiting for room in the queue towards the agent.
+    pub fn waiting_control_packets(&self) -> usize {
+        self.later
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .packets
+            .len()
     }
 
     /// Registers a dial and sends `DIAL_REQ`. The receiver yields the tunnel or
@@ -259,7 +312,7 @@ impl AgentLink {
 
     /// The frontend gave up on a dial: forget it and tell the agent
     /// (`DIAL_CLS`) so it can abort the dial.
-    pub fn abandon_dial(&self, random: i64) {
+    pub fn abandon_dial(self: &Arc<Self>, random: i64) {
         if self.take_pending(random).is_some() {
             self.send_later(packet::close_dial(random));
         }
@@ -267,15 +320,12 @@ impl AgentLink {
 
     /// Removes a connection. With `tell_agent`, sends `CLOSE_REQ`. Returns
     /// whether it was still open.
-    pub fn remove_conn(&self, connect_id: i64, tell_agent: bool) -> bool {
+    pub fn remove_conn(self: &Arc<Self>, connect_id: i64, tell_agent: bool) -> bool {
         let slot = {
             let mut st = self.state();
             let slot = st.table.remove_conn(connect_id);
             if slot.is_some() {
-                if st.recent.len() == RECENT {
-                    st.recent.pop_front();
-                }
-                st.recent.push_back(connect_id);
+                st.recent.insert(connect_id);
             }
             slot
         };
@@ -483,7 +533,7 @@ impl AgentLink {
             let st = self.state();
             match st.table.conn(connect_id) {
                 Some(s) => Some(s.conn.clone()),
-                None if st.recent.contains(&connect_id) => return,
+                None if st.recent.contains(connect_id) => return,
                 None => None,
             }
         };
@@ -491,7 +541,7 @@ impl AgentLink {
             self.unknown("DATA", connect_id);
             // Tell the agent so it stops sending for a connection we do not have.
             self.send(packet::close_request(connect_id)).await;
-            self.state().recent.push_back(connect_id);
+            self.state().recent.insert(connect_id);
             return;
         };
         let stall = self.settings.stall_timeout;
@@ -504,5 +554,72 @@ impl AgentLink {
             self.settings.metrics.stalled_closed.inc();
             self.remove_conn(connect_id, true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(queue: usize) -> (Arc<AgentLink>, mpsc::Receiver<Packet>) {
+        let (tx, rx) = mpsc::channel(queue);
+        let settings = LinkSettings {
+            metrics: Metrics::new(),
+            stall_timeout: Duration::from_secs(5),
+            max_pending: 16,
+            max_conns: 16,
+        };
+        let l = AgentLink::new(
+            1,
+            "a".into(),
+            AgentIdentifiers::default(),
+            true,
+            "peer".into(),
+            tx,
+            settings,
+        );
+        (Arc::new(l), rx)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn control_packets_for_an_agent_that_does_not_read_stay_bounded_and_in_order() {
+        let (l, mut rx) = link(1);
+        let n = LATER_MAX + 100;
+        for id in 1..=n as i64 {
+            l.send_later(packet::close_request(id));
+        }
+        // One in the queue, LATER_MAX waiting, the rest dropped and counted;
+        // one flusher task, not one per packet.
+        assert_eq!(l.waiting_control_packets(), LATER_MAX);
+        assert_eq!(l.metrics().control_dropped.get(), 99);
+        // The agent reads again: everything kept arrives, in order.
+        let mut got = Vec::new();
+        while got.len() < LATER_MAX + 1 {
+            match rx.recv().await.map(Message::from_packet) {
+                Some(Ok(Message::CloseRequest { connect_id })) => got.push(connect_id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, (1..=(LATER_MAX as i64 + 1)).collect::<Vec<_>>());
+        assert_eq!(l.waiting_control_packets(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flood_of_data_for_unknown_ids_does_not_grow_the_link() {
+        let (l, mut rx) = link(16);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        for id in 1..=10_000 {
+            l.on_data(id, Bytes::from_static(b"x")).await;
+        }
+        assert_eq!(l.state().recent.len(), RECENT);
+        assert_eq!(
+            l.metrics()
+                .unknown_packets
+                .with_label_values(&["DATA"])
+                .get(),
+            10_000
+        );
+        drop(l);
+        drain.abort();
     }
 }

@@ -181,7 +181,7 @@ impl AgentRegistry {
     ) -> Result<Tunnel, DialError> {
         let link = self.pick(address).ok_or(DialError::NoAgent)?;
         let rx = link.begin_dial(address, random, frontend).await?;
-        struct Abandon<'a>(&'a AgentLink, i64, bool);
+        struct Abandon<'a>(&'a Arc<AgentLink>, i64, bool);
         impl Drop for Abandon<'_> {
             fn drop(&mut self) {
                 if self.2 {
