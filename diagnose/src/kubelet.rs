@@ -534,15 +534,34 @@ mod tests {
     #[test]
     fn request_verdicts() {
         let now = SystemTime::now();
-        assert_eq!(request_check(answer(200, Some(now)), true, now).status, Status::Ok);
-        assert_eq!(request_check(answer(401, None), false, now).status, Status::Warn);
-        assert_eq!(request_check(answer(403, None), true, now).status, Status::Failed);
-        assert_eq!(request_check(answer(500, None), true, now).status, Status::Failed);
+        assert_eq!(
+            request_check(answer(200, Some(now)), true, now).status,
+            Status::Ok
+        );
+        assert_eq!(
+            request_check(answer(401, None), false, now).status,
+            Status::Warn
+        );
+        assert_eq!(
+            request_check(answer(403, None), true, now).status,
+            Status::Failed
+        );
+        assert_eq!(
+            request_check(answer(500, None), true, now).status,
+            Status::Failed
+        );
         let skewed = request_check(answer(200, Some(now - Duration::from_secs(600))), true, now);
         assert_eq!(skewed.status, Status::Warn);
-        assert!(skewed.evidence[0].contains("600 s"), "{:?}", skewed.evidence);
+        assert!(
+            skewed.evidence[0].contains("600 s"),
+            "{:?}",
+            skewed.evidence
+        );
         let gone = request_check(Err("no answer within 1s".into()), true, now);
-        assert_eq!((gone.hop, gone.status), (Hop::KubeletRequest, Status::Failed));
+        assert_eq!(
+            (gone.hop, gone.status),
+            (Hop::KubeletRequest, Status::Failed)
+        );
     }
 
     #[test]
@@ -557,18 +576,30 @@ mod tests {
             sans: vec!["10.0.0.5".into()],
         };
         let chain = [expired];
-        assert_eq!(tls_check(&chain, Ok(()), true, "10.0.0.5", now).status, Status::Ok);
+        assert_eq!(
+            tls_check(&chain, Ok(()), true, "10.0.0.5", now).status,
+            Status::Ok
+        );
         let unverified = tls_check(&chain, Ok(()), false, "10.0.0.5", now);
         assert_eq!(unverified.status, Status::Warn);
-        assert!(unverified.evidence[0].contains("expired"), "{:?}", unverified.evidence);
-        let refused = HandshakeError::Certificate("the kubelet's serving certificate has expired".into());
+        assert!(
+            unverified.evidence[0].contains("expired"),
+            "{:?}",
+            unverified.evidence
+        );
+        let refused =
+            HandshakeError::Certificate("the kubelet's serving certificate has expired".into());
         let c = tls_check(&chain, Err(&refused), true, "10.0.0.5", now);
         assert_eq!(c.status, Status::Failed);
         assert!(c.evidence[0].contains("CN=node"), "{:?}", c.evidence);
         let other = HandshakeError::Other("not TLS".into());
-        assert_eq!(tls_check(&[], Err(&other), true, "h", now).status, Status::Failed);
+        assert_eq!(
+            tls_check(&[], Err(&other), true, "h", now).status,
+            Status::Failed
+        );
         assert!(certificate_words(&CertificateError::NotValidYet).contains("clock"));
-        assert!(certificate_words(&CertificateError::UnknownIssuer).contains("kubelet-certificate-authority"));
+        assert!(certificate_words(&CertificateError::UnknownIssuer)
+            .contains("kubelet-certificate-authority"));
     }
 
     #[test]

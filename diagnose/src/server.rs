@@ -10,10 +10,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::report::{Check, Hop, Status};
 
-/// An agent silent for longer than this is taken as unresponsive (our
-/// server sends heartbeats every 2 s and agents answer; reference agents
-/// without flow control only send when they have traffic, so this is a
-/// warning for them).
+/// An agent silent for longer than this is taken as unresponsive: our server
+/// sends a heartbeat every 2 s and our agent answers each (`window-v1`).
+/// Agents without flow control (the reference's) send only with traffic, so
+/// their silence is not judged.
 pub const SILENT: Duration = Duration::from_secs(10);
 
 /// `GET path` on the admin endpoint: status and body.

@@ -26,8 +26,10 @@ pub const FEATURE_FLOW_CONTROL: &str = "window-v1";
 /// by our server.
 pub const FEATURE_DIAL_REASON: &str = "dial-reason-v1";
 
-/// With `window-v1`, the server sends a heartbeat (`WINDOW{0,0}`) this often;
-/// the agent takes [`HEARTBEAT_MISSES`] missed beats as a dead stream. This
+/// With `window-v1`, the server sends a heartbeat (`WINDOW{0,0}`) this often
+/// and the agent answers each with one; the agent takes [`HEARTBEAT_MISSES`]
+/// missed beats as a dead stream, and the server's diagnostics call an agent
+/// silent for much longer than this dead. This
 /// detects a dead path in seconds without HTTP/2 pings, which reference
 /// servers refuse more often than every 30 s.
 pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);

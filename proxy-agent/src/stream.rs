@@ -8,7 +8,6 @@
 //! queue holds up this stream for at most `--stall-timeout`, after which only
 //! that connection is closed.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -498,6 +497,11 @@ impl ServerLink {
                     if let Some(c) = credit {
                         c.grant(bytes);
                     }
+                } else if bytes == 0 {
+                    // The server's heartbeat: answered, so the server can
+                    // tell an idle agent from a dead stream (its admin
+                    // endpoint's `last_packet_seconds_ago`).
+                    self.send(packet::window(0, 0)).await;
                 }
             }
             Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),

@@ -23,7 +23,11 @@ async fn diagnose(args: &[String]) -> (i32, Value, String) {
     let code = out.status.code().unwrap_or(-1);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-    (code, json, format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+    (
+        code,
+        json,
+        format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 fn flags(uds: &Path, mode: &str, admin: std::net::SocketAddr, target: &str) -> Vec<String> {
@@ -43,7 +47,10 @@ async fn a_frontend_speaking_the_other_mode_is_hop_2() {
         let (server, agent) = pair(&pki, server_mode, &[], &[]).await;
         let (code, json, text) =
             diagnose(&flags(&server.uds(), client_mode, server.health, &target)).await;
-        assert_eq!(code, 12, "{server_mode} server, {client_mode} client: {text}");
+        assert_eq!(
+            code, 12,
+            "{server_mode} server, {client_mode} client: {text}"
+        );
         assert_eq!(json["failed_hop"], "frontend", "{text}");
         let hop2 = json["hops"]
             .as_array()
@@ -66,7 +73,10 @@ async fn a_tls_destination_passes_the_dial_and_tls_hops_and_json_matches_the_exi
     let kubelet = dest::https(&pki).await;
     let (server, agent) = pair(&pki, "grpc", &[], &[]).await;
     let mut args = flags(&server.uds(), "grpc", server.health, &kubelet.to_string());
-    args.push(format!("--kubelet-certificate-authority={}", pki.ca.display()));
+    args.push(format!(
+        "--kubelet-certificate-authority={}",
+        pki.ca.display()
+    ));
     let (code, json, text) = diagnose(&args).await;
     assert_eq!(code, 0, "{text}");
     assert_eq!(json["exit_code"], 0);
@@ -75,9 +85,18 @@ async fn a_tls_destination_passes_the_dial_and_tls_hops_and_json_matches_the_exi
         .as_array()
         .expect("hops")
         .iter()
-        .map(|h| (h["name"].as_str().unwrap().to_string(), h["status"].as_str().unwrap().to_string()))
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().to_string(),
+                h["status"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
-    for (hop, want) in [("dial", "ok"), ("kubelet-tls", "ok"), ("kubelet-request", "ok")] {
+    for (hop, want) in [
+        ("dial", "ok"),
+        ("kubelet-tls", "ok"),
+        ("kubelet-request", "ok"),
+    ] {
         assert!(
             statuses.contains(&(hop.to_string(), want.to_string())),
             "{hop} not {want}: {statuses:?}"

@@ -48,6 +48,17 @@ async fn admin_endpoint_shows_agents_connections_routes_and_failures() {
     assert_eq!(a["identifiers"]["host"][0], "node-a", "{agents}");
     assert_eq!(a["draining"], false);
     assert_eq!(a["flow_control"], true);
+    // Idle, the agent still answers the server's heartbeats: its last
+    // packet is newer than its stream.
+    tests::poll_until(WAIT, "a heartbeat answer", || async {
+        let (_, agents) = get(server.health, "/debug/agents").await;
+        let a = &agents["agents"][0];
+        let age = a["age_seconds"].as_f64()?;
+        let silent = a["last_packet_seconds_ago"].as_f64()?;
+        (age - silent > 1.0).then_some(())
+    })
+    .await
+    .expect("the idle agent answers heartbeats");
 
     // The route: by destHost to node-a; nothing for an unknown host.
     let (_, route) = get(server.health, "/debug/route?address=127.0.0.1:10250").await;

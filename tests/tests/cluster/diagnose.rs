@@ -251,6 +251,18 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
     report
         .case(
             name,
+            "still healthy after the agents idled past the silence limit (they answer heartbeats)",
+            limit,
+            async {
+                tokio::time::sleep(Duration::from_secs(12)).await;
+                d.run("node-2").await?.expect(None, "")
+            },
+        )
+        .await;
+
+    report
+        .case(
+            name,
             "wrong socket path in the egress configuration -> hop 1",
             limit,
             async {
