@@ -225,76 +225,69 @@ fn certificate_words(e: &CertificateError) -> String {
     }
 }
 
+/// kube-apiserver's client configuration towards kubelets, with a verifier
+/// that records the chain presented into `seen`.
+fn client_config(
+    tls: &KubeletTls,
+    seen: Arc<Mutex<Vec<CertificateDer<'static>>>>,
+) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let inner = match &tls.roots {
+        Some(roots) => Some(
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots.clone()),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| format!("--kubelet-certificate-authority is unusable: {e}"))?
+                as Arc<dyn ServerCertVerifier>,
+        ),
+        None => None,
+    };
+    let verifier = Arc::new(Recorder {
+        seen,
+        inner,
+        provider: provider.clone(),
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match &tls.client {
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs.clone(), key.clone_key())
+            .map_err(|e| format!("--kubelet-client-certificate/key: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The name the kubelet's certificate must carry: its address, or its host name.
+fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(ServerName::IpAddress(ip.into())),
+        Err(_) => ServerName::try_from(host.to_string()).map_err(|e| format!("{host:?}: {e}")),
+    }
+}
+
 /// TLS to `host` over `io`, within `limit`.
 pub async fn handshake<S>(io: S, host: &str, tls: &KubeletTls, limit: Duration) -> Handshake<S>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let inner = match &tls.roots {
-        Some(roots) => match rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots.clone()),
-            provider.clone(),
-        )
-        .build()
-        {
-            Ok(v) => Some(v as Arc<dyn ServerCertVerifier>),
-            Err(e) => {
+    let (config, name) =
+        match client_config(tls, seen.clone()).and_then(|c| Ok((c, server_name(host)?))) {
+            Ok(v) => v,
+            Err(why) => {
                 return Handshake {
                     chain: Vec::new(),
-                    result: Err(HandshakeError::Other(format!(
-                        "--kubelet-certificate-authority is unusable: {e}"
-                    ))),
+                    result: Err(HandshakeError::Other(why)),
                 }
             }
-        },
-        None => None,
-    };
-    let verifier = Arc::new(Recorder {
-        seen: seen.clone(),
-        inner,
-        provider: provider.clone(),
-    });
-    let builder = match rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-    {
-        Ok(b) => b.dangerous().with_custom_certificate_verifier(verifier),
-        Err(e) => {
-            return Handshake {
-                chain: Vec::new(),
-                result: Err(HandshakeError::Other(e.to_string())),
-            }
-        }
-    };
-    let config = match &tls.client {
-        Some((certs, key)) => match builder.with_client_auth_cert(certs.clone(), key.clone_key()) {
-            Ok(c) => c,
-            Err(e) => {
-                return Handshake {
-                    chain: Vec::new(),
-                    result: Err(HandshakeError::Other(format!(
-                        "--kubelet-client-certificate/key: {e}"
-                    ))),
-                }
-            }
-        },
-        None => builder.with_no_client_auth(),
-    };
-    let mut config = config;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => ServerName::IpAddress(ip.into()),
-        Err(_) => match ServerName::try_from(host.to_string()) {
-            Ok(n) => n,
-            Err(e) => {
-                return Handshake {
-                    chain: Vec::new(),
-                    result: Err(HandshakeError::Other(format!("{host:?}: {e}"))),
-                }
-            }
-        },
-    };
+        };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let result = match tokio::time::timeout(limit, connector.connect(name, io)).await {
         Ok(Ok(s)) => Ok(s),
