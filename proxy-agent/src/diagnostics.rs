@@ -69,9 +69,9 @@ fn server_json(l: &ServerLink) -> Value {
     json!({
         "server_id": l.server_id,
         "address": l.addr,
-        "connected_at": humantime::format_rfc3339_seconds(l.connected_at).to_string(),
-        "age_seconds": l.age().as_secs_f64(),
-        "last_packet_seconds_ago": l.since_last_packet().as_secs_f64(),
+        "connected_at": humantime::format_rfc3339_seconds(l.liveness.connected_at).to_string(),
+        "age_seconds": l.liveness.age().as_secs_f64(),
+        "last_packet_seconds_ago": l.liveness.since_last().as_secs_f64(),
         "flow_control": l.flow,
         "dial_reasons": l.dial_reason,
         "pending_dials": pending,

@@ -18,7 +18,7 @@ use konnectivity_proto::ids::ConnectIds;
 use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
 use konnectivity_proto::table::{Pending, RecentlyClosed, Table, TableError};
 use konnectivity_proto::{packet, DialReason, Message, Packet};
-use konnectivity_runtime::flow::{self, ConnInbox, ConnInfo, Credit, Inbound, Slot};
+use konnectivity_runtime::flow::{self, ConnInbox, ConnInfo, Credit, Inbound, Liveness, Slot};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -256,9 +256,7 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
         flow,
         dial_reason,
         addr: addr.clone(),
-        connected_at: std::time::SystemTime::now(),
-        started: Instant::now(),
-        last_packet_ms: Default::default(),
+        liveness: Liveness::default(),
         out: out_tx,
         state: Mutex::new(State {
             table: Table::new(cfg.max_pending, cfg.max_conns),
@@ -292,11 +290,8 @@ pub struct ServerLink {
     pub dial_reason: bool,
     /// The address the stream was opened to.
     pub addr: String,
-    /// When the stream opened.
-    pub connected_at: std::time::SystemTime,
-    started: Instant,
-    /// Milliseconds after `started` of the last packet from the server.
-    last_packet_ms: std::sync::atomic::AtomicU64,
+    /// When the stream opened and when the server last sent a packet.
+    pub liveness: Liveness,
     out: mpsc::Sender<Packet>,
     state: Mutex<State>,
     /// Cancelled when the stream has ended.
@@ -330,20 +325,6 @@ impl ServerLink {
     pub fn busy(&self) -> usize {
         let st = self.state();
         st.table.conns_len() + st.table.pending_len()
-    }
-
-    /// How long since the last packet from the server.
-    pub fn since_last_packet(&self) -> Duration {
-        let at = Duration::from_millis(
-            self.last_packet_ms
-                .load(std::sync::atomic::Ordering::Relaxed),
-        );
-        self.started.elapsed().saturating_sub(at)
-    }
-
-    /// How long the stream has been up.
-    pub fn age(&self) -> Duration {
-        self.started.elapsed()
     }
 
     /// Pending dials, and each connection with its record and the chunks
@@ -411,9 +392,7 @@ impl ServerLink {
                 _ = stop.cancelled() => break,
             };
             last_rx = Instant::now();
-            let ms = self.started.elapsed().as_millis() as u64;
-            self.last_packet_ms
-                .store(ms, std::sync::atomic::Ordering::Relaxed);
+            self.liveness.seen();
             match next {
                 Some(Ok(p)) => match Message::from_packet(p) {
                     Ok(m) => self.dispatch(m).await,

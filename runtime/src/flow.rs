@@ -266,6 +266,50 @@ impl ConnInfo {
     }
 }
 
+/// When a shared stream opened and when its peer last sent a packet (the
+/// admin endpoint's `age_seconds` and `last_packet_seconds_ago`); one store
+/// per packet.
+#[derive(Debug)]
+pub struct Liveness {
+    /// When the stream opened (wall clock, for display).
+    pub connected_at: std::time::SystemTime,
+    started: std::time::Instant,
+    /// Milliseconds after `started` of the last packet.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            connected_at: std::time::SystemTime::now(),
+            started: std::time::Instant::now(),
+            last_ms: Default::default(),
+        }
+    }
+}
+
+impl Liveness {
+    /// Notes that a packet arrived now.
+    pub fn seen(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the last packet (or since the stream opened, if none
+    /// came yet).
+    pub fn since_last(&self) -> std::time::Duration {
+        let at = std::time::Duration::from_millis(
+            self.last_ms.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.started.elapsed().saturating_sub(at)
+    }
+
+    /// How long the stream has been up.
+    pub fn age(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+}
+
 /// A connection-table entry: the connection and what diagnostics show of it.
 #[derive(Debug)]
 pub struct Slot {

@@ -14,13 +14,13 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_proto::table::{Pending, RecentlyClosed, Table};
 use konnectivity_proto::{packet, DialReason, Message, Packet};
-use konnectivity_runtime::flow::{self, ConnInfo, Slot};
+use konnectivity_runtime::flow::{self, ConnInfo, Liveness, Slot};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -87,11 +87,8 @@ pub struct AgentLink {
     pub flow: bool,
     /// The agent's address.
     pub peer: String,
-    /// When the stream was accepted.
-    pub connected_at: SystemTime,
-    started: Instant,
-    /// Milliseconds after `started` of the last packet from the agent.
-    last_packet_ms: AtomicU64,
+    /// When the stream was accepted and when the agent last sent a packet.
+    pub liveness: Liveness,
     /// Bytes of DATA from the agent.
     pub bytes_from_agent: AtomicU64,
     /// Bytes of DATA to the agent.
@@ -123,9 +120,7 @@ impl AgentLink {
             identifiers,
             flow,
             peer,
-            connected_at: SystemTime::now(),
-            started: Instant::now(),
-            last_packet_ms: AtomicU64::new(0),
+            liveness: Liveness::default(),
             bytes_from_agent: AtomicU64::new(0),
             bytes_to_agent: AtomicU64::new(0),
             draining: AtomicBool::new(false),
@@ -160,23 +155,10 @@ impl AgentLink {
         self.load.load(Ordering::Relaxed)
     }
 
-    /// How long since the last packet from the agent (or since the stream
-    /// opened, if none came yet).
-    pub fn since_last_packet(&self) -> Duration {
-        let at = Duration::from_millis(self.last_packet_ms.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(at)
-    }
-
     /// Notes that a packet arrived, and reads it.
     fn seen(&self, p: Packet) -> Result<Message, konnectivity_proto::PacketError> {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_packet_ms.store(ms, Ordering::Relaxed);
+        self.liveness.seen();
         Message::from_packet(p)
-    }
-
-    /// How long the stream has been up.
-    pub fn age(&self) -> Duration {
-        self.started.elapsed()
     }
 
     /// Packets waiting in the queue towards the agent.
