@@ -156,11 +156,6 @@ impl Tunnel {
     pub fn connect_id(&self) -> i64 {
         self.tx.connect_id
     }
-
-    /// The agent's id.
-    pub fn agent_id(&self) -> &str {
-        &self.tx.link.agent_id
-    }
 }
 
 /// Sends a connection's bytes to the agent, within the agent's credit.

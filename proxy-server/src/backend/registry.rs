@@ -180,6 +180,9 @@ impl AgentRegistry {
         frontend: &'static str,
     ) -> Result<Tunnel, DialError> {
         let link = self.pick(address).ok_or(DialError::NoAgent)?;
+        // The frontend's connection span declares `agent.id`: every line of
+        // this dial and its connection names the agent, success or not.
+        tracing::Span::current().record("agent.id", link.agent_id.as_str());
         let rx = link.begin_dial(address, random, frontend).await?;
         struct Abandon<'a>(&'a Arc<AgentLink>, i64, bool);
         impl Drop for Abandon<'_> {

@@ -276,9 +276,6 @@ impl Dial {
             Err(e) => {
                 if !matches!(e, DialError::Cancelled) {
                     let reason = e.kind();
-                    if let Some(agent) = e.agent() {
-                        tracing::Span::current().record("agent.id", agent);
-                    }
                     info!(%reason, error = %e, "dial failed");
                     let typed = self.typed_reasons.then_some(reason);
                     let _ = self
@@ -293,9 +290,7 @@ impl Dial {
             }
         };
         let connect_id = tunnel.connect_id();
-        let span = tracing::Span::current();
-        span.record("connect_id", connect_id);
-        span.record("agent.id", tunnel.agent_id());
+        tracing::Span::current().record("connect_id", connect_id);
         debug!("connection established");
         // Cancelled when the frontend asks to close (not a child token: the
         // stream's own `cancel` is watched separately).

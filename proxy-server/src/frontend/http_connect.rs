@@ -135,9 +135,6 @@ async fn open<S: ClientConn>(
                 _ => e.to_string(),
             };
             let reason = e.kind();
-            if let Some(agent) = e.agent() {
-                tracing::Span::current().record("agent.id", agent);
-            }
             info!(status = reason.http_status(), %reason, error = %e, "CONNECT dial failed");
             let _ = sock
                 .write_all(&connect::dial_error_response(reason, &body))
@@ -146,9 +143,7 @@ async fn open<S: ClientConn>(
             return None;
         }
     };
-    let span = tracing::Span::current();
-    span.record("connect_id", tunnel.connect_id());
-    span.record("agent.id", tunnel.agent_id());
+    tracing::Span::current().record("connect_id", tunnel.connect_id());
     if sock.write_all(connect::ESTABLISHED).await.is_err() {
         return None;
     }
