@@ -61,6 +61,11 @@ pub const COPY_OUT_BELOW: usize = 16 * 1024;
 /// read fits one frame and is decoded in place; peers that keep sending 16 KiB
 /// frames (grpc-go does) still work, with one copy per large packet.
 pub const MAX_FRAME: u32 = 256 * 1024;
+/// Largest decoded header list our HTTP/2 listeners accept
+/// (`SETTINGS_MAX_HEADER_LIST_SIZE`: name, value and 32 octets per field),
+/// instead of h2's 16 MiB. Konnectivity requests carry well under 1 KiB of
+/// headers; an agent's token a few KiB.
+pub const MAX_HEADER_LIST: usize = 64 * 1024;
 /// Ready small packets are joined into one body chunk up to this size.
 const JOIN_UP_TO: usize = 16 * 1024;
 

@@ -9,10 +9,13 @@
 //!   established connection -> closed) both binaries key their state with.
 //! - [`grpc`]: `Packet` streams straight on HTTP/2 bodies (no codec copies),
 //!   served through tonic's router and opened on tonic's `Channel`.
+//! - [`authority`]: the `:authority` rewriter for gRPC on the Unix socket (HTTP/2
+//!   frames and HPACK, bounded).
 //! - [`connect`]: the HTTP CONNECT request parser and the dial-error -> status map.
 //! - [`reason`]: why a dial failed, typed ([`DialReason`]), read from a peer's text or
 //!   carried on the wire between our own peers.
 
+pub mod authority;
 pub mod connect;
 pub mod grpc;
 pub mod ids;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use konnectivity_kube::lease;
 use konnectivity_kube::token_review::TokenReviewer;
-use konnectivity_proto::grpc::{GrpcService, MAX_FRAME};
+use konnectivity_proto::grpc::{GrpcService, MAX_FRAME, MAX_HEADER_LIST};
 use konnectivity_runtime::admin::{self, AdminState};
 use konnectivity_runtime::shutdown::Shutdown;
 use konnectivity_runtime::tls;
@@ -264,6 +264,7 @@ impl BoundServer {
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONN_WINDOW))
             .max_frame_size(Some(MAX_FRAME))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST as u32))
             .http2_keepalive_interval(Some(cfg.keepalive_time))
             .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
             .add_service(GrpcService::new(endpoint, MAX_MESSAGE))
@@ -287,6 +288,7 @@ impl BoundServer {
                     .initial_stream_window_size(Some(STREAM_WINDOW))
                     .initial_connection_window_size(Some(CONN_WINDOW))
                     .max_frame_size(Some(MAX_FRAME))
+                    .http2_max_header_list_size(Some(MAX_HEADER_LIST as u32))
                     .http2_keepalive_interval(Some(cfg.frontend_keepalive_time))
                     // A reusable tunnel (konnectivity-client v0.37) carries
                     // every dial as a stream of one connection; when a burst

@@ -5,5 +5,4 @@
 
 pub mod authority;
 pub mod grpc;
-mod hpack_raw;
 pub mod http_connect;
