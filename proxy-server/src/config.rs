@@ -36,6 +36,11 @@ pub struct Args {
     /// Remove a stale file at --uds-name before listening (upstream default: true).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub delete_existing_uds_file: bool,
+    /// Permissions of the --uds-name socket, in octal. Whoever can write to
+    /// the socket can open connections into every node, so the default lets
+    /// only the server's own user (and root) connect.
+    #[arg(long, default_value = "0600")]
+    pub uds_mode: String,
     /// Frontend TCP port (mutual TLS), used when --uds-name is empty.
     #[arg(long, default_value_t = 8090)]
     pub server_port: u16,
@@ -200,6 +205,8 @@ pub enum FrontendListen {
         path: PathBuf,
         /// Remove an existing file first.
         delete_existing: bool,
+        /// File permissions of the socket.
+        mode: u32,
     },
     /// TCP with mandatory client certificates.
     Tcp {
@@ -336,9 +343,19 @@ impl Config {
             m => bail!("--mode={m}: want grpc or http-connect"),
         };
         let frontend = if !a.uds_name.is_empty() {
+            let mode = u32::from_str_radix(a.uds_mode.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .with_context(|| {
+                    format!(
+                        "--uds-mode={}: want octal permissions such as 0600 or 0660",
+                        a.uds_mode
+                    )
+                })?;
             FrontendListen::Unix {
                 path: PathBuf::from(&a.uds_name),
                 delete_existing: a.delete_existing_uds_file,
+                mode,
             }
         } else {
             let (Some(cert), Some(key), Some(ca)) = (
@@ -527,5 +544,25 @@ mod tests {
             .is_none());
         let e = config(&["--enable-lease-controller", "--lease-label=novalue"]).unwrap_err();
         assert!(e.to_string().contains("--lease-label"), "{e}");
+    }
+
+    #[test]
+    fn uds_mode_is_octal_permissions_defaulting_to_owner_only() {
+        let mode = |c: Config| match c.frontend {
+            FrontendListen::Unix { mode, .. } => mode,
+            FrontendListen::Tcp { .. } => panic!("not a Unix frontend"),
+        };
+        assert_eq!(mode(config(&[]).unwrap()), 0o600);
+        assert_eq!(mode(config(&["--uds-mode=0660"]).unwrap()), 0o660);
+        assert_eq!(mode(config(&["--uds-mode=666"]).unwrap()), 0o666);
+        for bad in [
+            "--uds-mode=0800",
+            "--uds-mode=rw",
+            "--uds-mode=01777",
+            "--uds-mode=",
+        ] {
+            let e = config(&[bad]).unwrap_err().to_string();
+            assert!(e.contains("--uds-mode"), "{bad}: {e}");
+        }
     }
 }

@@ -98,6 +98,32 @@ async fn tcp(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("bind {what} listener on {addr}"))
 }
 
+/// Binds a Unix socket at `path` with permissions `mode`, never visible with
+/// others: it is bound under a temporary name beside `path`, given its mode,
+/// then renamed into place (so no client can connect while the umask's mode
+/// applies).
+fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "the file exists (--delete-existing-uds-file=false)",
+        ));
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(l)
+}
+
 /// Binds every listener of `config`. Fails before anything is served.
 pub async fn bind(config: Config) -> anyhow::Result<BoundServer> {
     let agent_tls = tls::server_config(&config.agent_tls, &[b"h2"]).context("agent TLS")?;
@@ -105,12 +131,13 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundServer> {
         FrontendListen::Unix {
             path,
             delete_existing,
+            mode,
         } => {
             if *delete_existing && path.exists() {
                 std::fs::remove_file(path)
                     .with_context(|| format!("remove existing socket {}", path.display()))?;
             }
-            let l = UnixListener::bind(path)
+            let l = bind_unix(path, *mode)
                 .with_context(|| format!("bind frontend Unix socket {}", path.display()))?;
             FrontendListener::Unix(l, path.clone())
         }

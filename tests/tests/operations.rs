@@ -319,3 +319,80 @@ async fn text_logs_to_a_pipe_carry_no_colour_codes_and_agents_retry_apart() {
         "two agents retried with identical delays"
     );
 }
+
+/// The frontend socket is made `0600` unless `--uds-mode` says otherwise, and
+/// that is what another user meets: refused at `0600`, served at `0666`.
+#[tokio::test]
+async fn frontend_socket_permissions_keep_other_users_out() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    // A directory anyone may enter, so only the socket's own mode decides.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let start = |name: &str, extra: &[String]| {
+        let uds = dir.path().join(name).display().to_string();
+        Server::start_args(Server::args(&pki, "http-connect", Listen::Uds, &uds, extra))
+    };
+    let closed = start("default.sock", &[]).await;
+    let open = start("open.sock", &["--uds-mode=0666".to_string()]).await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&closed.uds()), 0o600);
+    assert_eq!(mode(&open.uds()), 0o666);
+    // No temporary name is left beside them.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        })
+        .unwrap_or_default();
+    let tools = ["setpriv", "curl"].iter().all(|t| {
+        std::process::Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if uid != "0" || !tools {
+        eprintln!(
+            "skipping the other-user half: needs root, setpriv and curl (uid {uid}, tools {tools})"
+        );
+        return;
+    }
+    // As user nobody: a plain GET, which the CONNECT frontend answers 405.
+    let as_nobody = |path: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                ])
+                .args(["-w", "%{http_code}", "--max-time", "5", "--unix-socket"])
+                .arg(path)
+                .arg("http://localhost/")
+                .output()
+                .unwrap()
+        })
+    };
+    let refused = as_nobody(closed.uds()).await.unwrap();
+    assert_eq!(
+        refused.status.code(),
+        Some(7),
+        "curl exit 7 (could not connect) at 0600: {refused:?}"
+    );
+    let served = as_nobody(open.uds()).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&served.stdout), "405", "{served:?}");
+    closed.stop().await;
+    open.stop().await;
+}
