@@ -204,6 +204,13 @@ pub fn dial_failed(e: &Error, view: &ServerView, target: &str) -> Check {
                 DialReason::Exhausted => Check::new(Hop::Dial, Status::Failed, "the agent or server is out of resources")
                     .evidence(format!("{message} ({how})"))
                     .next("check open file limits and --max-connections on the agent"),
+                DialReason::Forbidden => {
+                    // The text says whose list refused it.
+                    let hop = if message.contains("on the server") { Hop::Server } else { Hop::Dial };
+                    Check::new(hop, Status::Failed, format!("{target} is outside the allowed destinations"))
+                        .evidence(format!("{message} ({how})"))
+                        .next("add the node's address and kubelet port to --allowed-destinations (or --agent-allowed-destinations on the server)")
+                }
                 DialReason::Other => Check::new(Hop::Dial, Status::Failed, format!("the dial of {target} failed"))
                     .evidence(format!("{message} ({how})")),
             }

@@ -12,6 +12,7 @@
 //! - [`authority`]: the `:authority` rewriter for gRPC on the Unix socket (HTTP/2
 //!   frames and HPACK, bounded).
 //! - [`connect`]: the HTTP CONNECT request parser and the dial-error -> status map.
+//! - [`policy`]: `--allowed-destinations`, the address ranges and ports a dial may reach.
 //! - [`reason`]: why a dial failed, typed ([`DialReason`]), read from a peer's text or
 //!   carried on the wire between our own peers.
 
@@ -21,6 +22,7 @@ pub mod grpc;
 pub mod ids;
 pub mod metadata;
 pub mod packet;
+pub mod policy;
 pub mod reason;
 pub mod table;
 

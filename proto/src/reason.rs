@@ -27,6 +27,9 @@ pub enum DialReason {
     AgentUnresponsive,
     /// The agent's stream ended while the dial was pending.
     AgentLost,
+    /// The destination is outside `--allowed-destinations` (the agent's,
+    /// or the server's for that agent).
+    Forbidden,
     /// Anything else.
     Other,
 }
@@ -42,7 +45,7 @@ pub enum Side {
 
 impl DialReason {
     /// Every reason, for tables and tests.
-    pub const ALL: [DialReason; 9] = [
+    pub const ALL: [DialReason; 10] = [
         DialReason::Refused,
         DialReason::Timeout,
         DialReason::NoRoute,
@@ -51,6 +54,7 @@ impl DialReason {
         DialReason::NoAgent,
         DialReason::AgentUnresponsive,
         DialReason::AgentLost,
+        DialReason::Forbidden,
         DialReason::Other,
     ];
 
@@ -64,6 +68,8 @@ impl DialReason {
             DialReason::AgentUnresponsive
         } else if e.contains("went away while dialing") {
             DialReason::AgentLost
+        } else if e.contains("not allowed by --allowed-destinations") {
+            DialReason::Forbidden
         } else if e.contains("connection refused") {
             DialReason::Refused
         } else if e.contains("timeout")
@@ -94,6 +100,7 @@ impl DialReason {
             DialReason::NoAgent => 7,
             DialReason::AgentUnresponsive => 8,
             DialReason::AgentLost => 9,
+            DialReason::Forbidden => 10,
         }
     }
 
@@ -110,6 +117,7 @@ impl DialReason {
             7 => Some(DialReason::NoAgent),
             8 => Some(DialReason::AgentUnresponsive),
             9 => Some(DialReason::AgentLost),
+            10 => Some(DialReason::Forbidden),
             _ => Some(DialReason::Other),
         }
     }
@@ -125,6 +133,7 @@ impl DialReason {
             DialReason::NoAgent => "no_agent",
             DialReason::AgentUnresponsive => "agent_unresponsive",
             DialReason::AgentLost => "agent_lost",
+            DialReason::Forbidden => "forbidden",
             DialReason::Other => "other",
         }
     }
@@ -143,6 +152,7 @@ impl DialReason {
             DialReason::Timeout | DialReason::AgentUnresponsive => 504,
             DialReason::Exhausted => 503,
             DialReason::NoAgent => 500,
+            DialReason::Forbidden => 403,
             DialReason::Refused
             | DialReason::NoRoute
             | DialReason::Dns

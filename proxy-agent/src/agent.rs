@@ -109,6 +109,7 @@ impl BoundAgent {
             health = %self.health_addr(),
             admin = ?self.admin.as_ref().and_then(|a| a.local_addr().ok()),
             identifiers = %cfg.identifiers.encode(),
+            allowed_destinations = %cfg.allowed,
             "proxy-agent started"
         );
         let links: Links = Arc::default();

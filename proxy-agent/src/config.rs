@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use konnectivity_proto::metadata::AgentIdentifiers;
+use konnectivity_proto::policy::Destinations;
 use konnectivity_runtime::addr::listen_addr;
 use konnectivity_runtime::flag::go_bool;
 use konnectivity_runtime::{duration, logging, tls};
@@ -82,6 +83,11 @@ pub struct Args {
     /// How long a destination dial may take.
     #[arg(long, default_value = "5s", value_parser = duration::parse)]
     pub dial_timeout: Duration,
+    /// Address ranges and ports this agent may dial, comma-separated
+    /// (`10.0.0.0/8:10250,[fd00::/8]:10250,*:443`); names are resolved first
+    /// and only allowed addresses are tried. Empty: any destination.
+    #[arg(long, default_value = "")]
+    pub allowed_destinations: String,
     /// Pending dials allowed per server stream.
     #[arg(long, default_value_t = 1024)]
     pub max_pending_dials: usize,
@@ -201,6 +207,8 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     /// Destination dial timeout.
     pub dial_timeout: Duration,
+    /// Where dials may go (`--allowed-destinations`).
+    pub allowed: Destinations,
     /// Pending dials per stream.
     pub max_pending: usize,
     /// Connections per stream.
@@ -336,6 +344,8 @@ impl Config {
             keepalive_time: a.keepalive_time.max(MIN_PING_INTERVAL),
             keepalive_timeout: a.keepalive_timeout,
             dial_timeout: a.dial_timeout,
+            allowed: Destinations::parse(&a.allowed_destinations)
+                .context("--allowed-destinations")?,
             max_pending: a.max_pending_dials,
             max_conns: a.max_connections,
             stall_timeout: a.stall_timeout,

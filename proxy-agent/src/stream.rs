@@ -16,6 +16,7 @@ use futures::StreamExt;
 use konnectivity_proto::grpc::{self, Incoming};
 use konnectivity_proto::ids::ConnectIds;
 use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
+use konnectivity_proto::policy::Destinations;
 use konnectivity_proto::table::{Pending, RecentlyClosed, Table, TableError};
 use konnectivity_proto::{packet, DialReason, Message, Packet};
 use konnectivity_runtime::flow::{self, ConnInbox, ConnInfo, Credit, Inbound, Liveness, Slot};
@@ -527,7 +528,7 @@ impl ServerLink {
         let result = tokio::select! {
             // Boxed: the connect state (resolver included) is freed once the
             // dial is done instead of sizing the long-lived relay task.
-            r = Box::pin(tokio::time::timeout(cfg.dial_timeout, TcpStream::connect(address.as_str()))) => r,
+            r = Box::pin(tokio::time::timeout(cfg.dial_timeout, connect(&address, &cfg.allowed))) => r,
             _ = cancel.cancelled() => {
                 self.take_pending(random);
                 debug!("dial aborted");
@@ -541,7 +542,16 @@ impl ServerLink {
         };
         let tcp = match result {
             Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
+            Ok(Err(Dial::Forbidden)) => {
+                let text = format!(
+                    "dial tcp {address}: not allowed by --allowed-destinations on the agent ({})",
+                    cfg.allowed
+                );
+                self.dial_failed(&address, random, DialReason::Forbidden, text)
+                    .await;
+                return;
+            }
+            Ok(Err(Dial::Io(e))) => {
                 let (reason, text) = dial_error_text(&address, &e);
                 self.dial_failed(&address, random, reason, text).await;
                 return;
@@ -585,11 +595,11 @@ impl ServerLink {
     /// Answers a failed dial: counted, logged, and its reason typed for a
     /// server that speaks `dial-reason-v1`.
     async fn dial_failed(&self, address: &str, random: i64, reason: DialReason, text: String) {
-        // The reference's label values.
-        let label = if reason == DialReason::Timeout {
-            "timeout"
-        } else {
-            "unknown"
+        // The reference's label values, and ours for a policy refusal.
+        let label = match reason {
+            DialReason::Timeout => "timeout",
+            DialReason::Forbidden => "forbidden",
+            _ => "unknown",
         };
         self.metrics()
             .endpoint_dial_failures
@@ -672,6 +682,30 @@ impl Inbound for ConnInbound {
             self.link.send(packet::window(self.connect_id, g)).await;
         }
     }
+}
+
+/// Why [`connect`] did not connect.
+enum Dial {
+    /// No address of the destination is allowed.
+    Forbidden,
+    Io(std::io::Error),
+}
+
+/// Connects to `address` (`host:port`), trying only the addresses `allowed`
+/// lets through, in the resolver's order; the last error if none answers.
+async fn connect(address: &str, allowed: &Destinations) -> Result<TcpStream, Dial> {
+    if allowed.allows_all() {
+        return TcpStream::connect(address).await.map_err(Dial::Io);
+    }
+    let addrs = tokio::net::lookup_host(address).await.map_err(Dial::Io)?;
+    let mut last = None;
+    for a in addrs.filter(|a| allowed.allows(*a)) {
+        match TcpStream::connect(a).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map(Dial::Io).unwrap_or(Dial::Forbidden))
 }
 
 /// The dial error as the reference agent words it (Go's net errors), so that

@@ -10,11 +10,13 @@ use std::time::Duration;
 use clap::Parser;
 use konnectivity_kube::lease;
 use konnectivity_kube::token_review::Expected;
+use konnectivity_proto::policy::Destinations;
 use konnectivity_runtime::addr::listen_addr;
 use konnectivity_runtime::flag::go_bool;
 use konnectivity_runtime::{duration, logging, tls};
 
 use crate::backend::auth::TokenFile;
+use crate::backend::registry::DestinationPolicy;
 use crate::backend::strategy::Strategy;
 
 /// Flags of `proxy-server`.
@@ -92,6 +94,15 @@ pub struct Args {
     /// Ordered agent selection strategies: default, destHost, defaultRoute.
     #[arg(long, default_value = "default")]
     pub proxy_strategies: String,
+    /// Address ranges and ports dials may reach through any agent,
+    /// comma-separated (`10.0.0.0/8:10250,*:443`). Checked on the address as
+    /// the frontend gave it: a name only matches `*` entries. Empty: any.
+    #[arg(long, default_value = "")]
+    pub allowed_destinations: String,
+    /// `AGENT_ID=LIST`: the allowed destinations for one agent, instead of
+    /// --allowed-destinations. Repeatable.
+    #[arg(long)]
+    pub agent_allowed_destinations: Vec<String>,
     /// HTTP/2 ping interval towards agents (dead-agent detection).
     #[arg(long, default_value = "10s", value_parser = duration::parse)]
     pub keepalive_time: Duration,
@@ -238,6 +249,8 @@ pub struct Config {
     pub server_count: u32,
     /// Agent selection.
     pub strategies: Vec<Strategy>,
+    /// Where dials may go, per agent.
+    pub policy: DestinationPolicy,
     /// Ping interval towards agents.
     pub keepalive_time: Duration,
     /// Ping answer timeout.
@@ -390,6 +403,21 @@ impl Config {
         if a.server_count == 0 {
             bail!("--server-count must be at least 1");
         }
+        let mut policy = DestinationPolicy {
+            default: Destinations::parse(&a.allowed_destinations)
+                .context("--allowed-destinations")?,
+            per_agent: Default::default(),
+        };
+        for entry in &a.agent_allowed_destinations {
+            let Some((id, list)) = entry.split_once('=').filter(|(id, _)| !id.is_empty()) else {
+                bail!("--agent-allowed-destinations={entry}: want AGENT_ID=LIST");
+            };
+            let list = Destinations::parse(list)
+                .with_context(|| format!("--agent-allowed-destinations for agent {id}"))?;
+            if policy.per_agent.insert(id.to_string(), list).is_some() {
+                bail!("--agent-allowed-destinations: agent {id} given twice");
+            }
+        }
         let tokens = match opt_path(&a.agent_tokens_file) {
             Some(p) => {
                 let t = TokenFile::new(p);
@@ -418,6 +446,7 @@ impl Config {
             server_id,
             server_count: a.server_count,
             strategies,
+            policy,
             keepalive_time: a.keepalive_time,
             keepalive_timeout: a.keepalive_timeout,
             frontend_keepalive_time: a.frontend_keepalive_time,

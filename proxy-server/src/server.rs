@@ -210,11 +210,10 @@ impl BoundServer {
             admin = ?self.admin.as_ref().and_then(|a| a.local_addr().ok()),
             "proxy-server started"
         );
-        let registry = Arc::new(AgentRegistry::new(
-            cfg.strategies.clone(),
-            cfg.dial_timeout,
-            metrics.clone(),
-        ));
+        let registry = Arc::new(
+            AgentRegistry::new(cfg.strategies.clone(), cfg.dial_timeout, metrics.clone())
+                .with_policy(cfg.policy.clone()),
+        );
         let stop_all = shutdown.immediate.clone();
 
         // The server Lease lives until the first signal: draining servers

@@ -52,6 +52,17 @@ pub enum DialError {
     /// The agent stream's limits were reached.
     #[error("agent stream refused the dial: {0}")]
     Refused(TableError),
+    /// The server's `--allowed-destinations` for this agent refuse the
+    /// destination; no `DIAL_REQ` was sent.
+    #[error("dial tcp {address}: not allowed by --allowed-destinations on the server for agent {agent} ({policy})")]
+    Forbidden {
+        /// The agent the dial would have gone to.
+        agent: String,
+        /// The destination.
+        address: String,
+        /// The list that applies to the agent.
+        policy: String,
+    },
     /// The frontend cancelled the dial.
     #[error("dial cancelled by frontend")]
     Cancelled,
@@ -67,6 +78,7 @@ impl DialError {
             DialError::AgentGone(_) => DialReason::AgentLost,
             DialError::Timeout { .. } => DialReason::AgentUnresponsive,
             DialError::Refused(_) => DialReason::Exhausted,
+            DialError::Forbidden { .. } => DialReason::Forbidden,
             DialError::DialClosed | DialError::Cancelled => DialReason::Other,
         }
     }
@@ -76,7 +88,8 @@ impl DialError {
         match self {
             DialError::Agent { agent, .. }
             | DialError::AgentGone(agent)
-            | DialError::Timeout { agent, .. } => Some(agent),
+            | DialError::Timeout { agent, .. }
+            | DialError::Forbidden { agent, .. } => Some(agent),
             _ => None,
         }
     }
@@ -91,6 +104,7 @@ impl DialError {
             DialError::DialClosed => "backend_close",
             DialError::Refused(_) => "too_many",
             DialError::Cancelled => "frontend_close",
+            DialError::Forbidden { .. } => "forbidden",
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The connected agent streams, and choosing one for a dial.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use konnectivity_proto::metadata::dest_host;
+use konnectivity_proto::policy::Destinations;
 use tracing::{debug, info};
 
 use super::agent::AgentLink;
@@ -21,6 +23,24 @@ pub struct AgentRegistry {
     dial_timeout: Duration,
     metrics: Metrics,
     events: Events,
+    policy: DestinationPolicy,
+}
+
+/// The server's `--allowed-destinations` (for every agent) and
+/// `--agent-allowed-destinations` (for one agent id, instead of the former).
+#[derive(Debug, Clone, Default)]
+pub struct DestinationPolicy {
+    /// For agents without their own list.
+    pub default: Destinations,
+    /// By agent id.
+    pub per_agent: HashMap<String, Destinations>,
+}
+
+impl DestinationPolicy {
+    /// The list that applies to `agent_id`.
+    pub fn for_agent(&self, agent_id: &str) -> &Destinations {
+        self.per_agent.get(agent_id).unwrap_or(&self.default)
+    }
 }
 
 /// A stream chosen for a dial.
@@ -41,7 +61,14 @@ impl AgentRegistry {
             dial_timeout,
             metrics,
             events: Events::default(),
+            policy: DestinationPolicy::default(),
         }
+    }
+
+    /// Restricts where dials may go, per agent.
+    pub fn with_policy(mut self, policy: DestinationPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Adds a stream.
@@ -183,6 +210,14 @@ impl AgentRegistry {
         // The frontend's connection span declares `agent.id`: every line of
         // this dial and its connection names the agent, success or not.
         tracing::Span::current().record("agent.id", link.agent_id.as_str());
+        let allowed = self.policy.for_agent(&link.agent_id);
+        if !allowed.allows_target(address) {
+            return Err(DialError::Forbidden {
+                agent: link.agent_id.clone(),
+                address: address.to_string(),
+                policy: allowed.to_string(),
+            });
+        }
         let rx = link.begin_dial(address, random, frontend).await?;
         struct Abandon<'a>(&'a Arc<AgentLink>, i64, bool);
         impl Drop for Abandon<'_> {
