@@ -48,23 +48,24 @@ impl Destinations {
 
     /// Parses a comma-separated list (see the module docs); empty allows all.
     pub fn parse(s: &str) -> Result<Self, PolicyError> {
-        let mut rules = Vec::new();
-        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            rules.push(parse_rule(entry).map_err(|why| PolicyError {
-                entry: entry.to_string(),
-                why,
-            })?);
-        }
-        let text = if rules.is_empty() {
-            String::new()
-        } else {
-            s.split(',')
-                .map(str::trim)
-                .filter(|e| !e.is_empty())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        Ok(Destinations { rules, text })
+        let entries: Vec<&str> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        let rules = entries
+            .iter()
+            .map(|entry| {
+                parse_rule(entry).map_err(|why| PolicyError {
+                    entry: entry.to_string(),
+                    why,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Destinations {
+            rules,
+            text: entries.join(","),
+        })
     }
 
     /// True when nothing is restricted.
