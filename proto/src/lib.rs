@@ -7,6 +7,7 @@
 //! - [`metadata`]: stream metadata names and the `agentIdentifiers` encoding.
 //! - [`table`]: the per-stream dial/connection state machine (pending dial ->
 //!   established connection -> closed) both binaries key their state with.
+//! - [`budget`]: how many protocol mistakes a peer may make before it is cut off.
 //! - [`grpc`]: `Packet` streams straight on HTTP/2 bodies (no codec copies),
 //!   served through tonic's router and opened on tonic's `Channel`.
 //! - [`authority`]: the `:authority` rewriter for gRPC on the Unix socket (HTTP/2
@@ -17,6 +18,7 @@
 //!   carried on the wire between our own peers.
 
 pub mod authority;
+pub mod budget;
 pub mod connect;
 pub mod grpc;
 pub mod ids;

@@ -46,6 +46,7 @@ pub struct Table<P, C> {
     conns: HashMap<i64, C>,
     max_pending: usize,
     max_conns: usize,
+    highest: i64,
 }
 
 impl<P, C> Table<P, C> {
@@ -56,6 +57,7 @@ impl<P, C> Table<P, C> {
             conns: HashMap::new(),
             max_pending,
             max_conns,
+            highest: 0,
         }
     }
 
@@ -98,7 +100,16 @@ impl<P, C> Table<P, C> {
             return Err((pending, TableError::TooManyConnections(self.max_conns)));
         }
         self.conns.insert(connect_id, conn);
+        self.highest = self.highest.max(connect_id);
         Ok(pending.value)
+    }
+
+    /// The highest connectID ever established here (0 before the first).
+    /// Agents hand out ids counting up from 1, so a packet for an id in
+    /// `1..=highest` that is not open is most likely late for a connection
+    /// that closed; one above it is for a connection that never existed.
+    pub fn highest_conn(&self) -> i64 {
+        self.highest
     }
 
     /// An established connection.
@@ -160,11 +171,12 @@ pub struct RecentlyClosed {
 }
 
 impl RecentlyClosed {
-    /// An empty set holding at most `cap` ids.
+    /// An empty set holding at most `cap` ids (memory grows with use, up to
+    /// the cap).
     pub fn new(cap: usize) -> Self {
         Self {
-            order: VecDeque::with_capacity(cap),
-            set: HashSet::with_capacity(cap),
+            order: VecDeque::new(),
+            set: HashSet::new(),
             cap,
         }
     }
@@ -216,6 +228,19 @@ mod tests {
         assert_eq!(t.conn(1), Some(&"conn-a"));
         assert_eq!(t.remove_conn(1), Some("conn-a"));
         assert!(!t.has_conn(1));
+    }
+
+    #[test]
+    fn the_highest_established_id_is_remembered_after_it_closes() {
+        let mut t: Table<(), ()> = Table::new(4, 4);
+        assert_eq!(t.highest_conn(), 0);
+        for (random, id) in [(1, 5), (2, 3)] {
+            t.add_pending(random, ()).unwrap();
+            let p = t.take_pending(random).unwrap();
+            t.establish(p, id, ()).unwrap();
+        }
+        t.remove_conn(5);
+        assert_eq!(t.highest_conn(), 5);
     }
 
     #[test]

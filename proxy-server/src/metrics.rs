@@ -38,6 +38,12 @@ pub struct Metrics {
     /// Control packets (`CLOSE_REQ`, `DIAL_CLS`) dropped because an agent
     /// left its queue full past the overflow bound.
     pub control_dropped: IntCounter,
+    /// Agent and frontend streams ended because they spent their budget of
+    /// protocol mistakes, by peer (`agent`, `frontend`) and mistake.
+    pub peers_cut_off: IntCounterVec,
+    /// HTTP/2 connections that ended with a protocol or I/O error, by
+    /// listener (`agent`, `frontend`).
+    pub http2_errors: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -117,6 +123,22 @@ impl Metrics {
                 &["side"],
             )
             .expect("valid"),
+            peers_cut_off: IntCounterVec::new(
+                opts(
+                    "peers_cut_off_total",
+                    "Agent and frontend streams ended for too many protocol mistakes, by peer and mistake",
+                ),
+                &["peer", "reason"],
+            )
+            .expect("valid"),
+            http2_errors: IntCounterVec::new(
+                opts(
+                    "http2_connection_errors_total",
+                    "HTTP/2 connections ended by a protocol or I/O error, by listener",
+                ),
+                &["listener"],
+            )
+            .expect("valid"),
             registry: registry.clone(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -132,6 +154,8 @@ impl Metrics {
             Box::new(m.agent_refused.clone()),
             Box::new(m.bad_packets.clone()),
             Box::new(m.control_dropped.clone()),
+            Box::new(m.peers_cut_off.clone()),
+            Box::new(m.http2_errors.clone()),
         ];
         for c in collectors {
             registry.register(c).expect("metric names are unique");

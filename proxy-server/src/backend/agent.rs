@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use konnectivity_proto::budget::{Budget, Mistake};
 use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_proto::table::{Pending, RecentlyClosed, Table};
 use konnectivity_proto::{packet, DialReason, Message, Packet};
@@ -60,9 +61,23 @@ struct LinkState {
     table: Table<PendingDial, Slot>,
     /// Connections closed recently; late DATA for them is dropped quietly.
     recent: RecentlyClosed,
+    /// Dials the frontend gave up on; a late `DIAL_RSP` for them is expected.
+    abandoned: RecentlyClosed,
+}
+
+impl LinkState {
+    /// A packet for `connect_id`, which is not open, is late for a connection
+    /// that existed (not a mistake of the agent's).
+    fn late(&self, connect_id: i64) -> bool {
+        self.recent.contains(connect_id)
+            || (connect_id > 0 && connect_id <= self.table.highest_conn())
+    }
 }
 
 const RECENT: usize = 256;
+/// Malformed packets of one stream logged at warning level; the rest are
+/// counted only (the budget ends the stream soon after).
+const LOGGED_MISTAKES: u64 = 10;
 /// Control packets that may wait for room towards one agent.
 pub const LATER_MAX: usize = 4096;
 
@@ -130,6 +145,7 @@ impl AgentLink {
             state: Mutex::new(LinkState {
                 table: Table::new(settings.max_pending, settings.max_conns),
                 recent: RecentlyClosed::new(RECENT),
+                abandoned: RecentlyClosed::new(RECENT),
             }),
             closed: CancellationToken::new(),
             settings,
@@ -296,6 +312,7 @@ impl AgentLink {
     /// (`DIAL_CLS`) so it can abort the dial.
     pub fn abandon_dial(self: &Arc<Self>, random: i64) {
         if self.take_pending(random).is_some() {
+            self.state().abandoned.insert(random);
             self.send_later(packet::close_dial(random));
         }
     }
@@ -322,29 +339,49 @@ impl AgentLink {
     }
 
     /// Reads the agent's packets until the stream ends, then fails every
-    /// pending dial and closes every connection of this stream.
-    pub async fn serve<S>(self: Arc<Self>, mut inbound: S, stop: CancellationToken)
+    /// pending dial and closes every connection of this stream. An agent that
+    /// spends its [`Budget`] of protocol mistakes is cut off; its last mistake
+    /// is returned then.
+    pub async fn serve<S>(
+        self: Arc<Self>,
+        mut inbound: S,
+        stop: CancellationToken,
+    ) -> Option<Mistake>
     where
         S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
     {
         use futures::StreamExt;
+        let mut budget = Budget::new(Instant::now());
+        let mut cut_off = None;
         loop {
             let next = tokio::select! {
                 n = inbound.next() => n,
                 _ = stop.cancelled() => break,
             };
             match next {
-                Some(Ok(p)) => match self.seen(p) {
-                    Ok(m) => self.dispatch(m).await,
-                    Err(e) => {
-                        self.settings
-                            .metrics
-                            .bad_packets
-                            .with_label_values(&["agent"])
-                            .inc();
-                        warn!(error = %e, "malformed packet from agent ignored");
+                Some(Ok(p)) => {
+                    let mistake = match self.seen(p) {
+                        Ok(m) => self.dispatch(m).await,
+                        Err(e) => {
+                            self.settings
+                                .metrics
+                                .bad_packets
+                                .with_label_values(&["agent"])
+                                .inc();
+                            if budget.total() < LOGGED_MISTAKES {
+                                warn!(error = %e, "malformed packet from agent ignored");
+                            }
+                            Some(Mistake::Malformed)
+                        }
+                    };
+                    if let Some(mistake) = mistake {
+                        if !budget.charge(Instant::now()) {
+                            self.cut_off(mistake, budget.total());
+                            cut_off = Some(mistake);
+                            break;
+                        }
                     }
-                },
+                }
                 Some(Err(status)) => {
                     info!(code = ?status.code(), message = status.message(), "agent stream ended with error");
                     break;
@@ -356,6 +393,7 @@ impl AgentLink {
             }
         }
         self.shut();
+        cut_off
     }
 
     /// Ends the stream's state: pending dials fail at once, connections close.
@@ -385,7 +423,24 @@ impl AgentLink {
         }
     }
 
-    async fn dispatch(self: &Arc<Self>, m: Message) {
+    /// Ends a stream whose agent made too many protocol mistakes.
+    fn cut_off(&self, last: Mistake, total: u64) {
+        self.settings
+            .metrics
+            .peers_cut_off
+            .with_label_values(&["agent", last.as_str()])
+            .inc();
+        warn!(
+            mistakes = total,
+            last = %last,
+            burst = konnectivity_proto::budget::BURST,
+            per_second = konnectivity_proto::budget::PER_SECOND,
+            "agent cut off: too many packets for unknown connections, malformed or not allowed; closing its stream"
+        );
+    }
+
+    /// Handles one packet; returns the agent's mistake, if it made one.
+    async fn dispatch(self: &Arc<Self>, m: Message) -> Option<Mistake> {
         match m {
             Message::DialResponse {
                 random,
@@ -393,19 +448,21 @@ impl AgentLink {
                 error,
                 reason,
             } => {
-                self.on_dial_response(random, connect_id, error, reason)
+                return self
+                    .on_dial_response(random, connect_id, error, reason)
                     .await
             }
-            Message::Data { connect_id, data } => self.on_data(connect_id, data).await,
+            Message::Data { connect_id, data } => return self.on_data(connect_id, data).await,
             Message::CloseResponse { connect_id, error } => {
                 if !self.remove_conn(connect_id, false) {
-                    self.unknown("CLOSE_RSP", connect_id);
+                    return self.unknown("CLOSE_RSP", connect_id);
                 } else if !error.is_empty() {
                     debug!(connect_id, error, "agent closed connection with error");
                 }
             }
             Message::CloseDial { random } => {
                 if let Some(p) = self.take_pending(random) {
+                    self.state().abandoned.insert(random);
                     self.settings
                         .metrics
                         .dial_failures
@@ -426,26 +483,34 @@ impl AgentLink {
                         .table
                         .conn(connect_id)
                         .map(|s| s.conn.credit.clone());
-                    if let Some(c) = credit {
-                        c.grant(bytes);
+                    match credit {
+                        Some(c) => c.grant(bytes),
+                        None => return self.unknown("WINDOW", connect_id),
                     }
                 }
             }
             Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
-            other => warn!(
-                kind = other.kind(),
-                "packet not valid from an agent; ignored"
-            ),
+            other => {
+                debug!(
+                    kind = other.kind(),
+                    "packet not valid from an agent; ignored"
+                );
+                return Some(Mistake::NotAllowed);
+            }
         }
+        None
     }
 
-    fn unknown(&self, kind: &'static str, id: i64) {
+    /// Counts a packet for a connection that is not open: a mistake unless
+    /// the connection existed and closed recently.
+    fn unknown(&self, kind: &'static str, id: i64) -> Option<Mistake> {
         self.settings
             .metrics
             .unknown_packets
             .with_label_values(&[kind])
             .inc();
         debug!(kind, id, "packet for unknown connection or dial ignored");
+        (!self.state().late(id)).then_some(Mistake::UnknownConnection)
     }
 
     async fn on_dial_response(
@@ -454,16 +519,18 @@ impl AgentLink {
         connect_id: i64,
         error: String,
         reason: Option<DialReason>,
-    ) {
+    ) -> Option<Mistake> {
         let m = &self.settings.metrics;
         let Some(pending) = self.take_pending(random) else {
             // The frontend already gave up. A successful dial must not leak on the
             // agent (the reference leaks it, upstream issues 404 and 462).
-            self.unknown("DIAL_RSP", random);
+            m.unknown_packets.with_label_values(&["DIAL_RSP"]).inc();
+            debug!(random, "DIAL_RSP for a dial that is not pending");
             if connect_id != 0 && error.is_empty() {
                 self.send(packet::close_request(connect_id)).await;
             }
-            return;
+            let expected = self.state().abandoned.contains(random);
+            return (!expected).then_some(Mistake::UnknownConnection);
         };
         m.dial_duration
             .observe(pending.value.started.elapsed().as_secs_f64());
@@ -480,7 +547,7 @@ impl AgentLink {
                 error,
                 reason,
             }));
-            return;
+            return None;
         }
         let (conn, inbox) = flow::connection(self.flow, CancellationToken::new());
         let (credit, kill) = (conn.credit.clone(), conn.kill.clone());
@@ -506,25 +573,26 @@ impl AgentLink {
                 self.send(packet::close_request(connect_id)).await;
             }
         }
+        None
     }
 
-    async fn on_data(self: &Arc<Self>, connect_id: i64, data: Bytes) {
+    async fn on_data(self: &Arc<Self>, connect_id: i64, data: Bytes) -> Option<Mistake> {
         self.bytes_from_agent
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let target = {
             let st = self.state();
             match st.table.conn(connect_id) {
                 Some(s) => Some(s.conn.clone()),
-                None if st.recent.contains(connect_id) => return,
+                None if st.recent.contains(connect_id) => return None,
                 None => None,
             }
         };
         let Some(slot) = target else {
-            self.unknown("DATA", connect_id);
+            let mistake = self.unknown("DATA", connect_id);
             // Tell the agent so it stops sending for a connection we do not have.
             self.send(packet::close_request(connect_id)).await;
             self.state().recent.insert(connect_id);
-            return;
+            return mistake;
         };
         let stall = self.settings.stall_timeout;
         if slot.deliver(data, stall).await == flow::Delivery::Stalled {
@@ -536,6 +604,7 @@ impl AgentLink {
             self.settings.metrics.stalled_closed.inc();
             self.remove_conn(connect_id, true);
         }
+        None
     }
 }
 
@@ -602,6 +671,76 @@ mod tests {
             10_000
         );
         drop(l);
+        drain.abort();
+    }
+
+    fn cut_offs(l: &AgentLink) -> u64 {
+        l.metrics()
+            .peers_cut_off
+            .with_label_values(&["agent", "unknown_connection"])
+            .get()
+    }
+
+    /// Late packets for connections that existed, and answers to dials the
+    /// frontend gave up on, cost the agent nothing, however many.
+    #[tokio::test(flavor = "current_thread")]
+    async fn late_packets_for_closed_connections_and_abandoned_dials_are_not_mistakes() {
+        let (l, mut rx) = link(64);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        // Three dials answered and closed at once (their frontends left),
+        // one dial abandoned before its answer.
+        for random in 1..=3 {
+            drop(l.begin_dial("10.0.0.1:80", random, "test").await.unwrap());
+        }
+        drop(l.begin_dial("10.0.0.1:80", 100, "test").await.unwrap());
+        l.abandon_dial(100);
+        let mut packets: Vec<Packet> = (1..=3).map(|r| packet::dial_ok(r, r)).collect();
+        for i in 0..3 * konnectivity_proto::budget::BURST as i64 {
+            let id = 1 + i % 3;
+            packets.push(match i % 4 {
+                0 => packet::data(id, Bytes::from_static(b"late")),
+                1 => packet::window(id, 4096),
+                2 => packet::close_response(id, ""),
+                _ => packet::dial_ok(100, 7),
+            });
+        }
+        let served = l
+            .clone()
+            .serve(
+                futures::stream::iter(packets.into_iter().map(Ok)),
+                CancellationToken::new(),
+            )
+            .await;
+        assert_eq!(served, None, "a correct agent was cut off");
+        assert_eq!(cut_offs(&l), 0);
+        drain.abort();
+    }
+
+    /// Packets for connections that never existed spend the budget; the
+    /// stream then ends at once, with the metric, and later packets are not
+    /// read.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_agent_flooding_unknown_connections_is_cut_off() {
+        let (l, mut rx) = link(64);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let read = Arc::new(AtomicUsize::new(0));
+        let counted = read.clone();
+        let flood = futures::stream::iter((0..100_000i64).map(move |i| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            Ok(match i % 3 {
+                0 => packet::data(1_000_000 + i, Bytes::from_static(b"x")),
+                1 => packet::window(1_000_000 + i, 1),
+                _ => packet::dial_ok(1_000_000 + i, 5),
+            })
+        }));
+        let served = l.clone().serve(flood, CancellationToken::new()).await;
+        assert_eq!(served, Some(Mistake::UnknownConnection));
+        assert_eq!(cut_offs(&l), 1);
+        let read = read.load(Ordering::Relaxed);
+        let burst = konnectivity_proto::budget::BURST as usize;
+        // The burst, plus whatever refilled while the test ran.
+        assert!(read > burst && read < burst + 1000, "read {read} packets");
+        assert!(l.closed.is_cancelled());
         drain.abort();
     }
 }

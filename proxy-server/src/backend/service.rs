@@ -182,7 +182,14 @@ impl grpc::Handler for AgentEndpoint {
                         }
                     });
                 }
-                served.clone().serve(inbound, stop).await;
+                if let Some(mistake) = served.clone().serve(inbound, stop).await {
+                    registry.events().agent_refused(
+                        &served.peer,
+                        Some(&served.agent_id),
+                        "cut_off",
+                        &format!("stream ended after too many protocol mistakes (last: {mistake})"),
+                    );
+                }
                 registry.remove(served.serial);
             }
             .instrument(span),

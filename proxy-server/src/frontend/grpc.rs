@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use konnectivity_proto::budget::{Budget, Mistake};
 use konnectivity_proto::grpc::{self, Incoming, Replies};
+use konnectivity_proto::table::RecentlyClosed;
 use konnectivity_proto::{metadata, packet, Message, Packet};
 use konnectivity_runtime::flow::Inbound;
 use konnectivity_runtime::queue;
@@ -28,6 +30,9 @@ pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
 pub const MAX_PER_STREAM: usize = 1024;
 /// Packets queued towards one frontend stream.
 const OUT_QUEUE: usize = 64;
+/// Connection ids of one frontend stream remembered after they close, so
+/// the frontend's packets in flight for them are not taken for mistakes.
+const RECENT: usize = 64;
 
 /// The gRPC frontend service.
 pub struct GrpcFrontend {
@@ -82,10 +87,20 @@ struct Conn {
 /// reads the stream and the connections' own tasks. The lock is short and
 /// never held across an await, so a dial registers its connection directly
 /// instead of a round trip through the reading task.
-#[derive(Default)]
 struct Book {
     pending: HashMap<i64, CancellationToken>,
     conns: HashMap<i64, Arc<Conn>>,
+    recent: RecentlyClosed,
+}
+
+impl Default for Book {
+    fn default() -> Self {
+        Self {
+            pending: HashMap::new(),
+            conns: HashMap::new(),
+            recent: RecentlyClosed::new(RECENT),
+        }
+    }
 }
 
 type SharedBook = Arc<Mutex<Book>>;
@@ -102,7 +117,9 @@ struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        lock(&self.book).conns.remove(&self.connect_id);
+        let mut book = lock(&self.book);
+        book.conns.remove(&self.connect_id);
+        book.recent.insert(self.connect_id);
     }
 }
 
@@ -126,16 +143,36 @@ impl FrontendStream {
             .frontend_connections
             .with_label_values(&["grpc"]);
         gauge.inc();
+        let mut budget = Budget::new(std::time::Instant::now());
         loop {
             tokio::select! {
                 next = inbound.next() => match next {
-                    Some(Ok(p)) => match Message::from_packet(p) {
-                        Ok(m) => self.on_message(m).await,
-                        Err(e) => {
-                            self.metrics.bad_packets.with_label_values(&["frontend"]).inc();
-                            warn!(error = %e, "malformed packet from frontend ignored");
+                    Some(Ok(p)) => {
+                        let mistake = match Message::from_packet(p) {
+                            Ok(m) => self.on_message(m).await,
+                            Err(e) => {
+                                self.metrics.bad_packets.with_label_values(&["frontend"]).inc();
+                                if budget.total() < 10 {
+                                    warn!(error = %e, "malformed packet from frontend ignored");
+                                }
+                                Some(Mistake::Malformed)
+                            }
+                        };
+                        if let Some(mistake) = mistake {
+                            if !budget.charge(std::time::Instant::now()) {
+                                self.metrics
+                                    .peers_cut_off
+                                    .with_label_values(&["frontend", mistake.as_str()])
+                                    .inc();
+                                warn!(
+                                    mistakes = budget.total(),
+                                    last = %mistake,
+                                    "frontend stream cut off: too many packets for unknown connections, malformed or not allowed"
+                                );
+                                break;
+                            }
                         }
-                    },
+                    }
                     Some(Err(status)) => {
                         debug!(code = ?status.code(), "frontend stream ended with error");
                         break;
@@ -159,7 +196,22 @@ impl FrontendStream {
         let _ = self.out.send(p).await;
     }
 
-    async fn on_message(&mut self, m: Message) {
+    /// A packet for a connection of this stream that is not open: a mistake
+    /// unless it closed recently.
+    fn unknown(&self, kind: &'static str, connect_id: i64) -> Option<Mistake> {
+        self.metrics
+            .unknown_packets
+            .with_label_values(&[kind])
+            .inc();
+        debug!(
+            connect_id,
+            kind, "packet from frontend for unknown connection"
+        );
+        (!lock(&self.book).recent.contains(connect_id)).then_some(Mistake::UnknownConnection)
+    }
+
+    /// Handles one packet; returns the frontend's mistake, if it made one.
+    async fn on_message(&mut self, m: Message) -> Option<Mistake> {
         match m {
             Message::DialRequest {
                 protocol,
@@ -168,7 +220,7 @@ impl FrontendStream {
             } => {
                 if let Err(e) = packet::check_protocol(&protocol) {
                     self.reply(packet::dial_failed(random, e)).await;
-                    return;
+                    return None;
                 }
                 let cancel = {
                     let mut book = lock(&self.book);
@@ -188,7 +240,7 @@ impl FrontendStream {
                         "too many dials on this frontend stream, or a duplicate dial id",
                     ))
                     .await;
-                    return;
+                    return None;
                 };
                 let dial = Dial {
                     registry: self.registry.clone(),
@@ -210,16 +262,7 @@ impl FrontendStream {
                     // connection's own backpressure.
                     let _ = conn.tx.send(data).await;
                 }
-                None => {
-                    self.metrics
-                        .unknown_packets
-                        .with_label_values(&["DATA"])
-                        .inc();
-                    debug!(
-                        connect_id,
-                        "DATA from frontend for unknown connection ignored"
-                    );
-                }
+                None => return self.unknown("DATA", connect_id),
             },
             Message::CloseRequest { connect_id } => match self.conn(connect_id) {
                 Some(conn) => {
@@ -234,7 +277,8 @@ impl FrontendStream {
                         connect_id,
                         packet::UNKNOWN_CONNECT_ID,
                     ))
-                    .await
+                    .await;
+                    return self.unknown("CLOSE_REQ", connect_id);
                 }
             },
             Message::CloseDial { random } => {
@@ -244,11 +288,15 @@ impl FrontendStream {
                 }
             }
             Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
-            other => debug!(
-                kind = other.kind(),
-                "packet not valid from a frontend; ignored"
-            ),
+            other => {
+                debug!(
+                    kind = other.kind(),
+                    "packet not valid from a frontend; ignored"
+                );
+                return Some(Mistake::NotAllowed);
+            }
         }
+        None
     }
 }
 
