@@ -113,17 +113,7 @@ pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
     Some(ns as f64 / 1e9)
 }
 
-/// Resident and peak resident memory of a process, in KiB.
-pub fn rss_kib(pid: Option<u32>) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
+pub use tests::process::rss_kib;
 
 fn free_port() -> u16 {
     for _ in 0..200 {

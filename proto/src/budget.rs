@@ -28,6 +28,9 @@ pub enum Mistake {
     Malformed,
     /// A packet the peer's role may not send (a frontend sending `DIAL_RSP`).
     NotAllowed,
+    /// A message over the size limit (the stream ends at once, whatever the
+    /// budget).
+    Oversized,
 }
 
 impl Mistake {
@@ -37,6 +40,7 @@ impl Mistake {
             Mistake::UnknownConnection => "unknown_connection",
             Mistake::Malformed => "malformed",
             Mistake::NotAllowed => "not_allowed",
+            Mistake::Oversized => "oversized",
         }
     }
 }

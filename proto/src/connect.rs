@@ -115,6 +115,7 @@ fn error_response_with(
     let reason = match status {
         400 => "Bad Request",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         502 => "Bad Gateway",

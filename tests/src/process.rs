@@ -34,6 +34,18 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
+/// Resident and peak resident memory of a process, in KiB.
+pub fn rss_kib(pid: Option<u32>) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 /// Lines of a child's log kept in memory (the older half is dropped past it).
 const MAX_LOG_LINES: usize = 100_000;
 

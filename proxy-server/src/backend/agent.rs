@@ -382,6 +382,20 @@ impl AgentLink {
                         }
                     }
                 }
+                Some(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                    self.settings
+                        .metrics
+                        .peers_cut_off
+                        .with_label_values(&["agent", Mistake::Oversized.as_str()])
+                        .inc();
+                    warn!(
+                        last = %Mistake::Oversized,
+                        error = status.message(),
+                        "agent cut off: oversized packet; closing its stream"
+                    );
+                    cut_off = Some(Mistake::Oversized);
+                    break;
+                }
                 Some(Err(status)) => {
                     info!(code = ?status.code(), message = status.message(), "agent stream ended with error");
                     break;

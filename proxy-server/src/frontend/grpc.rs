@@ -173,6 +173,14 @@ impl FrontendStream {
                             }
                         }
                     }
+                    Some(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                        self.metrics
+                            .peers_cut_off
+                            .with_label_values(&["frontend", Mistake::Oversized.as_str()])
+                            .inc();
+                        warn!(error = status.message(), "frontend stream cut off: oversized packet");
+                        break;
+                    }
                     Some(Err(status)) => {
                         debug!(code = ?status.code(), "frontend stream ended with error");
                         break;

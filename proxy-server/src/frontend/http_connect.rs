@@ -64,7 +64,7 @@ pub async fn serve_conn<S: ClientConn>(
         .with_label_values(&["http-connect"]);
     gauge.inc();
     let span = tracing::info_span!("connect", %peer, dst.addr = tracing::field::Empty, random = tracing::field::Empty, agent.id = tracing::field::Empty, connect_id = tracing::field::Empty);
-    serve_inner(sock, registry).instrument(span).await;
+    serve_inner(sock, registry, &metrics).instrument(span).await;
     gauge.dec();
 }
 
@@ -85,10 +85,10 @@ async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
-async fn serve_inner<S: ClientConn>(sock: S, registry: Arc<AgentRegistry>) {
+async fn serve_inner<S: ClientConn>(sock: S, registry: Arc<AgentRegistry>, metrics: &Metrics) {
     // Boxed: the request and dial state is freed once the tunnel is open, so
     // the long-lived task is only as large as the relay.
-    let Some((sock, tunnel, early)) = Box::pin(open(sock, registry)).await else {
+    let Some((sock, tunnel, early)) = Box::pin(open(sock, registry, metrics)).await else {
         return;
     };
     relay(sock, tunnel, early).await;
@@ -99,6 +99,7 @@ async fn serve_inner<S: ClientConn>(sock: S, registry: Arc<AgentRegistry>) {
 async fn open<S: ClientConn>(
     mut sock: S,
     registry: Arc<AgentRegistry>,
+    metrics: &Metrics,
 ) -> Option<(S, Tunnel, Bytes)> {
     let mut buf = BytesMut::with_capacity(1024);
     let parsed = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut sock, &mut buf)).await {
@@ -108,7 +109,24 @@ async fn open<S: ClientConn>(
             return None;
         }
         Err(_) => {
-            debug!("timed out waiting for the CONNECT request");
+            // A client that trickles its head (one byte a second) holds a
+            // task and a buffer; it gets HEAD_TIMEOUT in all, not per byte.
+            metrics
+                .peers_cut_off
+                .with_label_values(&["frontend", "slow_request"])
+                .inc();
+            warn!(
+                timeout = ?HEAD_TIMEOUT,
+                received = buf.len(),
+                "CONNECT request head not complete in time; closing"
+            );
+            let _ = sock
+                .write_all(&connect::error_response(
+                    408,
+                    "request head not complete in time",
+                ))
+                .await;
+            let _ = sock.shutdown().await;
             return None;
         }
     };
@@ -189,4 +207,62 @@ async fn relay<S: ClientConn>(sock: S, tunnel: Tunnel, early: Bytes) {
         }
     }
     debug!("CONNECT tunnel closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::strategy::Strategy;
+    use tokio::time::Instant;
+
+    /// Slowloris: the head arrives one byte a second and never ends. The
+    /// client is answered 408 and closed at HEAD_TIMEOUT from its first
+    /// byte, counted and logged (paused time: no real wait).
+    #[tokio::test(start_paused = true)]
+    async fn a_head_trickling_one_byte_a_second_is_cut_off_at_the_head_timeout() {
+        let metrics = Metrics::new();
+        let registry = Arc::new(AgentRegistry::new(
+            vec![Strategy::Default],
+            Duration::from_secs(10),
+            metrics.clone(),
+        ));
+        let (client, server) = UnixStream::pair().unwrap();
+        let served = tokio::spawn(serve_conn(server, "slow".into(), registry, metrics.clone()));
+        let (mut rd, mut wr) = client.into_split();
+        let head = b"CONNECT 10.0.0.1:80 HTTP/1.1\r\nHost: 10.0.0.1:80\r\nX-Slow: ";
+        let trickle = tokio::spawn(async move {
+            for b in head.iter().chain(std::iter::repeat(&b'a')) {
+                if wr.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let start = Instant::now();
+        let mut answer = Vec::new();
+        rd.read_to_end(&mut answer).await.unwrap();
+        let took = start.elapsed();
+        assert!(
+            took >= HEAD_TIMEOUT && took < HEAD_TIMEOUT + Duration::from_secs(2),
+            "closed after {took:?}"
+        );
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        served.await.unwrap();
+        trickle.abort();
+        assert_eq!(
+            metrics
+                .peers_cut_off
+                .with_label_values(&["frontend", "slow_request"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            metrics
+                .frontend_connections
+                .with_label_values(&["http-connect"])
+                .get(),
+            0
+        );
+    }
 }

@@ -1,0 +1,290 @@
+//! Hostile peers against the real `proxy-server` process: floods of packets
+//! for connections that never existed, malformed and oversized packets, from
+//! a hand-driven agent and a hand-driven frontend. Each offender is cut off
+//! with a log line and a metric, the server's memory stays within a stated
+//! bound (measured on the process, so other tests do not blur it), and a
+//! tunnel through a correct agent keeps moving bytes throughout.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use konnectivity_proto::{packet, Packet, PacketType};
+use tests::client::{self, FakeAgent, GrpcConn};
+use tests::cluster::{http_get, metric_sum};
+use tests::inproc::{Agent, Listen, Server};
+use tests::pki::Pki;
+use tests::process::{rss_kib, Proc};
+use tests::{dest, init_logs};
+use tokio::sync::mpsc;
+
+/// How much a flood may raise the server's peak memory, in KiB. The server
+/// holds nothing per unknown id beyond the bounded recently-closed set; what
+/// it does hold is the packets in flight on one HTTP/2 connection (its
+/// windows are 16 MiB per connection), the allocator's slack and metrics.
+const FLOOD_BOUND_KIB: u64 = 16 * 1024;
+
+struct Spawned {
+    proc: Proc,
+    agent_addr: SocketAddr,
+    health: SocketAddr,
+    uds: std::path::PathBuf,
+    _good: Agent,
+}
+
+impl Spawned {
+    /// A server process with one correct agent connected.
+    async fn start(pki: &Pki) -> Spawned {
+        let uds = pki.path("hostile.sock");
+        let proc = Proc::spawn(&[], &Server::args(pki, "grpc", Listen::Uds, &uds, &[]));
+        let field = |f: &'static str| {
+            let proc = &proc;
+            async move {
+                proc.log_field("proxy-server started", f)
+                    .await
+                    .parse::<SocketAddr>()
+                    .unwrap()
+            }
+        };
+        let agent_addr = field("agent").await;
+        let health = field("health").await;
+        let good = Agent::start(pki, agent_addr, "good", &[]).await;
+        let s = Spawned {
+            proc,
+            agent_addr,
+            health,
+            uds: uds.into(),
+            _good: good,
+        };
+        s.wait_agents(1).await;
+        s
+    }
+
+    async fn metrics(&self) -> String {
+        http_get(&self.health.to_string(), "/metrics")
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics().await, name, labels)
+    }
+
+    async fn wait_agents(&self, n: usize) {
+        tests::eventually(Duration::from_secs(20), "agents connected", || async {
+            let ready = self
+                .metric(
+                    "konnectivity_network_proxy_server_ready_backend_connections",
+                    &[],
+                )
+                .await;
+            (ready == n as f64).then_some(())
+        })
+        .await
+    }
+
+    /// (resident, peak resident) of the server process, KiB.
+    fn memory(&self) -> (u64, u64) {
+        rss_kib(self.proc.child.id()).expect("server memory")
+    }
+
+    async fn cut_offs(&self, peer: &str, reason: &str) -> f64 {
+        self.metric(
+            "konnectivity_network_proxy_server_peers_cut_off_total",
+            &[("peer", peer), ("reason", reason)],
+        )
+        .await
+    }
+}
+
+/// An echo tunnel through the correct agent; `round_trip` checks it moves.
+struct Witness(GrpcConn);
+
+impl Witness {
+    async fn open(s: &Spawned) -> Witness {
+        let echo = dest::echo().await;
+        let ch = client::grpc_uds(&s.uds).await;
+        Witness(GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial"))
+    }
+
+    async fn round_trip(&mut self, i: usize) {
+        let msg = format!("still moving {i}");
+        self.0.send(msg.clone().into_bytes()).await.expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(10), self.0.recv())
+            .await
+            .expect("echo within 10 s while the server is flooded")
+            .expect("echo");
+        assert_eq!(&got[..], msg.as_bytes());
+    }
+}
+
+/// Sends `packets` from the fake agent until its stream ends, reading the
+/// server's answers meanwhile (an offender that does not read only stalls
+/// its own stream). Returns how many were sent and whether the server ended
+/// the stream.
+async fn flood(fake: FakeAgent, packets: impl Iterator<Item = Packet>) -> (usize, bool) {
+    let FakeAgent {
+        tx, mut inbound, ..
+    } = fake;
+    let reader = tokio::spawn(async move {
+        // Ends when the server ends the stream.
+        while let Ok(Some(_)) = futures::StreamExt::next(&mut inbound).await.transpose() {}
+    });
+    let mut sent = 0;
+    for p in packets {
+        if tx.send(p).await.is_err() {
+            break;
+        }
+        sent += 1;
+        if reader.is_finished() {
+            break;
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .is_ok();
+    (sent, ended)
+}
+
+#[tokio::test]
+async fn an_agent_flooding_unknown_connections_is_cut_off_and_others_keep_moving() {
+    init_logs();
+    let pki = Pki::new();
+    let s = Spawned::start(&pki).await;
+    let mut witness = Witness::open(&s).await;
+    witness.round_trip(0).await;
+    let (_, peak_before) = s.memory();
+
+    let fake = FakeAgent::connect(s.agent_addr, &pki, "flooder")
+        .await
+        .expect("fake agent");
+    s.wait_agents(2).await;
+    let payload = Bytes::from(vec![0x5a; 1024]);
+    let packets = (0..200_000i64).map(move |i| {
+        let id = 1_000_000_000 + i;
+        match i % 4 {
+            0 => packet::data(id, payload.clone()),
+            1 => packet::window(id, 65536),
+            2 => packet::dial_ok(id, id),
+            _ => packet::close_response(id, ""),
+        }
+    });
+    let flooding = tokio::spawn(flood(fake, packets));
+    for i in 1..=20 {
+        witness.round_trip(i).await;
+    }
+    let (sent, ended) = flooding.await.unwrap();
+    assert!(ended, "the server did not end the flooding agent's stream");
+    assert!(
+        sent < 200_000,
+        "the whole flood was accepted ({sent} packets)"
+    );
+
+    let line = s
+        .proc
+        .wait_log(&["agent cut off"], Duration::from_secs(10))
+        .await;
+    assert!(line.contains("flooder"), "log line names the agent: {line}");
+    assert_eq!(s.cut_offs("agent", "unknown_connection").await, 1.0);
+    s.wait_agents(1).await;
+    let (_, peak_after) = s.memory();
+    let grown = peak_after.saturating_sub(peak_before);
+    eprintln!("flood of {sent} packets: peak memory +{grown} KiB");
+    assert!(
+        grown < FLOOD_BOUND_KIB,
+        "peak memory grew by {grown} KiB under the flood"
+    );
+    // The correct agent's tunnel and new dials still work.
+    witness.round_trip(21).await;
+    Witness::open(&s).await.round_trip(0).await;
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_packets_cut_off_only_their_sender() {
+    init_logs();
+    let pki = Pki::new();
+    let s = Spawned::start(&pki).await;
+    let mut witness = Witness::open(&s).await;
+    let (_, peak_before) = s.memory();
+
+    // One DATA larger than the 16 MiB message limit: refused from its
+    // length prefix, before the server buffers it.
+    let big = FakeAgent::connect(s.agent_addr, &pki, "oversized")
+        .await
+        .expect("fake agent");
+    let huge = packet::data(1, Bytes::from(vec![1u8; 17 << 20]));
+    let (_, ended) = flood(big, std::iter::once(huge)).await;
+    assert!(ended, "the oversized packet's stream was not ended");
+    let line = s
+        .proc
+        .wait_log(&["agent cut off", "oversized"], Duration::from_secs(10))
+        .await;
+    assert!(line.contains("over the limit"), "{line}");
+    assert_eq!(s.cut_offs("agent", "oversized").await, 1.0);
+    witness.round_trip(1).await;
+
+    // Packets whose type and payload disagree, without end.
+    let bad = FakeAgent::connect(s.agent_addr, &pki, "malformed")
+        .await
+        .expect("fake agent");
+    let packets = (0..100_000i64).map(|i| {
+        let mut p = packet::dial_ok(i, i);
+        p.r#type = PacketType::Data as i32;
+        p
+    });
+    let (sent, ended) = flood(bad, packets).await;
+    assert!(ended && sent < 100_000, "malformed flood not cut off");
+    s.proc
+        .wait_log(&["agent cut off", "malformed"], Duration::from_secs(10))
+        .await;
+    assert_eq!(s.cut_offs("agent", "malformed").await, 1.0);
+
+    witness.round_trip(2).await;
+    let (_, peak_after) = s.memory();
+    let grown = peak_after.saturating_sub(peak_before);
+    eprintln!("oversized and malformed packets: peak memory +{grown} KiB");
+    assert!(grown < FLOOD_BOUND_KIB, "peak memory grew by {grown} KiB");
+    s.wait_agents(1).await;
+}
+
+#[tokio::test]
+async fn a_frontend_flooding_unknown_connections_is_cut_off() {
+    init_logs();
+    let pki = Pki::new();
+    let s = Spawned::start(&pki).await;
+    let mut witness = Witness::open(&s).await;
+
+    let ch = client::grpc_uds(&s.uds).await;
+    let mut raw = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
+    let (tx, rx) = mpsc::channel(64);
+    let mut inbound = raw
+        .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("frontend stream")
+        .into_inner();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(_)) = futures::StreamExt::next(&mut inbound).await.transpose() {}
+    });
+    let mut sent = 0;
+    for i in 0..100_000i64 {
+        let p = if i % 2 == 0 {
+            packet::data(5_000_000 + i, Bytes::from_static(b"nobody"))
+        } else {
+            packet::close_request(5_000_000 + i)
+        };
+        if tx.send(p).await.is_err() || reader.is_finished() {
+            break;
+        }
+        sent += 1;
+    }
+    tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the server did not end the flooding frontend stream")
+        .unwrap();
+    assert!(sent < 100_000, "the whole flood was accepted");
+    s.proc
+        .wait_log(&["frontend stream cut off"], Duration::from_secs(10))
+        .await;
+    assert_eq!(s.cut_offs("frontend", "unknown_connection").await, 1.0);
+    witness.round_trip(1).await;
+}
