@@ -7,6 +7,7 @@ pub mod client;
 pub mod cluster;
 pub mod dest;
 pub mod inproc;
+pub mod netns;
 pub mod pki;
 pub mod process;
 

@@ -1,154 +1,104 @@
-//! Isolation as in a real cluster: the control plane (server) and the node
-//! (agent, kubelet) live in network namespaces this test creates. The node can
-//! reach the server; the server side has no route to the kubelet's address,
-//! which is reachable only through the tunnel. Needs root (CI runs as root);
-//! skips with a printed reason where namespaces cannot be made.
+//! Isolation and partitions as in a real cluster: the control plane (server)
+//! and the node (agent, kubelet) live in network namespaces the test creates
+//! ([`tests::netns`]). The node can reach the server; the server side has no
+//! route to the kubelet's address, which is reachable only through the
+//! tunnel. Needs root (CI runs as root and sets `KNP_REQUIRE_NETNS=1`, so a
+//! failure to make namespaces fails there); skips with a printed reason
+//! elsewhere.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use tests::client;
 use tests::init_logs;
 use tests::inproc::{Agent, Listen, Server};
+use tests::netns::{Pair, KUBELET_IP, SERVER_IP};
 use tests::pki::Pki;
 use tests::process::{binary, Proc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
-const SERVER_IP: &str = "10.200.0.1";
-const NODE_IP: &str = "10.200.0.2";
-const KUBELET_IP: &str = "10.201.0.10";
+/// The test kubelet in the node namespace; killed on drop.
+struct Kubelet(std::process::Child);
 
-struct Namespaces {
-    cp: String,
-    node: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+impl Kubelet {
+    fn start(ns: &Pair, pki: &Pki, addr: &str) -> Kubelet {
+        let cert = pki.issue("kubelet", &[KUBELET_IP]);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.node])
+            .arg(binary("test-kubelet"))
+            .args([
+                addr,
+                &cert.cert.display().to_string(),
+                &cert.key.display().to_string(),
+            ])
+            .spawn()
+            .expect("start kubelet");
+        Kubelet(child)
     }
 }
 
-impl Namespaces {
-    fn create() -> Result<Self, String> {
-        let id = std::process::id() % 100_000;
-        // Built first so that an early return drops it and removes what was made.
-        let ns = Namespaces {
-            cp: format!("knp-cp-{id}"),
-            node: format!("knp-node-{id}"),
-        };
-        let (va, vb) = (format!("kcp{id}"), format!("knd{id}"));
-        ip(&["netns", "add", &ns.cp])?;
-        ip(&["netns", "add", &ns.node])?;
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        ip(&["link", "set", &va, "netns", &ns.cp])?;
-        ip(&["link", "set", &vb, "netns", &ns.node])?;
-        ip(&[
-            "-n",
-            &ns.cp,
-            "addr",
-            "add",
-            &format!("{SERVER_IP}/24"),
-            "dev",
-            &va,
-        ])?;
-        ip(&[
-            "-n",
-            &ns.node,
-            "addr",
-            "add",
-            &format!("{NODE_IP}/24"),
-            "dev",
-            &vb,
-        ])?;
-        for (n, dev) in [(&ns.cp, &va), (&ns.node, &vb)] {
-            ip(&["-n", n, "link", "set", dev, "up"])?;
-            ip(&["-n", n, "link", "set", "lo", "up"])?;
-        }
-        // The kubelet's address lives on the node only (on its loopback
-        // device); the control plane namespace has no route to it.
-        ip(&[
-            "-n",
-            &ns.node,
-            "addr",
-            "add",
-            &format!("{KUBELET_IP}/32"),
-            "dev",
-            "lo",
-        ])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Namespaces {
+impl Drop for Kubelet {
     fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.cp]);
-        let _ = ip(&["netns", "del", &self.node]);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
-#[tokio::test]
-async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
-    init_logs();
-    let ns = match Namespaces::create() {
-        Ok(ns) => ns,
-        Err(e) => {
-            eprintln!("SKIPPED: cannot create network namespaces here ({e})");
-            return;
-        }
-    };
-    let pki = Pki::new();
-    let kubelet_cert = pki.issue("kubelet", &[KUBELET_IP]);
-    let kubelet_addr = format!("{KUBELET_IP}:10250");
-
-    let cp = ["ip", "netns", "exec", ns.cp.as_str()];
-    let node = ["ip", "netns", "exec", ns.node.as_str()];
-
-    let kubelet = Command::new("ip")
-        .args(["netns", "exec", &ns.node])
-        .arg(binary("test-kubelet"))
-        .args([
-            &kubelet_addr,
-            &kubelet_cert.cert.display().to_string(),
-            &kubelet_cert.key.display().to_string(),
-        ])
-        .spawn()
-        .expect("start kubelet");
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _kubelet = KillOnDrop(kubelet);
-
-    let uds = pki.path("cp.sock");
-    let mut sargs = Server::args(&pki, "http-connect", Listen::Uds, &uds, &[]);
+/// The server (HTTP CONNECT on a Unix socket) in the control-plane namespace
+/// and one agent in the node namespace, connected.
+async fn tunnel(ns: &Pair, pki: &Pki, uds: &str) -> (Proc, Proc) {
+    let mut sargs = Server::args(pki, "http-connect", Listen::Uds, uds, &[]);
     sargs.retain(|a| !a.starts_with("--agent-bind-address"));
     sargs.push(format!("--agent-bind-address={SERVER_IP}"));
-    let server = Proc::spawn(&cp, &sargs);
+    let server = Proc::spawn(&ns.in_cp(), &sargs);
     let agent_addr: SocketAddr = server
         .log_field("proxy-server started", "agent")
         .await
         .parse()
         .unwrap();
-
-    let agent = Proc::spawn(&node, &Agent::args(&pki, agent_addr, "node-1", &[]));
+    let agent = Proc::spawn(&ns.in_node(), &Agent::args(pki, agent_addr, "node-1", &[]));
     agent
         .wait_log(&["connected to proxy server"], Duration::from_secs(20))
         .await;
+    (server, agent)
+}
+
+/// `GET /healthz` on the kubelet through the tunnel, TLS end to end.
+async fn kubelet_healthz(pki: &Pki, uds: &str, kubelet: &str) -> Result<String, String> {
+    let stream = client::connect_uds(Path::new(uds), kubelet)
+        .await
+        .map_err(|e| format!("CONNECT through the tunnel: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(
+        konnectivity_runtime::tls::client_config(&pki.ca, None, &[b"http/1.1"]).unwrap(),
+    );
+    let name = rustls::pki_types::ServerName::try_from(KUBELET_IP).unwrap();
+    let mut s = tls
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS to the kubelet over the tunnel: {e}"))?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kubelet\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test]
+async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
+    init_logs();
+    let Some(ns) = Pair::create_or_skip("isolation") else {
+        return;
+    };
+    let pki = Pki::new();
+    let kubelet_addr = format!("{KUBELET_IP}:10250");
+    let _kubelet = Kubelet::start(&ns, &pki, &kubelet_addr);
+
+    let uds = pki.path("cp.sock");
+    let (server, agent) = tunnel(&ns, &pki, &uds).await;
 
     // The control plane cannot open a connection to the kubelet itself.
     let direct = Command::new("ip")
@@ -163,24 +113,76 @@ async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
 
     // Through the tunnel (HTTP CONNECT on the server's Unix socket, as
     // kube-apiserver does), TLS to the kubelet works end to end.
-    let stream = client::connect_uds(std::path::Path::new(&uds), &kubelet_addr)
-        .await
-        .expect("CONNECT through the tunnel");
-    let tls = tokio_rustls::TlsConnector::from(
-        konnectivity_runtime::tls::client_config(&pki.ca, None, &[b"http/1.1"]).unwrap(),
-    );
-    let name = rustls::pki_types::ServerName::try_from(KUBELET_IP).unwrap();
-    let mut s = tls
-        .connect(name, stream)
-        .await
-        .expect("TLS to the kubelet over the tunnel");
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kubelet\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out);
+    let text = kubelet_healthz(&pki, &uds, &kubelet_addr).await.unwrap();
     assert!(text.ends_with("kubelet in the node namespace"), "{text}");
+    drop(agent);
+    drop(server);
+}
+
+/// The link between control plane and node goes down without a word (packets
+/// are lost). Both sides notice within 10 s from heartbeats, the open
+/// connection and a dial made during the partition fail cleanly, and once the
+/// link is back the agent reconnects and the kubelet is reachable again, with
+/// no process restarted.
+#[tokio::test]
+async fn a_partition_is_noticed_on_both_sides_and_heals_without_restarts() {
+    init_logs();
+    let Some(ns) = Pair::create_or_skip("partition") else {
+        return;
+    };
+    let pki = Pki::new();
+    let kubelet_addr = format!("{KUBELET_IP}:10250");
+    let _kubelet = Kubelet::start(&ns, &pki, &kubelet_addr);
+    let uds = pki.path("partition.sock");
+    let (server, agent) = tunnel(&ns, &pki, &uds).await;
+    let text = kubelet_healthz(&pki, &uds, &kubelet_addr).await.unwrap();
+    assert!(text.ends_with("kubelet in the node namespace"), "{text}");
+    let mut open = client::connect_uds(Path::new(&uds), &kubelet_addr)
+        .await
+        .expect("open connection");
+
+    ns.set_link(false).expect("link down");
+    let cut = Instant::now();
+    let deadline = cut + Duration::from_secs(10);
+    let pending = {
+        let uds = uds.clone();
+        let kubelet_addr = kubelet_addr.clone();
+        tokio::spawn(async move { client::connect_uds(Path::new(&uds), &kubelet_addr).await })
+    };
+    let left = || deadline.saturating_duration_since(Instant::now());
+    agent.wait_log(&["no heartbeat from server"], left()).await;
+    server
+        .wait_log(&["no heartbeat answer from agent"], left())
+        .await;
+    eprintln!("partition noticed by both sides after {:?}", cut.elapsed());
+    // The open connection ends (EOF or error), it does not hang.
+    let mut buf = [0u8; 64];
+    let ended = tokio::time::timeout(left(), open.read(&mut buf)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "open connection did not end cleanly within 10 s: {ended:?}"
+    );
+    // The dial made during the partition fails with a status, not a hang.
+    let dialed = tokio::time::timeout(left(), pending)
+        .await
+        .expect("the dial made during the partition hung")
+        .unwrap();
+    let (status, body, _) = client::refused(dialed);
+    assert!((500..600).contains(&status), "{status} {body}");
+
+    ns.set_link(true).expect("link up");
+    let healed = Instant::now();
+    let text = tests::eventually(
+        Duration::from_secs(45),
+        "kubelet reachable again",
+        || async { kubelet_healthz(&pki, &uds, &kubelet_addr).await.ok() },
+    )
+    .await;
+    assert!(text.ends_with("kubelet in the node namespace"), "{text}");
+    eprintln!(
+        "reachable again {:?} after the link came back",
+        healed.elapsed()
+    );
     drop(agent);
     drop(server);
 }

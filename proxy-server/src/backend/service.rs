@@ -167,20 +167,11 @@ impl grpc::Handler for AgentEndpoint {
         let served = link.clone();
         tokio::spawn(
             async move {
+                // Ended by the server's shutdown, or when the agent stops
+                // answering heartbeats.
+                let stop = stop.child_token();
                 if served.flow {
-                    let beat = served.clone();
-                    tokio::spawn(async move {
-                        let mut tick = tokio::time::interval(metadata::HEARTBEAT_INTERVAL);
-                        loop {
-                            tokio::select! {
-                                _ = tick.tick() => {}
-                                _ = beat.closed.cancelled() => return,
-                            }
-                            if !beat.send(packet::window(0, 0)).await {
-                                return;
-                            }
-                        }
-                    });
+                    tokio::spawn(heartbeat(served.clone(), stop.clone()).in_current_span());
                 }
                 if let Some(mistake) = served.clone().serve(inbound, stop).await {
                     registry.events().agent_refused(
@@ -222,5 +213,42 @@ impl grpc::Handler for AgentEndpoint {
             md.insert(metadata::FEATURES, ascii(&answered.join(","))?);
         }
         Ok(resp)
+    }
+}
+
+/// With `window-v1` the server sends a heartbeat every
+/// [`metadata::HEARTBEAT_INTERVAL`] and the agent answers each; a stream that
+/// brings nothing from the agent for [`metadata::HEARTBEAT_MISSES`] intervals
+/// is dropped (`silent`), so a partitioned agent is noticed in seconds, not
+/// after the HTTP/2 keepalive's ping interval plus timeout.
+async fn heartbeat(link: Arc<AgentLink>, silent: CancellationToken) {
+    let watchdog = metadata::HEARTBEAT_INTERVAL * metadata::HEARTBEAT_MISSES;
+    // Looks twice per interval, so silence is noticed within half an
+    // interval of the watchdog.
+    let mut tick = tokio::time::interval(metadata::HEARTBEAT_INTERVAL / 2);
+    let mut beat = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = link.closed.cancelled() => return,
+        }
+        if link.liveness.since_last() > watchdog {
+            warn!(silence = ?watchdog, "no heartbeat answer from agent; dropping the stream");
+            silent.cancel();
+            return;
+        }
+        beat = !beat;
+        if !beat {
+            continue;
+        }
+        // A full queue towards the agent (a dead path fills it) must not
+        // keep the watchdog from looking again.
+        let sent = tokio::time::timeout(
+            metadata::HEARTBEAT_INTERVAL / 2,
+            link.send(packet::window(0, 0)),
+        );
+        if let Ok(false) = sent.await {
+            return;
+        }
     }
 }
