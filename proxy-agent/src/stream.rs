@@ -32,6 +32,8 @@ use crate::metrics::Metrics;
 
 /// Packets queued towards the server, shared by the stream's connections.
 const OUT_QUEUE: usize = 256;
+/// Capacity of the control lane towards the server (answers, grants, closes).
+const CONTROL_QUEUE: usize = 1024;
 /// HTTP/2 windows: large enough that one connection can fill the link.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONN_WINDOW: u32 = 16 << 20;
@@ -187,6 +189,7 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     let mut ch = channel(s).await?;
     let (out_tx, out_rx) = mpsc::channel::<Packet>(OUT_QUEUE);
+    let (control_tx, control_rx) = mpsc::channel::<Packet>(CONTROL_QUEUE);
     let mut md = tonic::metadata::MetadataMap::new();
     let ascii = |v: &str, what: &str| {
         v.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
@@ -223,7 +226,14 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
         metadata::FEATURE_DIAL_REASON.to_string()
     };
     md.insert(metadata::FEATURES, ascii(&offered, "features")?);
-    let outgoing = ReceiverStream::new(out_rx).map(Ok);
+    // Control packets overtake queued DATA: heartbeat answers, dial answers,
+    // grants and closes the server asked for are not stuck behind a burst.
+    let outgoing = futures::stream::select_with_strategy(
+        ReceiverStream::new(control_rx),
+        ReceiverStream::new(out_rx),
+        |_: &mut ()| futures::stream::PollNext::Left,
+    )
+    .map(Ok);
     let resp = grpc::call(
         &mut ch,
         konnectivity_proto::CONNECT_METHOD,
@@ -259,6 +269,7 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
         addr: addr.clone(),
         liveness: Liveness::default(),
         out: out_tx,
+        control: control_tx,
         state: Mutex::new(State {
             table: Table::new(cfg.max_pending, cfg.max_conns),
             ids: ConnectIds::new(),
@@ -294,6 +305,8 @@ pub struct ServerLink {
     /// When the stream opened and when the server last sent a packet.
     pub liveness: Liveness,
     out: mpsc::Sender<Packet>,
+    /// Packets that go ahead of queued DATA.
+    control: mpsc::Sender<Packet>,
     state: Mutex<State>,
     /// Cancelled when the stream has ended.
     pub closed: CancellationToken,
@@ -309,7 +322,9 @@ impl ServerLink {
         &self.settings.metrics
     }
 
-    /// Queues a packet for the server. False once the stream has ended.
+    /// Queues a packet for the server behind the DATA already queued (DATA
+    /// itself, and the close that follows a connection's last DATA). False
+    /// once the stream has ended.
     pub async fn send(&self, p: Packet) -> bool {
         tokio::select! {
             r = self.out.send(p) => r.is_ok(),
@@ -317,9 +332,19 @@ impl ServerLink {
         }
     }
 
+    /// Queues a control packet ahead of queued DATA. The task that reads the
+    /// server's packets sends only these, so a burst of DATA towards the
+    /// server never holds up its reading (and its heartbeat watchdog).
+    pub async fn send_control(&self, p: Packet) -> bool {
+        tokio::select! {
+            r = self.control.send(p) => r.is_ok(),
+            _ = self.closed.cancelled() => false,
+        }
+    }
+
     /// Tells the server this agent is going away (`DRAIN`).
     pub async fn drain(&self) {
-        self.send(packet::drain()).await;
+        self.send_control(packet::drain()).await;
     }
 
     /// Open connections plus dials in progress on this stream.
@@ -385,6 +410,10 @@ impl ServerLink {
         loop {
             let deadline = tokio::time::Instant::from_std(last_rx + watchdog);
             let next = tokio::select! {
+                // A packet that is waiting wins: time this side spent in
+                // `dispatch` (waiting for room towards the server) is not
+                // the server's silence.
+                biased;
                 n = inbound.next() => n,
                 _ = tokio::time::sleep_until(deadline), if self.flow => {
                     warn!(silence = ?watchdog, "no heartbeat from server; dropping the stream");
@@ -439,12 +468,13 @@ impl ServerLink {
                 random,
             } => {
                 if let Err(e) = packet::check_protocol(&protocol) {
-                    self.send(packet::dial_failed(random, e)).await;
+                    self.send_control(packet::dial_failed(random, e)).await;
                     return;
                 }
                 let cancel = self.closed.child_token();
                 if let Err(e) = self.add_pending(random, cancel.clone()) {
-                    self.send(packet::dial_failed(random, e.to_string())).await;
+                    self.send_control(packet::dial_failed(random, e.to_string()))
+                        .await;
                     return;
                 }
                 let span = tracing::info_span!("conn", agent.id = %self.settings.config.agent_id, dst.addr = %address, random, connect_id = tracing::field::Empty);
@@ -458,7 +488,7 @@ impl ServerLink {
                 } else {
                     packet::close_response(connect_id, packet::UNKNOWN_CONNECT_ID)
                 };
-                self.send(reply).await;
+                self.send_control(reply).await;
             }
             Message::CloseDial { random } => {
                 // The reference agent ignores this; we abort the dial.
@@ -481,7 +511,7 @@ impl ServerLink {
                     // The server's heartbeat: answered, so the server can
                     // tell an idle agent from a dead stream (its admin
                     // endpoint's `last_packet_seconds_ago`).
-                    self.send(packet::window(0, 0)).await;
+                    self.send_control(packet::window(0, 0)).await;
                 }
             }
             Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
@@ -507,7 +537,7 @@ impl ServerLink {
                 .with_label_values(&["DATA"])
                 .inc();
             debug!(connect_id, "DATA for unknown connection");
-            self.send(packet::close_response(connect_id, "unrecognized connectID"))
+            self.send_control(packet::close_response(connect_id, "unrecognized connectID"))
                 .await;
             return;
         };
@@ -516,7 +546,8 @@ impl ServerLink {
             warn!(connect_id, stall_timeout = ?stall, "destination stopped reading; closing only this connection");
             self.metrics().stalled_closed.inc();
             if self.remove_conn(connect_id) {
-                self.send(packet::close_response(connect_id, "")).await;
+                self.send_control(packet::close_response(connect_id, ""))
+                    .await;
             }
         }
     }
@@ -564,7 +595,7 @@ impl ServerLink {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (conn, inbox) = flow::connection(self.flow, self.closed.child_token());
+        let (conn, inbox) = flow::connection(self.flow, self.closed.child_token(), None);
         let (credit, kill) = (conn.credit.clone(), conn.kill.clone());
         let info = ConnInfo::new(&address, &self.server_id);
         let slot = Slot {
@@ -585,7 +616,7 @@ impl ServerLink {
         };
         m.open_endpoint_connections.inc();
         tracing::Span::current().record("connect_id", connect_id);
-        if !self.send(packet::dial_ok(random, connect_id)).await {
+        if !self.send_control(packet::dial_ok(random, connect_id)).await {
             return;
         }
         debug!("connected");
@@ -610,7 +641,7 @@ impl ServerLink {
             .events
             .dial_failed(address, &self.server_id, reason, &text);
         let typed = self.dial_reason.then_some(reason);
-        self.send(packet::dial_failed_with(random, text, typed))
+        self.send_control(packet::dial_failed_with(random, text, typed))
             .await;
     }
 
@@ -679,7 +710,9 @@ impl Inbound for ConnInbound {
             .inc_by(n as u64);
         self.info.delivered(n as u64);
         if let Some(g) = self.inbox.written(n) {
-            self.link.send(packet::window(self.connect_id, g)).await;
+            self.link
+                .send_control(packet::window(self.connect_id, g))
+                .await;
         }
     }
 }

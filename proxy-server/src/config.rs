@@ -129,6 +129,12 @@ pub struct Args {
     /// before only that connection is closed.
     #[arg(long, default_value = "5s", value_parser = duration::parse)]
     pub stall_timeout: Duration,
+    /// Bytes from agents the server may hold, over all connections, for
+    /// frontends that have not read them yet. At the limit, a connection
+    /// whose frontend is behind is closed when more arrives for it. 0: no
+    /// limit.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_buffered_bytes: usize,
     /// Grace period for open connections after the first shutdown signal
     /// (upstream's name `--graceful-shutdown-timeout` is accepted too).
     #[arg(long, alias = "graceful-shutdown-timeout", default_value = "30s", value_parser = duration::parse)]
@@ -267,6 +273,8 @@ pub struct Config {
     pub max_conns: usize,
     /// Stall timeout.
     pub stall_timeout: Duration,
+    /// `--max-buffered-bytes` (0: none).
+    pub max_buffered: usize,
     /// Shutdown grace period.
     pub grace_period: Duration,
     /// Offer flow control.
@@ -455,6 +463,7 @@ impl Config {
             max_pending: a.max_pending_dials_per_agent,
             max_conns: a.max_connections_per_agent,
             stall_timeout: a.stall_timeout,
+            max_buffered: a.max_buffered_bytes,
             grace_period: a.grace_period,
             flow_control: a.flow_control,
             kube,

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     /// Connections closed because their reader stalled longer than --stall-timeout.
     pub stalled_closed: IntCounter,
+    /// Connections closed because the server held --max-buffered-bytes for
+    /// frontends and theirs was behind.
+    pub buffer_limit_closed: IntCounter,
     /// Packets naming a connection or dial we do not know, by packet type.
     pub unknown_packets: IntCounterVec,
     /// Agent streams refused, by reason.
@@ -102,6 +105,11 @@ impl Metrics {
                 "Connections closed because their reader stalled past --stall-timeout",
             ))
             .expect("valid"),
+            buffer_limit_closed: IntCounter::with_opts(opts(
+                "buffer_limit_connections_closed_total",
+                "Connections closed because the server held --max-buffered-bytes for frontends and their frontend was behind",
+            ))
+            .expect("valid"),
             unknown_packets: IntCounterVec::new(
                 opts(
                     "unknown_connection_packets_total",
@@ -150,6 +158,7 @@ impl Metrics {
             Box::new(m.dial_duration.clone()),
             Box::new(m.bytes.clone()),
             Box::new(m.stalled_closed.clone()),
+            Box::new(m.buffer_limit_closed.clone()),
             Box::new(m.unknown_packets.clone()),
             Box::new(m.agent_refused.clone()),
             Box::new(m.bad_packets.clone()),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use konnectivity_proto::table::TableError;
 use konnectivity_proto::{packet, DialReason};
-use konnectivity_runtime::flow::{ConnInbox, ConnInfo, Credit, Inbound};
+use konnectivity_runtime::flow::{ConnInbox, ConnInfo, Credit, Hold, Inbound};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::agent::AgentLink;
@@ -236,6 +236,14 @@ pub struct TunnelReceiver {
     inbox: ConnInbox,
     info: Arc<ConnInfo>,
     _guard: Arc<CloseGuard>,
+}
+
+impl TunnelReceiver {
+    /// The next chunk with its share of the server's held bytes, for a relay
+    /// that queues it again before the transport takes it.
+    pub async fn recv_held(&mut self) -> Option<(Bytes, Hold)> {
+        self.inbox.recv_held().await
+    }
 }
 
 impl Inbound for TunnelReceiver {

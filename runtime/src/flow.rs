@@ -30,9 +30,18 @@ pub const READ_CHUNK: usize = 128 * 1024;
 /// First read size; reads grow towards [`READ_CHUNK`] while they come back
 /// full, so an idle connection holds a small buffer and a busy one large reads.
 pub const FIRST_READ: usize = 8 * 1024;
-/// Packets a connection's inbound queue holds (bytes are bounded by the window
-/// when credit is on, by `QUEUE_PACKETS * max message size` otherwise).
+/// Packets a connection's inbound queue holds without flow control (bytes
+/// are bounded by `QUEUE_PACKETS * max message size` then).
 pub const QUEUE_PACKETS: usize = 64;
+/// With flow control, what a connection's inbound queue may hold, counting
+/// [`CHUNK_COST`] per chunk on top of its bytes: two windows. A correct peer
+/// stays within one window; a reader that is this far behind (or a peer
+/// that ignores its credit) gets the connection closed, never the shared
+/// stream held up.
+pub const QUEUE_BYTES: usize = 2 * WINDOW as usize;
+/// What one queued chunk costs besides its bytes (queue slot, buffer
+/// header), so that many tiny chunks count for what they take.
+pub const CHUNK_COST: usize = 128;
 /// Queued chunks of one connection that may be slices of a shared buffer.
 /// A chunk decoded from the shared stream is a slice of that stream's read
 /// buffer and keeps all of it alive; once a connection's writer is this far
@@ -219,9 +228,91 @@ pub enum Delivery {
     Queued,
     /// The connection is already gone; the chunk is dropped.
     Gone,
-    /// The queue stayed full for the whole stall timeout: the caller closes
-    /// this connection (and only this one).
+    /// The queue stayed full for the whole stall timeout (without flow
+    /// control), or holds [`QUEUE_BYTES`] (with it): the caller closes this
+    /// connection (and only this one).
     Stalled,
+    /// The process holds its limit of bytes for slow readers and this
+    /// connection's reader is behind (it has chunks waiting): the caller
+    /// closes this connection; the chunk is dropped.
+    OverLimit,
+}
+
+/// Bytes of tunnelled data a process holds for readers that have not taken
+/// them yet, over all its connections, against a limit. Each window bounds
+/// one connection, but not how many connections a peer opens and leaves
+/// unread; this bounds the sum.
+#[derive(Debug)]
+pub struct Held {
+    bytes: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl Held {
+    /// A counter with `limit` bytes (0: no limit).
+    pub fn new(limit: usize) -> Arc<Held> {
+        Arc::new(Held {
+            bytes: Default::default(),
+            limit,
+        })
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The limit (0: none).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn over(&self, more: usize) -> bool {
+        self.limit != 0 && self.bytes() + more > self.limit
+    }
+
+    fn hold(self: &Arc<Self>, n: usize) -> Hold {
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Hold(Some((self.clone(), n)))
+    }
+}
+
+/// A chunk in a connection's queue: its cost there, given back when it
+/// leaves, and its share of the [`Held`] count, which goes on with it.
+#[derive(Debug)]
+pub struct Queued {
+    hold: Hold,
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    cost: usize,
+}
+
+impl Queued {
+    /// The chunk leaves the queue; its share of the held count goes on.
+    fn taken(mut self) -> Hold {
+        std::mem::take(&mut self.hold)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.bytes
+            .fetch_sub(self.cost, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One chunk's share of a [`Held`] count, given back when dropped: it
+/// travels with the chunk until the chunk is handed to the transport.
+#[derive(Debug, Default)]
+pub struct Hold(Option<(Arc<Held>, usize)>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some((held, n)) = self.0.take() {
+            held.bytes
+                .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// What the admin endpoint shows about one dial or connection; both sides
@@ -325,11 +416,17 @@ pub struct Slot {
 #[derive(Debug, Clone)]
 pub struct ConnEntry {
     /// The connection's inbound queue.
-    pub tx: queue::Sender<Bytes>,
+    pub tx: queue::Sender<(Bytes, Queued)>,
     /// Credit for bytes this side sends on the connection.
     pub credit: Arc<Credit>,
     /// Cancelled to end the connection from the shared stream's side.
     pub kill: CancellationToken,
+    /// The process's count of bytes held for slow readers, if it keeps one.
+    pub held: Option<Arc<Held>>,
+    /// Flow control on: the queue is bounded by [`QUEUE_BYTES`].
+    flow: bool,
+    /// Bytes (and chunk costs) in the queue now.
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ConnEntry {
@@ -337,13 +434,32 @@ impl ConnEntry {
     /// the shared stream. A free slot is taken at once; a full queue holds the
     /// shared stream for at most `stall` (this only happens with a peer that
     /// has no flow control), after which the connection is declared stalled.
+    /// With a [`Held`] count at its limit, a connection that is behind is
+    /// declared over the limit instead of queueing more.
     pub async fn deliver(&self, data: Bytes, stall: std::time::Duration) -> Delivery {
-        let data = if self.tx.queued() >= PINNED_CHUNKS {
+        use std::sync::atomic::Ordering::Relaxed;
+        let queued = self.tx.queued();
+        let cost = data.len() + CHUNK_COST;
+        if self.flow && self.queued_bytes.load(Relaxed) + cost > QUEUE_BYTES {
+            return Delivery::Stalled;
+        }
+        let hold = match &self.held {
+            Some(held) if queued > 0 && held.over(cost) => return Delivery::OverLimit,
+            Some(held) => held.hold(cost),
+            None => Hold::default(),
+        };
+        let hold = Queued {
+            hold,
+            bytes: self.queued_bytes.clone(),
+            cost,
+        };
+        self.queued_bytes.fetch_add(cost, Relaxed);
+        let data = if queued >= PINNED_CHUNKS {
             Bytes::copy_from_slice(&data)
         } else {
             data
         };
-        let data = match self.tx.try_send(data) {
+        let data = match self.tx.try_send((data, hold)) {
             Ok(()) => return Delivery::Queued,
             Err(queue::TrySendError::Closed(_)) => return Delivery::Gone,
             Err(queue::TrySendError::Full(d)) => d,
@@ -363,7 +479,7 @@ impl ConnEntry {
 /// or the connection is killed, and the `WINDOW` grants owed as bytes go out.
 #[derive(Debug)]
 pub struct ConnInbox {
-    rx: queue::Receiver<Bytes>,
+    rx: queue::Receiver<(Bytes, Queued)>,
     kill: CancellationToken,
     /// `None` without flow control: nothing is ever granted.
     grants: Option<Grants>,
@@ -371,12 +487,20 @@ pub struct ConnInbox {
 
 impl ConnInbox {
     /// The next chunk, or `None` once the connection is closed or killed.
+    /// The chunk no longer counts as held.
     pub async fn recv(&mut self) -> Option<Bytes> {
-        tokio::select! {
+        self.recv_held().await.map(|(data, _)| data)
+    }
+
+    /// The next chunk with its share of the held count, for a relay that
+    /// queues it again before the transport takes it.
+    pub async fn recv_held(&mut self) -> Option<(Bytes, Hold)> {
+        let (data, queued) = tokio::select! {
             biased;
-            d = self.rx.recv() => d,
-            _ = self.kill.cancelled() => None,
-        }
+            d = self.rx.recv() => d?,
+            _ = self.kill.cancelled() => return None,
+        };
+        Some((data, queued.taken()))
     }
 
     /// Records `n` bytes written out; returns a grant to send when one is due.
@@ -387,9 +511,22 @@ impl ConnInbox {
 
 /// A new connection's two sides: a bounded queue of [`QUEUE_PACKETS`], one
 /// window of credit when `flow_control` is negotiated (unlimited otherwise),
-/// and `kill` to end it.
-pub fn connection(flow_control: bool, kill: CancellationToken) -> (ConnEntry, ConnInbox) {
-    let (tx, rx) = queue::queue(QUEUE_PACKETS);
+/// `kill` to end it, and the process's [`Held`] count if it keeps one.
+pub fn connection(
+    flow_control: bool,
+    kill: CancellationToken,
+    held: Option<Arc<Held>>,
+) -> (ConnEntry, ConnInbox) {
+    // With credit the window bounds the queue (in bytes, `QUEUE_BYTES`), so
+    // a queue of many small chunks never holds up the shared stream; without
+    // it, `QUEUE_PACKETS` and the stall timeout do.
+    let cap = if flow_control {
+        usize::MAX
+    } else {
+        QUEUE_PACKETS
+    };
+    let (tx, rx) = queue::queue(cap);
+    let queued_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let credit = Arc::new(if flow_control {
         Credit::new(WINDOW)
     } else {
@@ -399,6 +536,9 @@ pub fn connection(flow_control: bool, kill: CancellationToken) -> (ConnEntry, Co
         tx,
         credit,
         kill: kill.clone(),
+        held,
+        flow: flow_control,
+        queued_bytes,
     };
     let inbox = ConnInbox {
         rx,
@@ -456,7 +596,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lagging_connection_pins_few_shared_buffers() {
-        let (entry, mut inbox) = connection(true, CancellationToken::new());
+        let (entry, mut inbox) = connection(true, CancellationToken::new(), None);
         let shared = Bytes::from(vec![1u8; 64 * 1024]);
         let within = |b: &Bytes| {
             let range = shared.as_ptr() as usize..shared.as_ptr() as usize + shared.len();
@@ -480,6 +620,74 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, b)| b[..] == shared[i * 1024..(i + 1) * 1024]));
+    }
+
+    /// Many connections whose readers do not read: together they hold at
+    /// most the limit (plus one chunk each, the first, which a reader that
+    /// keeps up always gets); a reader that keeps up is never refused; bytes
+    /// taken out or dropped with a connection leave the count.
+    #[tokio::test]
+    async fn held_bytes_over_all_connections_stay_within_the_limit() {
+        let cost = 1024 + CHUNK_COST;
+        let held = Held::new(10 * cost);
+        let stall = std::time::Duration::from_secs(1);
+        let chunk = Bytes::from(vec![7u8; 1024]);
+        let mut conns: Vec<_> = (0..8)
+            .map(|_| connection(true, CancellationToken::new(), Some(held.clone())))
+            .collect();
+        let mut over = 0;
+        for _ in 0..4 {
+            for (entry, _) in &conns {
+                match entry.deliver(chunk.clone(), stall).await {
+                    Delivery::Queued => {}
+                    Delivery::OverLimit => over += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert!(held.bytes() <= 10 * cost, "{} held", held.bytes());
+        assert_eq!(over, 32 - 10);
+        // A reader that keeps up: its queue is empty, so it is served even
+        // at the limit.
+        let (entry, inbox) = &mut conns[0];
+        while entry.tx.queued() > 0 {
+            inbox.recv().await.unwrap();
+        }
+        for _ in 0..100 {
+            assert_eq!(entry.deliver(chunk.clone(), stall).await, Delivery::Queued);
+            inbox.recv().await.unwrap();
+        }
+        // A chunk handed on with its share still counts until dropped.
+        entry.deliver(chunk.clone(), stall).await;
+        let before = held.bytes();
+        let (_, share) = inbox.recv_held().await.unwrap();
+        assert_eq!(held.bytes(), before);
+        drop(share);
+        assert_eq!(held.bytes(), before - cost);
+        // Dropping the connections gives back what they held.
+        conns.clear();
+        assert_eq!(held.bytes(), 0);
+    }
+
+    /// With flow control, a queue of many small chunks never holds up the
+    /// caller (the shared stream): it takes them at once up to
+    /// `QUEUE_BYTES`, counting each chunk's cost, then says the connection
+    /// is stalled, at once. Taking chunks out makes room again.
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_of_small_chunks_is_bounded_in_bytes_and_never_waits() {
+        let (entry, mut inbox) = connection(true, CancellationToken::new(), None);
+        let stall = std::time::Duration::from_secs(5);
+        let start = tokio::time::Instant::now();
+        let tiny = Bytes::from_static(b"log line\n");
+        let fits = QUEUE_BYTES / (tiny.len() + CHUNK_COST);
+        for _ in 0..fits {
+            assert_eq!(entry.deliver(tiny.clone(), stall).await, Delivery::Queued);
+        }
+        assert!(fits > QUEUE_PACKETS * 10);
+        assert_eq!(entry.deliver(tiny.clone(), stall).await, Delivery::Stalled);
+        assert_eq!(start.elapsed(), std::time::Duration::ZERO, "deliver waited");
+        inbox.recv().await.unwrap();
+        assert_eq!(entry.deliver(tiny.clone(), stall).await, Delivery::Queued);
     }
 
     #[tokio::test]

@@ -29,14 +29,20 @@ struct Spawned {
     agent_addr: SocketAddr,
     health: SocketAddr,
     uds: std::path::PathBuf,
-    _good: Agent,
+    _good: Proc,
 }
 
 impl Spawned {
     /// A server process with one correct agent connected.
     async fn start(pki: &Pki) -> Spawned {
+        Self::start_with(pki, &[]).await
+    }
+
+    /// [`Spawned::start`] with extra server flags.
+    async fn start_with(pki: &Pki, extra: &[&str]) -> Spawned {
         let uds = pki.path("hostile.sock");
-        let proc = Proc::spawn(&[], &Server::args(pki, "grpc", Listen::Uds, &uds, &[]));
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let proc = Proc::spawn(&[], &Server::args(pki, "grpc", Listen::Uds, &uds, &extra));
         let field = |f: &'static str| {
             let proc = &proc;
             async move {
@@ -48,7 +54,7 @@ impl Spawned {
         };
         let agent_addr = field("agent").await;
         let health = field("health").await;
-        let good = Agent::start(pki, agent_addr, "good", &[]).await;
+        let good = Proc::spawn(&[], &Agent::args(pki, agent_addr, "good", &[]));
         let s = Spawned {
             proc,
             agent_addr,
@@ -287,4 +293,97 @@ async fn a_frontend_flooding_unknown_connections_is_cut_off() {
         .await;
     assert_eq!(s.cut_offs("frontend", "unknown_connection").await, 1.0);
     witness.round_trip(1).await;
+}
+
+/// A frontend opens 300 downloads of 8 MiB each and never reads one
+/// byte of them. Each connection's window (1 MiB) bounds it alone; the sum
+/// is bounded by `--max-buffered-bytes`: connections whose frontend is behind
+/// are closed once the server holds that much, counted and logged, and a
+/// frontend that reads is served throughout.
+#[tokio::test]
+async fn a_frontend_that_never_reads_hundreds_of_downloads_is_held_to_the_buffer_limit() {
+    init_logs();
+    const DIALS: i64 = 300;
+    const LIMIT_MIB: u64 = 64;
+    let pki = Pki::new();
+    let limit = format!("--max-buffered-bytes={}", LIMIT_MIB << 20);
+    let s = Spawned::start_with(&pki, &[&limit]).await;
+    let mut witness = Witness::open(&s).await;
+    let (_, peak_before) = s.memory();
+    let bulk = dest::bulk("bulk").await.to_string();
+
+    let ch = client::grpc_uds(&s.uds).await;
+    let mut raw = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
+    let (tx, rx) = mpsc::channel(1024);
+    let mut inbound = raw
+        .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("frontend stream")
+        .into_inner();
+    for random in 1..=DIALS {
+        tx.send(packet::dial_request(&bulk, random)).await.unwrap();
+    }
+    // Read the answers (no data flows before the requests), then ask every
+    // connection for 8 MiB and read nothing more.
+    let mut ids = Vec::new();
+    while ids.len() < DIALS as usize {
+        let p = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures::StreamExt::next(&mut inbound),
+        )
+        .await
+        .expect("dial answers")
+        .expect("stream")
+        .expect("packet");
+        if let Ok(konnectivity_proto::Message::DialResponse {
+            connect_id, error, ..
+        }) = konnectivity_proto::Message::from_packet(p)
+        {
+            assert!(error.is_empty(), "{error}");
+            ids.push(connect_id);
+        }
+    }
+    for id in &ids {
+        let get = format!("GET {} {id}\n", 8 << 20);
+        tx.send(packet::data(*id, Bytes::from(get))).await.unwrap();
+    }
+    let closed = tests::eventually(
+        Duration::from_secs(30),
+        "connections closed at the buffer limit",
+        || async {
+            let n = s
+                .metric(
+                    "konnectivity_network_proxy_server_buffer_limit_connections_closed_total",
+                    &[],
+                )
+                .await;
+            (n > 0.0).then_some(n)
+        },
+    )
+    .await;
+    // Let the downloads that are still open fill whatever they can.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 1..=5 {
+        witness.round_trip(i).await;
+    }
+    let (_, peak_after) = s.memory();
+    let grown = peak_after.saturating_sub(peak_before);
+    eprintln!(
+        "{DIALS} unread downloads: {closed} connections closed at the limit, peak memory +{grown} KiB"
+    );
+    s.proc
+        .wait_log(
+            &["holds its limit of bytes for frontends"],
+            Duration::from_secs(10),
+        )
+        .await;
+    // The limit, the frontend stream's own queue (64 packets of at most
+    // 128 KiB), HTTP/2's windows towards it, and per-connection state.
+    let bound = (LIMIT_MIB + 8 + 16 + 24) << 10;
+    assert!(
+        grown < bound,
+        "peak memory grew by {grown} KiB, over {bound} KiB"
+    );
+    drop(inbound);
+    drop(tx);
 }

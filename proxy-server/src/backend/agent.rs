@@ -40,6 +40,9 @@ pub struct LinkSettings {
     pub max_pending: usize,
     /// Connections allowed.
     pub max_conns: usize,
+    /// Bytes held for frontends over all connections, against
+    /// `--max-buffered-bytes`.
+    pub held: Arc<flow::Held>,
 }
 
 /// A dial waiting for its `DIAL_RSP`.
@@ -109,6 +112,8 @@ pub struct AgentLink {
     /// Bytes of DATA to the agent.
     pub bytes_to_agent: AtomicU64,
     draining: AtomicBool,
+    /// The reading task is handling a packet (not waiting for the agent).
+    busy: AtomicBool,
     load: AtomicUsize,
     out: mpsc::Sender<Packet>,
     later: Mutex<Later>,
@@ -139,6 +144,7 @@ impl AgentLink {
             bytes_from_agent: AtomicU64::new(0),
             bytes_to_agent: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
             load: AtomicUsize::new(0),
             out,
             later: Mutex::default(),
@@ -169,6 +175,13 @@ impl AgentLink {
     /// Pending dials plus open connections: used to spread load.
     pub fn load(&self) -> usize {
         self.load.load(Ordering::Relaxed)
+    }
+
+    /// Has the agent been silent for longer than `limit`? Time the reading
+    /// task spends handling a packet (waiting on this server's own queues)
+    /// does not count as the agent's silence.
+    pub fn silent_for(&self, limit: Duration) -> bool {
+        !self.busy.load(Ordering::Relaxed) && self.liveness.since_last() > limit
     }
 
     /// Notes that a packet arrived, and reads it.
@@ -360,6 +373,7 @@ impl AgentLink {
             };
             match next {
                 Some(Ok(p)) => {
+                    self.busy.store(true, Ordering::Relaxed);
                     let mistake = match self.seen(p) {
                         Ok(m) => self.dispatch(m).await,
                         Err(e) => {
@@ -374,6 +388,9 @@ impl AgentLink {
                             Some(Mistake::Malformed)
                         }
                     };
+                    // Handled: the agent's silence counts from now.
+                    self.liveness.seen();
+                    self.busy.store(false, Ordering::Relaxed);
                     if let Some(mistake) = mistake {
                         if !budget.charge(Instant::now()) {
                             self.cut_off(mistake, budget.total());
@@ -563,7 +580,11 @@ impl AgentLink {
             }));
             return None;
         }
-        let (conn, inbox) = flow::connection(self.flow, CancellationToken::new());
+        let (conn, inbox) = flow::connection(
+            self.flow,
+            CancellationToken::new(),
+            Some(self.settings.held.clone()),
+        );
         let (credit, kill) = (conn.credit.clone(), conn.kill.clone());
         let info = pending.value.info.clone();
         let slot = Slot {
@@ -609,14 +630,28 @@ impl AgentLink {
             return mistake;
         };
         let stall = self.settings.stall_timeout;
-        if slot.deliver(data, stall).await == flow::Delivery::Stalled {
-            warn!(
-                connect_id,
-                stall_timeout = ?stall,
-                "frontend stopped reading; closing only this connection"
-            );
-            self.settings.metrics.stalled_closed.inc();
-            self.remove_conn(connect_id, true);
+        match slot.deliver(data, stall).await {
+            flow::Delivery::Queued | flow::Delivery::Gone => {}
+            flow::Delivery::Stalled => {
+                warn!(
+                    connect_id,
+                    stall_timeout = ?stall,
+                    "frontend stopped reading; closing only this connection"
+                );
+                self.settings.metrics.stalled_closed.inc();
+                self.remove_conn(connect_id, true);
+            }
+            flow::Delivery::OverLimit => {
+                let held = &self.settings.held;
+                warn!(
+                    connect_id,
+                    held_bytes = held.bytes(),
+                    max_buffered_bytes = held.limit(),
+                    "server holds its limit of bytes for frontends and this connection's frontend is behind; closing only this connection"
+                );
+                self.settings.metrics.buffer_limit_closed.inc();
+                self.remove_conn(connect_id, true);
+            }
         }
         None
     }
@@ -633,6 +668,7 @@ mod tests {
             stall_timeout: Duration::from_secs(5),
             max_pending: 16,
             max_conns: 16,
+            held: flow::Held::new(0),
         };
         let l = AgentLink::new(
             1,

@@ -232,7 +232,7 @@ async fn heartbeat(link: Arc<AgentLink>, silent: CancellationToken) {
             _ = tick.tick() => {}
             _ = link.closed.cancelled() => return,
         }
-        if link.liveness.since_last() > watchdog {
+        if link.silent_for(watchdog) {
             warn!(silence = ?watchdog, "no heartbeat answer from agent; dropping the stream");
             silent.cancel();
             return;

@@ -13,7 +13,7 @@ use konnectivity_proto::budget::{Budget, Mistake};
 use konnectivity_proto::grpc::{self, Incoming, Replies};
 use konnectivity_proto::table::RecentlyClosed;
 use konnectivity_proto::{metadata, packet, Message, Packet};
-use konnectivity_runtime::flow::Inbound;
+use konnectivity_runtime::flow::{Hold, Inbound};
 use konnectivity_runtime::queue;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -33,6 +33,23 @@ const OUT_QUEUE: usize = 64;
 /// Connection ids of one frontend stream remembered after they close, so
 /// the frontend's packets in flight for them are not taken for mistakes.
 const RECENT: usize = 64;
+
+/// Packets towards one frontend stream; `DATA` carries its share of the
+/// server's held bytes (`--max-buffered-bytes`) until HTTP/2 takes it.
+#[derive(Clone)]
+struct Out(queue::Sender<(Packet, Hold)>);
+
+impl Out {
+    /// Queues a control packet (or DATA whose bytes are not counted).
+    async fn send(&self, p: Packet) -> Result<(), ()> {
+        self.0.send((p, Hold::default())).await.map_err(drop)
+    }
+
+    /// Queues DATA that still counts as held.
+    async fn send_held(&self, p: Packet, held: Hold) -> Result<(), ()> {
+        self.0.send((p, held)).await.map_err(drop)
+    }
+}
 
 /// The gRPC frontend service.
 pub struct GrpcFrontend {
@@ -60,7 +77,7 @@ impl grpc::Handler for GrpcFrontend {
         let stream = FrontendStream {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
-            out: out_tx,
+            out: Out(out_tx),
             gone: self.stop.child_token(),
             book: Arc::default(),
             typed_reasons: metadata::has_feature(features, metadata::FEATURE_DIAL_REASON),
@@ -68,8 +85,10 @@ impl grpc::Handler for GrpcFrontend {
         let span = tracing::debug_span!("frontend", mode = "grpc");
         let fut = stream.serve(req.into_inner()).instrument(span);
         tokio::spawn(fut);
+        // A DATA packet's share of the server's held bytes ends here, where
+        // HTTP/2 takes it (within the frontend's flow-control window).
         let replies = futures::stream::unfold(out_rx, |mut rx| async move {
-            rx.recv().await.map(|p| (Ok(p), rx))
+            rx.recv().await.map(|(p, _held)| (Ok(p), rx))
         });
         let replies: Replies = Box::pin(replies);
         Ok(Response::new(replies))
@@ -126,7 +145,7 @@ impl Drop for Registered {
 struct FrontendStream {
     registry: Arc<AgentRegistry>,
     metrics: Metrics,
-    out: queue::Sender<Packet>,
+    out: Out,
     /// Cancelled when the frontend stream ends: every dial and connection of
     /// it is then abandoned or closed.
     gone: CancellationToken,
@@ -311,7 +330,7 @@ impl FrontendStream {
 /// One dial of a frontend stream, then its connection's agent-to-frontend pump.
 struct Dial {
     registry: Arc<AgentRegistry>,
-    out: queue::Sender<Packet>,
+    out: Out,
     book: SharedBook,
     cancel: CancellationToken,
     address: String,
@@ -410,15 +429,15 @@ impl Dial {
         tokio::pin!(give_up);
         loop {
             let chunk = tokio::select! {
-                c = rx.recv() => c,
+                c = rx.recv_held() => c,
                 _ = self.cancel.cancelled() => None,
                 _ = &mut give_up => None,
             };
-            let Some(chunk) = chunk else { break };
+            let Some((chunk, held)) = chunk else { break };
             let n = chunk.len();
             if self
                 .out
-                .send(packet::data(connect_id, chunk))
+                .send_held(packet::data(connect_id, chunk), held)
                 .await
                 .is_err()
             {
