@@ -8,6 +8,7 @@
 //! - [`table`]: the per-stream dial/connection state machine (pending dial ->
 //!   established connection -> closed) both binaries key their state with.
 //! - [`budget`]: how many protocol mistakes a peer may make before it is cut off.
+//! - [`goaway`]: finds the `GOAWAY` frames (and their error codes) in what an HTTP/2 server writes.
 //! - [`grpc`]: `Packet` streams straight on HTTP/2 bodies (no codec copies),
 //!   served through tonic's router and opened on tonic's `Channel`.
 //! - [`authority`]: the `:authority` rewriter for gRPC on the Unix socket (HTTP/2
@@ -20,6 +21,7 @@
 pub mod authority;
 pub mod budget;
 pub mod connect;
+pub mod goaway;
 pub mod grpc;
 pub mod ids;
 pub mod metadata;

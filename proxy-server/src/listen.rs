@@ -7,7 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::frontend::authority::AuthorityFix;
+use crate::metrics::Metrics;
 
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -193,4 +194,99 @@ pub fn unix_grpc_incoming(
         }
     });
     rx
+}
+
+/// An accepted connection whose outgoing HTTP/2 frames are watched: when the
+/// HTTP/2 library ends it with an error `GOAWAY` (rapid stream resets, an
+/// endless header block, a protocol violation), or the `:authority`
+/// rewriter refuses its header block, the server says so in its log, with
+/// the peer and the reason, and counts it in
+/// `http2_connection_errors_total{listener,reason}`.
+pub struct Watched<S> {
+    inner: S,
+    watch: konnectivity_proto::goaway::GoawayWatch,
+    listener: &'static str,
+    peer: String,
+    metrics: Metrics,
+}
+
+impl<S> Watched<S> {
+    /// Watches `inner`, a connection of `listener` from `peer`.
+    pub fn new(inner: S, listener: &'static str, peer: String, metrics: Metrics) -> Self {
+        Self {
+            inner,
+            watch: Default::default(),
+            listener,
+            peer,
+            metrics,
+        }
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Watched<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let r = ready!(Pin::new(&mut this.inner).poll_read(cx, buf));
+        if let Err(e) = &r {
+            // The `:authority` rewriter refuses a header block past its
+            // bounds (an endless CONTINUATION chain, an HPACK bomb).
+            if e.kind() == io::ErrorKind::InvalidData {
+                this.metrics
+                    .http2_errors
+                    .with_label_values(&[this.listener, "INVALID_HEADER_BLOCK"])
+                    .inc();
+                warn!(
+                    listener = this.listener,
+                    peer = %this.peer,
+                    error = %e,
+                    "HTTP/2 connection ended by the server: invalid header block"
+                );
+            }
+        }
+        Poll::Ready(r)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        for code in this.watch.wrote(&buf[..n]) {
+            if code != konnectivity_proto::goaway::NO_ERROR {
+                let reason = konnectivity_proto::goaway::reason(code);
+                this.metrics
+                    .http2_errors
+                    .with_label_values(&[this.listener, reason])
+                    .inc();
+                warn!(
+                    listener = this.listener,
+                    peer = %this.peer,
+                    reason,
+                    "HTTP/2 connection ended by the server for a protocol error (GOAWAY)"
+                );
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

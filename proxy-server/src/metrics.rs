@@ -44,8 +44,9 @@ pub struct Metrics {
     /// Agent and frontend streams ended because they spent their budget of
     /// protocol mistakes, by peer (`agent`, `frontend`) and mistake.
     pub peers_cut_off: IntCounterVec,
-    /// HTTP/2 connections that ended with a protocol or I/O error, by
-    /// listener (`agent`, `frontend`).
+    /// HTTP/2 connections the server ended for a protocol error, by listener
+    /// (`agent`, `frontend`) and reason (the `GOAWAY` error code's name, or
+    /// `INVALID_HEADER_BLOCK`).
     pub http2_errors: IntCounterVec,
 }
 
@@ -142,9 +143,9 @@ impl Metrics {
             http2_errors: IntCounterVec::new(
                 opts(
                     "http2_connection_errors_total",
-                    "HTTP/2 connections ended by a protocol or I/O error, by listener",
+                    "HTTP/2 connections the server ended for a protocol error, by listener and reason",
                 ),
-                &["listener"],
+                &["listener", "reason"],
             )
             .expect("valid"),
             registry: registry.clone(),

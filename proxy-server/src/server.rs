@@ -296,7 +296,9 @@ impl BoundServer {
             .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
             .add_service(GrpcService::new(endpoint, MAX_MESSAGE))
             .serve_with_incoming_shutdown(
-                ReceiverStream::new(agent_incoming),
+                watched(agent_incoming, "agent", metrics.clone(), |c| {
+                    c.info().remote_addr.to_string()
+                }),
                 stop_all.clone().cancelled_owned(),
             );
         let agent_task = tokio::spawn(agent_server);
@@ -327,11 +329,13 @@ impl BoundServer {
                 match listener {
                     FrontendListener::Unix(l, _) => {
                         let incoming = listen::unix_grpc_incoming(l, frontend_stop.clone());
+                        let incoming =
+                            watched(incoming, "frontend", metrics.clone(), |_| "unix".into());
                         let mut b = builder;
                         tokio::spawn(async move {
                             b.add_service(svc)
                                 .serve_with_incoming_shutdown(
-                                    ReceiverStream::new(incoming),
+                                    incoming,
                                     frontend_stop.cancelled_owned(),
                                 )
                                 .await
@@ -345,11 +349,14 @@ impl BoundServer {
                             frontend_stop.clone(),
                             None,
                         );
+                        let incoming = watched(incoming, "frontend", metrics.clone(), |c| {
+                            c.info().remote_addr.to_string()
+                        });
                         let mut b = builder;
                         tokio::spawn(async move {
                             b.add_service(svc)
                                 .serve_with_incoming_shutdown(
-                                    ReceiverStream::new(incoming),
+                                    incoming,
                                     frontend_stop.cancelled_owned(),
                                 )
                                 .await
@@ -438,6 +445,23 @@ impl BoundServer {
         info!("proxy-server stopped");
         Ok(())
     }
+}
+
+/// Accepted connections, each wrapped so that an HTTP/2 error `GOAWAY` the
+/// server sends on it is logged and counted ([`listen::Watched`]).
+fn watched<S>(
+    incoming: tokio::sync::mpsc::Receiver<Result<S, std::io::Error>>,
+    listener: &'static str,
+    metrics: Metrics,
+    peer: impl Fn(&S) -> String + Send + 'static,
+) -> impl futures::Stream<Item = Result<listen::Watched<S>, std::io::Error>> {
+    use futures::StreamExt;
+    ReceiverStream::new(incoming).map(move |r| {
+        r.map(|conn| {
+            let who = peer(&conn);
+            listen::Watched::new(conn, listener, who, metrics.clone())
+        })
+    })
 }
 
 fn self_frontend_path(cfg: &Config) -> FrontendAddr {
