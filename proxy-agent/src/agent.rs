@@ -50,7 +50,8 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundAgent> {
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
         let alpn: Vec<&[u8]> = config.server.alpn.iter().map(Vec::as_slice).collect();
-        tls::client_config(&config.server.ca_cert, id, &alpn).context("agent TLS")?
+        tls::Reloading::client("server connection", &config.server.ca_cert, id, &alpn)
+            .context("agent TLS")?
     };
     let health = TcpListener::bind(&config.health_addr)
         .await

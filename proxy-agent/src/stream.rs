@@ -47,7 +47,7 @@ pub struct Settings {
     /// Configuration.
     pub config: Config,
     /// TLS towards the server.
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: Arc<konnectivity_runtime::tls::Reloading<rustls::ClientConfig>>,
     /// Metrics.
     pub metrics: Metrics,
     /// Recent dial and stream failures, for the admin endpoint.
@@ -147,7 +147,8 @@ async fn channel(s: &Settings) -> Result<Channel, OpenError> {
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(grpc::MAX_FRAME)
         .tcp_nodelay(true);
-    let tls = tokio_rustls::TlsConnector::from(s.tls.clone());
+    // Certificates rotated on disk apply from the next connection.
+    let tls = tokio_rustls::TlsConnector::from(s.tls.current());
     let user_timeout = cfg.keepalive_time.min(cfg.keepalive_timeout * 2);
     let connector = tower::service_fn(move |_uri: http::Uri| {
         let tls = tls.clone();

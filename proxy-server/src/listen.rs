@@ -110,13 +110,12 @@ pub type OnRefused = Arc<dyn Fn(SocketAddr, &str) + Send + Sync>;
 /// to the returned queue.
 pub fn tls_incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    config: Arc<konnectivity_runtime::tls::Reloading<rustls::ServerConfig>>,
     role: &'static str,
     stop: CancellationToken,
     on_refused: Option<OnRefused>,
 ) -> mpsc::Receiver<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
@@ -131,7 +130,8 @@ pub fn tls_incoming(
                 return;
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            // Certificates rotated on disk apply from the next handshake.
+            let acceptor = TlsAcceptor::from(config.current());
             let tx = tx.clone();
             let on_refused = on_refused.clone();
             tokio::spawn(async move {

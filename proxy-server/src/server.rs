@@ -49,7 +49,7 @@ pub enum FrontendAddr {
 
 enum FrontendListener {
     Unix(UnixListener, PathBuf),
-    Tcp(TcpListener, Arc<rustls::ServerConfig>),
+    Tcp(TcpListener, Arc<tls::Reloading<rustls::ServerConfig>>),
 }
 
 /// A server whose listeners are bound; [`BoundServer::run`] serves them.
@@ -57,7 +57,7 @@ pub struct BoundServer {
     config: Config,
     frontend: FrontendListener,
     agent: TcpListener,
-    agent_tls: Arc<rustls::ServerConfig>,
+    agent_tls: Arc<tls::Reloading<rustls::ServerConfig>>,
     health: TcpListener,
     admin: Option<TcpListener>,
     metrics: Metrics,
@@ -126,7 +126,8 @@ fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener>
 
 /// Binds every listener of `config`. Fails before anything is served.
 pub async fn bind(config: Config) -> anyhow::Result<BoundServer> {
-    let agent_tls = tls::server_config(&config.agent_tls, &[b"h2"]).context("agent TLS")?;
+    let agent_tls = tls::Reloading::server("agent listener", &config.agent_tls, &[b"h2"])
+        .context("agent TLS")?;
     let frontend = match &config.frontend {
         FrontendListen::Unix {
             path,
@@ -146,7 +147,8 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundServer> {
                 Mode::Grpc => &[b"h2"],
                 Mode::HttpConnect => &[b"http/1.1"],
             };
-            let cfg = tls::server_config(files, alpn).context("frontend TLS")?;
+            let cfg =
+                tls::Reloading::server("frontend listener", files, alpn).context("frontend TLS")?;
             FrontendListener::Tcp(tcp(addr, "frontend").await?, cfg)
         }
     };

@@ -191,3 +191,168 @@ pub fn client_config(
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
+
+/// How often a [`Reloading`] configuration looks at its files, at most.
+pub const RELOAD_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+type Build<C> = Box<dyn Fn() -> Result<Arc<C>, TlsError> + Send + Sync>;
+
+/// A configuration built from files and rebuilt when one of them changes on
+/// disk (a rotated certificate, key or CA bundle, including a Kubernetes
+/// Secret's symlink swap). Each new connection takes the configuration of
+/// the moment; open connections keep theirs. A change that does not build
+/// (a certificate written before its key) is logged and the previous
+/// configuration stays until the files build again.
+pub struct Reloading<C> {
+    what: &'static str,
+    files: Vec<PathBuf>,
+    build: Build<C>,
+    state: std::sync::Mutex<ReloadState<C>>,
+}
+
+struct ReloadState<C> {
+    current: Arc<C>,
+    /// What the files looked like when `current` was built (or last failed).
+    seen: Vec<Option<(std::time::SystemTime, u64)>>,
+    looked: std::time::Instant,
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+impl<C> Reloading<C> {
+    /// Builds the configuration now (an error is a start-up error) and keeps
+    /// `build` to rebuild it when one of `files` changes.
+    pub fn new(
+        what: &'static str,
+        files: Vec<PathBuf>,
+        build: impl Fn() -> Result<Arc<C>, TlsError> + Send + Sync + 'static,
+    ) -> Result<Arc<Self>, TlsError> {
+        let seen = stamps(&files);
+        let current = build()?;
+        Ok(Arc::new(Self {
+            what,
+            files,
+            build: Box::new(build),
+            state: std::sync::Mutex::new(ReloadState {
+                current,
+                seen,
+                looked: std::time::Instant::now(),
+            }),
+        }))
+    }
+
+    /// The configuration for a new connection, rebuilt first if a file
+    /// changed since the last look (looked at most every [`RELOAD_CHECK`]).
+    pub fn current(&self) -> Arc<C> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.looked.elapsed() < RELOAD_CHECK {
+            return st.current.clone();
+        }
+        st.looked = std::time::Instant::now();
+        let now = stamps(&self.files);
+        if now == st.seen {
+            return st.current.clone();
+        }
+        st.seen = now;
+        match (self.build)() {
+            Ok(c) => {
+                tracing::info!(
+                    what = self.what,
+                    "TLS files changed on disk; reloaded for new connections"
+                );
+                st.current = c;
+            }
+            Err(e) => {
+                tracing::warn!(what = self.what, error = %e, "TLS files changed on disk but do not load; new connections keep the previous ones");
+            }
+        }
+        st.current.clone()
+    }
+}
+
+impl Reloading<ServerConfig> {
+    /// A reloading [`server_config`].
+    pub fn server(
+        what: &'static str,
+        files: &ServerTlsFiles,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<Self>, TlsError> {
+        let mut paths = vec![files.cert.clone(), files.key.clone()];
+        paths.extend(files.client_ca.clone());
+        let files = files.clone();
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        Self::new(what, paths, move || {
+            let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+            server_config(&files, &alpn)
+        })
+    }
+}
+
+impl Reloading<ClientConfig> {
+    /// A reloading [`client_config`].
+    pub fn client(
+        what: &'static str,
+        ca: &Path,
+        identity: Option<(&Path, &Path)>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<Self>, TlsError> {
+        let ca = ca.to_path_buf();
+        let identity = identity.map(|(c, k)| (c.to_path_buf(), k.to_path_buf()));
+        let mut paths = vec![ca.clone()];
+        if let Some((c, k)) = &identity {
+            paths.extend([c.clone(), k.clone()]);
+        }
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        Self::new(what, paths, move || {
+            let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+            let id = identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+            client_config(&ca, id, &alpn)
+        })
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_file_is_rebuilt_once_and_a_broken_one_keeps_the_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("material");
+        std::fs::write(&file, "1").unwrap();
+        let f = file.clone();
+        let r = Reloading::new("test", vec![file.clone()], move || {
+            let text = std::fs::read_to_string(&f).unwrap();
+            text.trim()
+                .parse::<u32>()
+                .map(Arc::new)
+                .map_err(|_| TlsError::Empty {
+                    role: "test",
+                    path: f.clone(),
+                    want: "a number",
+                })
+        })
+        .unwrap();
+        assert_eq!(*r.current(), 1);
+        // The lengths differ each time: two writes can share an mtime.
+        let later = |r: &Reloading<u32>| {
+            r.state.lock().unwrap().looked -= RELOAD_CHECK;
+            *r.current()
+        };
+        std::fs::write(&file, "22").unwrap();
+        assert_eq!(later(&r), 22);
+        std::fs::write(&file, "not yet").unwrap();
+        assert_eq!(later(&r), 22, "a broken file keeps the previous one");
+        std::fs::write(&file, "333").unwrap();
+        assert_eq!(later(&r), 333);
+        assert_eq!(later(&r), 333);
+    }
+}

@@ -215,7 +215,7 @@ pub async fn fake_server(pki: &Pki, headers: Vec<(&'static str, &'static str)>) 
         key: pki.server.key.clone(),
         client_ca: None,
     };
-    let cfg = konnectivity_runtime::tls::server_config(&files, &[b"h2"]).expect("tls");
+    let cfg = konnectivity_runtime::tls::Reloading::server("fake", &files, &[b"h2"]).expect("tls");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
