@@ -8,6 +8,7 @@
 
 mod cluster;
 mod setup;
+mod soak;
 mod workloads;
 
 use std::sync::Arc;
@@ -22,7 +23,9 @@ use setup::{Binaries, Impl, SetupKind};
 struct Args {
     /// What to run: all, or a comma-separated list of throughput, latency,
     /// concurrency, churn, isolation; or `cluster` alone: kubectl through
-    /// each tunnel on a real control plane (needs `KUBE_E2E_BIN` and root)
+    /// each tunnel on a real control plane (needs `KUBE_E2E_BIN` and root);
+    /// or `soak` alone: ours for `--soak-duration` under churn and restarts,
+    /// sampling memory, descriptors and tasks
     /// (`dest` is internal: the destination servers' own process).
     #[arg(default_value = "all")]
     what: String,
@@ -80,6 +83,18 @@ struct Args {
     /// `cluster`: MB downloaded through `kubectl port-forward`.
     #[arg(long, default_value_t = 100)]
     cluster_port_forward_mb: usize,
+    /// `soak`: how long.
+    #[arg(long, default_value = "30m", value_parser = konnectivity_runtime::duration::parse)]
+    soak_duration: Duration,
+    /// `soak`: between samples.
+    #[arg(long, default_value = "10s", value_parser = konnectivity_runtime::duration::parse)]
+    soak_sample: Duration,
+    /// `soak`: between restarts of the churned agent.
+    #[arg(long, default_value = "1m", value_parser = konnectivity_runtime::duration::parse)]
+    soak_agent_restart: Duration,
+    /// `soak`: between server restarts.
+    #[arg(long, default_value = "10m", value_parser = konnectivity_runtime::duration::parse)]
+    soak_server_restart: Duration,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results.json")]
     json: String,
@@ -174,6 +189,25 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         let out = json!({"machine": machine(), "cluster": rows});
+        std::fs::write(&a.json, serde_json::to_string_pretty(&out)?)?;
+        eprintln!("JSON written to {}", a.json);
+        return Ok(());
+    }
+    if a.what == "soak" {
+        let bins = Binaries::prepare(false)?;
+        let pki = tests::pki::Pki::new();
+        let (dests, _dest_proc) = workloads::spawn_dests().await?;
+        let plan = soak::Plan {
+            duration: a.soak_duration,
+            sample: a.soak_sample,
+            agent_restart_every: a.soak_agent_restart,
+            server_restart_every: a.soak_server_restart,
+            workers: 8,
+            streams: 4,
+        };
+        let result = soak::run(&plan, &bins, &pki, dests.echo).await?;
+        soak::print(&result);
+        let out = json!({"machine": machine(), "soak": result});
         std::fs::write(&a.json, serde_json::to_string_pretty(&out)?)?;
         eprintln!("JSON written to {}", a.json);
         return Ok(());

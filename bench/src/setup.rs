@@ -115,7 +115,7 @@ pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
 
 pub use tests::process::rss_kib;
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     for _ in 0..200 {
         let port = 20000 + (std::process::id() as u16 ^ rand_u16()) % 12000;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
@@ -186,7 +186,7 @@ impl Binaries {
     }
 }
 
-fn spawn(bin: &Path, args: &[String], capture: bool) -> anyhow::Result<Child> {
+pub(crate) fn spawn(bin: &Path, args: &[String], capture: bool) -> anyhow::Result<Child> {
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .stdin(Stdio::null())
@@ -214,7 +214,7 @@ async fn http_ok(addr: &str, path: &str) -> bool {
     out.starts_with(b"HTTP/1.1 200")
 }
 
-async fn wait_ready(health: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(health: &str) -> anyhow::Result<()> {
     for _ in 0..600 {
         if http_ok(health, "/readyz").await {
             return Ok(());

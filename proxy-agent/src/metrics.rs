@@ -108,7 +108,7 @@ impl Metrics {
             .expect("valid"),
             registry: registry.clone(),
         };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.open_server_connections.clone()),
             Box::new(m.known_server_count.clone()),
             Box::new(m.open_endpoint_connections.clone()),
@@ -120,6 +120,10 @@ impl Metrics {
             Box::new(m.stalled_closed.clone()),
             Box::new(m.unknown_packets.clone()),
         ];
+        // Memory, descriptors and tokio tasks of the process itself.
+        collectors.push(Box::new(
+            konnectivity_runtime::process::ProcessCollector::new(),
+        ));
         for c in collectors {
             registry.register(c).expect("metric names are unique");
         }

@@ -150,7 +150,7 @@ impl Metrics {
             .expect("valid"),
             registry: registry.clone(),
         };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.ready_backend_connections.clone()),
             Box::new(m.pending_dials.clone()),
             Box::new(m.established_connections.clone()),
@@ -167,6 +167,10 @@ impl Metrics {
             Box::new(m.peers_cut_off.clone()),
             Box::new(m.http2_errors.clone()),
         ];
+        // Memory, descriptors and tokio tasks of the process itself.
+        collectors.push(Box::new(
+            konnectivity_runtime::process::ProcessCollector::new(),
+        ));
         for c in collectors {
             registry.register(c).expect("metric names are unique");
         }

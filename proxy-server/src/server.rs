@@ -423,7 +423,14 @@ impl BoundServer {
         }
         let deadline = tokio::time::Instant::now() + cfg.grace_period;
         loop {
-            let open = metrics.established_connections.get() + metrics.pending_dials.get();
+            // A frontend connection may still be writing out what its
+            // agent connection (already closed) delivered: wait for both.
+            let frontends: i64 = ["grpc", "http-connect"]
+                .iter()
+                .map(|m| metrics.frontend_connections.with_label_values(&[m]).get())
+                .sum();
+            let open =
+                metrics.established_connections.get() + metrics.pending_dials.get() + frontends;
             if open <= 0 {
                 break;
             }

@@ -19,6 +19,7 @@ pub mod flow;
 pub mod logging;
 pub mod memory;
 pub mod pki;
+pub mod process;
 pub mod queue;
 pub mod shutdown;
 pub mod tls;

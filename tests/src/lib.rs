@@ -3,6 +3,7 @@
 //! and log tests), destinations, and frontend clients, all on loopback with
 //! port 0, Unix sockets in temp dirs, or network namespaces the test creates.
 
+pub mod balancer;
 pub mod client;
 pub mod cluster;
 pub mod dest;

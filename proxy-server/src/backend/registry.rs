@@ -12,6 +12,10 @@ use tracing::{debug, info};
 use super::agent::AgentLink;
 use super::strategy::Strategy;
 use crate::diagnostics::Events;
+
+/// How long a new agent stream waits behind settled ones of the same
+/// strategy (see [`AgentRegistry::pick`]).
+pub const SETTLING: Duration = Duration::from_secs(1);
 use crate::metrics::Metrics;
 use crate::tunnel::{DialError, Tunnel};
 
@@ -106,8 +110,11 @@ impl AgentRegistry {
 
     /// Picks a stream for `address`: strategies in order; within a strategy,
     /// non-draining streams first, then the least loaded, ties rotated so
-    /// equal agents share the work. A draining stream is used only when no
-    /// strategy finds another.
+    /// equal agents share the work. A stream younger than [`SETTLING`] is
+    /// used only when no settled one matches: an agent that finds this server
+    /// through a load balancer it already reached closes the extra stream as
+    /// soon as it reads the server's id, and a dial sent on it would fail. A
+    /// draining stream is used only when no strategy finds another.
     pub fn pick(&self, address: &str) -> Option<Arc<AgentLink>> {
         let start = self.rotate.fetch_add(1, Ordering::Relaxed);
         self.choose(address, start).map(|c| c.link)
@@ -145,6 +152,7 @@ impl AgentRegistry {
             };
             let n = links.len();
             let mut best: Option<&Arc<AgentLink>> = None;
+            let mut young: Option<&Arc<AgentLink>> = None;
             for i in 0..n {
                 let l = &links[(start + i) % n];
                 if !matches(l) {
@@ -157,11 +165,15 @@ impl AgentRegistry {
                     });
                     continue;
                 }
+                if l.liveness.age() < SETTLING {
+                    young.get_or_insert(l);
+                    continue;
+                }
                 if best.is_none_or(|b| l.load() < b.load()) {
                     best = Some(l);
                 }
             }
-            if let Some(b) = best {
+            if let Some(b) = best.or(young) {
                 debug!(?strategy, agent.id = %b.agent_id, "agent chosen");
                 return Some(Choice {
                     link: b.clone(),
