@@ -49,6 +49,19 @@ impl Component {
     async fn start(&mut self) -> anyhow::Result<()> {
         self.child = Some(spawn(&self.bin, &self.args, false)?);
         self.started = Instant::now();
+        if self.name == "server" {
+            // Ready means "has an agent"; serving is enough to go on.
+            for _ in 0..600 {
+                if tests::cluster::http_get(&self.health, "/healthz")
+                    .await
+                    .is_some()
+                {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::bail!("server never served /healthz");
+        }
         wait_ready(&self.health)
             .await
             .with_context(|| format!("{} ready", self.name))
@@ -274,7 +287,7 @@ fn summarize(samples: &[Value]) -> Value {
         }
         for (pid, v) in by_pid {
             let (first, last) = (v[0], v[v.len() - 1]);
-            let max = |k: &str| v.iter().filter_map(|c| c[k].as_f64()).fold(0.0, f64::max);
+            let max = |k: &str| v.iter().filter_map(|c| c[k].as_f64()).fold(0.0, f64::max) as u64;
             out.push(json!({
                 "process": name,
                 "pid": pid,
