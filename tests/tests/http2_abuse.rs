@@ -56,6 +56,10 @@ fn request_block(path: &str) -> Vec<u8> {
     b
 }
 
+/// Either listener's connection.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
 struct Target {
     proc: Proc,
     agent_addr: SocketAddr,
@@ -138,13 +142,16 @@ impl Target {
         assert_eq!(&got[..], msg.as_bytes());
     }
 
-    async fn frontend(&self) -> UnixStream {
-        UnixStream::connect(&self.uds)
-            .await
-            .expect("frontend socket")
-    }
-
-    async fn agent_port(&self, pki: &Pki) -> tokio_rustls::client::TlsStream<TcpStream> {
+    /// A new connection to `listener`: the frontend's Unix socket, or the
+    /// agent port with the agent's certificate.
+    async fn open(&self, listener: &str, pki: &Pki) -> Box<dyn Io> {
+        if listener == "frontend" {
+            return Box::new(
+                UnixStream::connect(&self.uds)
+                    .await
+                    .expect("frontend socket"),
+            );
+        }
         let tls = tokio_rustls::TlsConnector::from(client::frontend_tls(
             pki,
             Some((pki.agent.cert.as_path(), pki.agent.key.as_path())),
@@ -152,7 +159,7 @@ impl Target {
         ));
         let tcp = TcpStream::connect(self.agent_addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        tls.connect(name, tcp).await.expect("TLS to the agent port")
+        Box::new(tls.connect(name, tcp).await.expect("TLS to the agent port"))
     }
 }
 
@@ -274,118 +281,75 @@ async fn check(t: &mut Target, what: &str, peak_before: u64, i: usize) {
     assert!(grown < BOUND_KIB, "{what}: peak memory grew by {grown} KiB");
 }
 
-#[tokio::test]
-async fn http2_abuse_on_the_frontend_socket_is_ended_and_costs_others_nothing() {
+/// Every kind of abuse in turn on one listener (`frontend` or `agent`),
+/// each on a new connection, with the checks after each.
+async fn abuse_listener(listener: &'static str, method: &str) {
     init_logs();
     let pki = Pki::new();
     let mut t = Target::start(&pki).await;
     let peak = t.peak_kib();
-    let block = request_block(konnectivity_proto::PROXY_METHOD);
+    let block = request_block(method);
 
     let a = abuse(
-        t.frontend().await,
+        t.open(listener, &pki).await,
         true,
         rapid_resets(block.clone(), 100_000),
     )
     .await;
-    eprintln!("frontend rapid reset: {a:?}");
+    eprintln!("{listener} rapid reset: {a:?}");
     assert!(
         a.ended && !a.all_written,
         "rapid resets were never cut off: {a:?}"
     );
-    eprintln!("reason: {}", t.ended_with_goaway("frontend", 1.0).await);
-    check(&mut t, "frontend rapid reset", peak, 1).await;
+    eprintln!("reason: {}", t.ended_with_goaway(listener, 1.0).await);
+    check(&mut t, &format!("{listener} rapid reset"), peak, 1).await;
 
-    let a = abuse(
-        t.frontend().await,
-        true,
-        continuation_flood(block.clone(), 100_000),
-    )
-    .await;
-    eprintln!("frontend CONTINUATION flood: {a:?}");
+    let flood = continuation_flood(block.clone(), 100_000);
+    let a = abuse(t.open(listener, &pki).await, true, flood).await;
+    eprintln!("{listener} CONTINUATION flood: {a:?}");
     assert!(
         a.ended && !a.all_written,
         "an endless header block was never cut off: {a:?}"
     );
-    t.proc
-        .wait_log(
-            &["invalid header block", "frontend"],
-            Duration::from_secs(10),
-        )
-        .await;
-    t.ended_with_goaway("frontend", 2.0).await;
-    check(&mut t, "frontend CONTINUATION flood", peak, 2).await;
+    if listener == "frontend" {
+        // The `:authority` rewriter sees the block first on the Unix socket.
+        t.proc
+            .wait_log(&["invalid header block", listener], Duration::from_secs(10))
+            .await;
+    }
+    t.ended_with_goaway(listener, 2.0).await;
+    check(&mut t, &format!("{listener} CONTINUATION flood"), peak, 2).await;
 
-    let a = abuse(t.frontend().await, false, settings_flood(1_000_000)).await;
-    eprintln!("frontend SETTINGS flood: {a:?}");
+    let a = abuse(
+        t.open(listener, &pki).await,
+        false,
+        settings_flood(1_000_000),
+    )
+    .await;
+    eprintln!("{listener} SETTINGS flood: {a:?}");
     assert!(
         !a.all_written,
         "SETTINGS without reading the ACKs were all taken ({} bytes)",
         a.written
     );
-    check(&mut t, "frontend SETTINGS flood", peak, 3).await;
+    check(&mut t, &format!("{listener} SETTINGS flood"), peak, 3).await;
 
-    let a = abuse(t.frontend().await, false, ping_flood(1_000_000)).await;
-    eprintln!("frontend PING flood: {a:?}");
+    let a = abuse(t.open(listener, &pki).await, false, ping_flood(1_000_000)).await;
+    eprintln!("{listener} PING flood: {a:?}");
     assert!(
         !a.all_written,
         "PINGs without reading the answers were all taken ({} bytes)",
         a.written
     );
-    check(&mut t, "frontend PING flood", peak, 4).await;
+    check(&mut t, &format!("{listener} PING flood"), peak, 4).await;
+}
+
+#[tokio::test]
+async fn http2_abuse_on_the_frontend_socket_is_ended_and_costs_others_nothing() {
+    abuse_listener("frontend", konnectivity_proto::PROXY_METHOD).await;
 }
 
 #[tokio::test]
 async fn http2_abuse_on_the_agent_port_is_ended_and_costs_others_nothing() {
-    init_logs();
-    let pki = Pki::new();
-    let mut t = Target::start(&pki).await;
-    let peak = t.peak_kib();
-    let block = request_block(konnectivity_proto::CONNECT_METHOD);
-
-    let a = abuse(
-        t.agent_port(&pki).await,
-        true,
-        rapid_resets(block.clone(), 100_000),
-    )
-    .await;
-    eprintln!("agent port rapid reset: {a:?}");
-    assert!(
-        a.ended && !a.all_written,
-        "rapid resets were never cut off: {a:?}"
-    );
-    eprintln!("reason: {}", t.ended_with_goaway("agent", 1.0).await);
-    check(&mut t, "agent port rapid reset", peak, 1).await;
-
-    let a = abuse(
-        t.agent_port(&pki).await,
-        true,
-        continuation_flood(block.clone(), 100_000),
-    )
-    .await;
-    eprintln!("agent port CONTINUATION flood: {a:?}");
-    assert!(
-        a.ended && !a.all_written,
-        "an endless header block was never cut off: {a:?}"
-    );
-    t.ended_with_goaway("agent", 2.0).await;
-    check(&mut t, "agent port CONTINUATION flood", peak, 2).await;
-
-    let a = abuse(t.agent_port(&pki).await, false, settings_flood(1_000_000)).await;
-    eprintln!("agent port SETTINGS flood: {a:?}");
-    assert!(
-        !a.all_written,
-        "SETTINGS without reading the ACKs were all taken ({} bytes)",
-        a.written
-    );
-    check(&mut t, "agent port SETTINGS flood", peak, 3).await;
-
-    let a = abuse(t.agent_port(&pki).await, false, ping_flood(1_000_000)).await;
-    eprintln!("agent port PING flood: {a:?}");
-    assert!(
-        !a.all_written,
-        "PINGs without reading the answers were all taken ({} bytes)",
-        a.written
-    );
-    check(&mut t, "agent port PING flood", peak, 4).await;
+    abuse_listener("agent", konnectivity_proto::CONNECT_METHOD).await;
 }
