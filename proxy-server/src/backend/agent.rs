@@ -558,7 +558,7 @@ impl AgentLink {
             m.unknown_packets.with_label_values(&["DIAL_RSP"]).inc();
             debug!(random, "DIAL_RSP for a dial that is not pending");
             if connect_id != 0 && error.is_empty() {
-                self.send(packet::close_request(connect_id)).await;
+                self.send_later(packet::close_request(connect_id));
             }
             let expected = self.state().abandoned.contains(random);
             return (!expected).then_some(Mistake::UnknownConnection);
@@ -605,7 +605,7 @@ impl AgentLink {
                 m.dial_failures.with_label_values(&["too_many"]).inc();
                 warn!(connect_id, error = %e, "cannot accept agent connection");
                 let _ = pending.value.reply.send(Err(DialError::Refused(e)));
-                self.send(packet::close_request(connect_id)).await;
+                self.send_later(packet::close_request(connect_id));
             }
         }
         None
@@ -624,9 +624,14 @@ impl AgentLink {
         };
         let Some(slot) = target else {
             let mistake = self.unknown("DATA", connect_id);
-            // Tell the agent so it stops sending for a connection we do not have.
-            self.send(packet::close_request(connect_id)).await;
             self.state().recent.insert(connect_id);
+            // A connection that never existed: tell the agent to stop. One
+            // that did was closed with a CLOSE_REQ already. Never a wait
+            // here: this task must keep reading, or a full queue towards an
+            // agent that is itself waiting to send would hold both sides.
+            if mistake.is_some() {
+                self.send_later(packet::close_request(connect_id));
+            }
             return mistake;
         };
         let stall = self.settings.stall_timeout;
