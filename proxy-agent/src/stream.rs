@@ -409,6 +409,10 @@ impl ServerLink {
         let watchdog = HEARTBEAT_INTERVAL * HEARTBEAT_MISSES;
         let mut last_rx = Instant::now();
         loop {
+            // Yield when the task's budget is spent: the HTTP/2 body is not
+            // a tokio resource, so a burst of packets would keep this
+            // worker thread (and its timers) busy for seconds.
+            tokio::task::coop::consume_budget().await;
             let deadline = tokio::time::Instant::from_std(last_rx + watchdog);
             let next = tokio::select! {
                 // A packet that is waiting wins: time this side spent in

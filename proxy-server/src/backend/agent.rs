@@ -367,6 +367,12 @@ impl AgentLink {
         let mut budget = Budget::new(Instant::now());
         let mut cut_off = None;
         loop {
+            // The HTTP/2 body is not a tokio resource: while packets keep
+            // coming, `next` is always ready and this loop would keep its
+            // worker thread for seconds (timers, heartbeats and other tasks
+            // on it stalled under a 1 GB burst). Yield when the task's
+            // budget is spent.
+            tokio::task::coop::consume_budget().await;
             let next = tokio::select! {
                 n = inbound.next() => n,
                 _ = stop.cancelled() => break,

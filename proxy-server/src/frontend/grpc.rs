@@ -164,6 +164,9 @@ impl FrontendStream {
         gauge.inc();
         let mut budget = Budget::new(std::time::Instant::now());
         loop {
+            // Yield when the task's budget is spent (the HTTP/2 body is not
+            // a tokio resource; see `AgentLink::serve`).
+            tokio::task::coop::consume_budget().await;
             tokio::select! {
                 next = inbound.next() => match next {
                     Some(Ok(p)) => {
