@@ -422,9 +422,7 @@ pub struct ConnEntry {
     /// Cancelled to end the connection from the shared stream's side.
     pub kill: CancellationToken,
     /// The process's count of bytes held for slow readers, if it keeps one.
-    pub held: Option<Arc<Held>>,
-    /// Flow control on: the queue is bounded by [`QUEUE_BYTES`].
-    flow: bool,
+    held: Option<Arc<Held>>,
     /// Bytes (and chunk costs) in the queue now.
     queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -440,7 +438,8 @@ impl ConnEntry {
         use std::sync::atomic::Ordering::Relaxed;
         let queued = self.tx.queued();
         let cost = data.len() + CHUNK_COST;
-        if self.flow && self.queued_bytes.load(Relaxed) + cost > QUEUE_BYTES {
+        // Limited credit means flow control: the queue is bounded in bytes.
+        if self.credit.is_limited() && self.queued_bytes.load(Relaxed) + cost > QUEUE_BYTES {
             return Delivery::Stalled;
         }
         let hold = match &self.held {
@@ -537,7 +536,6 @@ pub fn connection(
         credit,
         kill: kill.clone(),
         held,
-        flow: flow_control,
         queued_bytes,
     };
     let inbox = ConnInbox {

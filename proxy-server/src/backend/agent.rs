@@ -399,23 +399,20 @@ impl AgentLink {
                     self.busy.store(false, Ordering::Relaxed);
                     if let Some(mistake) = mistake {
                         if !budget.charge(Instant::now()) {
-                            self.cut_off(mistake, budget.total());
+                            let detail = format!(
+                                "{} mistakes: packets for unknown connections, malformed or not allowed (forgiven: {} at once, {}/s)",
+                                budget.total(),
+                                konnectivity_proto::budget::BURST,
+                                konnectivity_proto::budget::PER_SECOND
+                            );
+                            self.cut_off(mistake, &detail);
                             cut_off = Some(mistake);
                             break;
                         }
                     }
                 }
                 Some(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
-                    self.settings
-                        .metrics
-                        .peers_cut_off
-                        .with_label_values(&["agent", Mistake::Oversized.as_str()])
-                        .inc();
-                    warn!(
-                        last = %Mistake::Oversized,
-                        error = status.message(),
-                        "agent cut off: oversized packet; closing its stream"
-                    );
+                    self.cut_off(Mistake::Oversized, status.message());
                     cut_off = Some(Mistake::Oversized);
                     break;
                 }
@@ -460,20 +457,15 @@ impl AgentLink {
         }
     }
 
-    /// Ends a stream whose agent made too many protocol mistakes.
-    fn cut_off(&self, last: Mistake, total: u64) {
+    /// Counts and logs the end of a stream whose agent made too many
+    /// protocol mistakes, or one it may not make at all (`last`).
+    fn cut_off(&self, last: Mistake, detail: &str) {
         self.settings
             .metrics
             .peers_cut_off
             .with_label_values(&["agent", last.as_str()])
             .inc();
-        warn!(
-            mistakes = total,
-            last = %last,
-            burst = konnectivity_proto::budget::BURST,
-            per_second = konnectivity_proto::budget::PER_SECOND,
-            "agent cut off: too many packets for unknown connections, malformed or not allowed; closing its stream"
-        );
+        warn!(last = %last, detail, "agent cut off; closing its stream");
     }
 
     /// Handles one packet; returns the agent's mistake, if it made one.
