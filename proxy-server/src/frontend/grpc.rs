@@ -182,25 +182,17 @@ impl FrontendStream {
                         };
                         if let Some(mistake) = mistake {
                             if !budget.charge(std::time::Instant::now()) {
-                                self.metrics
-                                    .peers_cut_off
-                                    .with_label_values(&["frontend", mistake.as_str()])
-                                    .inc();
-                                warn!(
-                                    mistakes = budget.total(),
-                                    last = %mistake,
-                                    "frontend stream cut off: too many packets for unknown connections, malformed or not allowed"
+                                let detail = format!(
+                                    "{} mistakes: packets for unknown connections, malformed or not allowed",
+                                    budget.total()
                                 );
+                                self.cut_off(mistake, &detail);
                                 break;
                             }
                         }
                     }
                     Some(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
-                        self.metrics
-                            .peers_cut_off
-                            .with_label_values(&["frontend", Mistake::Oversized.as_str()])
-                            .inc();
-                        warn!(error = status.message(), "frontend stream cut off: oversized packet");
+                        self.cut_off(Mistake::Oversized, status.message());
                         break;
                     }
                     Some(Err(status)) => {
@@ -216,6 +208,16 @@ impl FrontendStream {
         // established connections (CLOSE_REQ to their agents).
         self.gone.cancel();
         gauge.dec();
+    }
+
+    /// Counts and logs the end of a stream whose frontend made too many
+    /// protocol mistakes, or one it may not make at all (`last`).
+    fn cut_off(&self, last: Mistake, detail: &str) {
+        self.metrics
+            .peers_cut_off
+            .with_label_values(&["frontend", last.as_str()])
+            .inc();
+        warn!(last = %last, detail, "frontend stream cut off");
     }
 
     fn conn(&self, connect_id: i64) -> Option<Arc<Conn>> {
