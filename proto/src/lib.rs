@@ -8,7 +8,8 @@
 //! - [`table`]: the per-stream dial/connection state machine (pending dial ->
 //!   established connection -> closed) both binaries key their state with.
 //! - [`budget`]: how many protocol mistakes a peer may make before it is cut off.
-//! - [`goaway`]: finds the `GOAWAY` frames (and their error codes) in what an HTTP/2 server writes.
+//! - [`h2watch`]: watches a server's HTTP/2 frames both ways: the `GOAWAY` frames (and their error
+//!   codes) it writes, and the `PING`/`SETTINGS` floods a peer sends.
 //! - [`grpc`]: `Packet` streams straight on HTTP/2 bodies (no codec copies),
 //!   served through tonic's router and opened on tonic's `Channel`.
 //! - [`authority`]: the `:authority` rewriter for gRPC on the Unix socket (HTTP/2
@@ -21,8 +22,8 @@
 pub mod authority;
 pub mod budget;
 pub mod connect;
-pub mod goaway;
 pub mod grpc;
+pub mod h2watch;
 pub mod ids;
 pub mod metadata;
 pub mod packet;

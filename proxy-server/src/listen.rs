@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use konnectivity_proto::h2watch;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -196,15 +198,20 @@ pub fn unix_grpc_incoming(
     rx
 }
 
-/// An accepted connection whose outgoing HTTP/2 frames are watched: when the
-/// HTTP/2 library ends it with an error `GOAWAY` (rapid stream resets, an
-/// endless header block, a protocol violation), or the `:authority`
-/// rewriter refuses its header block, the server says so in its log, with
-/// the peer and the reason, and counts it in
+/// An accepted connection whose HTTP/2 frames are watched both ways
+/// ([`konnectivity_proto::h2watch`]): when the HTTP/2 library ends it with an
+/// error `GOAWAY` (rapid stream resets, an endless header block, a protocol
+/// violation), the `:authority` rewriter refuses its header block, or the
+/// peer floods `PING` or `SETTINGS` frames (and is cut off here), the server
+/// says so in its log, with the peer and the reason, and counts it in
 /// `http2_connection_errors_total{listener,reason}`.
 pub struct Watched<S> {
     inner: S,
-    watch: konnectivity_proto::goaway::GoawayWatch,
+    output: h2watch::FrameScanner,
+    input: h2watch::FrameScanner,
+    floods: h2watch::ControlFloods,
+    /// Set once the peer was cut off: every later read fails.
+    cut_off: Option<h2watch::Flood>,
     listener: &'static str,
     peer: String,
     metrics: Metrics,
@@ -215,12 +222,29 @@ impl<S> Watched<S> {
     pub fn new(inner: S, listener: &'static str, peer: String, metrics: Metrics) -> Self {
         Self {
             inner,
-            watch: Default::default(),
+            output: h2watch::FrameScanner::server_output(),
+            input: h2watch::FrameScanner::client_input(),
+            floods: h2watch::ControlFloods::new(Instant::now()),
+            cut_off: None,
             listener,
             peer,
             metrics,
         }
     }
+
+    fn error(&self, reason: &str) {
+        self.metrics
+            .http2_errors
+            .with_label_values(&[self.listener, reason])
+            .inc();
+    }
+}
+
+fn flood_error(f: h2watch::Flood) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: control frames past the budget", f.as_str()),
+    )
 }
 
 impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Watched<S> {
@@ -237,15 +261,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(f) = this.cut_off {
+            return Poll::Ready(Err(flood_error(f)));
+        }
+        let before = buf.filled().len();
         let r = ready!(Pin::new(&mut this.inner).poll_read(cx, buf));
         if let Err(e) = &r {
             // The `:authority` rewriter refuses a header block past its
             // bounds (an endless CONTINUATION chain, an HPACK bomb).
             if e.kind() == io::ErrorKind::InvalidData {
-                this.metrics
-                    .http2_errors
-                    .with_label_values(&[this.listener, "INVALID_HEADER_BLOCK"])
-                    .inc();
+                this.error("INVALID_HEADER_BLOCK");
                 warn!(
                     listener = this.listener,
                     peer = %this.peer,
@@ -253,8 +278,27 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
                     "HTTP/2 connection ended by the server: invalid header block"
                 );
             }
+            return Poll::Ready(r);
         }
-        Poll::Ready(r)
+        let (floods, cut_off) = (&mut this.floods, &mut this.cut_off);
+        this.input.scan(&buf.filled()[before..], |seen| {
+            if let h2watch::Seen::Frame { kind, flags } = seen {
+                if cut_off.is_none() && (kind == h2watch::PING || kind == h2watch::SETTINGS) {
+                    *cut_off = floods.received(kind, flags, Instant::now());
+                }
+            }
+        });
+        if let Some(f) = this.cut_off {
+            this.error(f.as_str());
+            warn!(
+                listener = this.listener,
+                peer = %this.peer,
+                reason = f.as_str(),
+                "HTTP/2 connection ended by the server: the peer floods control frames (cut off)"
+            );
+            return Poll::Ready(Err(flood_error(f)));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -266,20 +310,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
-        for code in this.watch.wrote(&buf[..n]) {
-            if code != konnectivity_proto::goaway::NO_ERROR {
-                let reason = konnectivity_proto::goaway::reason(code);
-                this.metrics
-                    .http2_errors
-                    .with_label_values(&[this.listener, reason])
-                    .inc();
-                warn!(
-                    listener = this.listener,
-                    peer = %this.peer,
-                    reason,
-                    "HTTP/2 connection ended by the server for a protocol error (GOAWAY)"
-                );
-            }
+        let mut goaways = Vec::new();
+        let floods = &mut this.floods;
+        this.output.scan(&buf[..n], |seen| match seen {
+            h2watch::Seen::Frame { kind, .. } => floods.sent(kind),
+            h2watch::Seen::Goaway(code) if code != h2watch::NO_ERROR => goaways.push(code),
+            h2watch::Seen::Goaway(_) => {}
+        });
+        for code in goaways {
+            let reason = h2watch::reason(code);
+            this.error(reason);
+            warn!(
+                listener = this.listener,
+                peer = %this.peer,
+                reason,
+                "HTTP/2 connection ended by the server for a protocol error (GOAWAY)"
+            );
         }
         Poll::Ready(Ok(n))
     }

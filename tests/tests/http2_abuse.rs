@@ -3,8 +3,8 @@
 //! stream resets, CONTINUATION floods, SETTINGS and PING floods, written as
 //! raw frames. Each: the server's peak memory stays within a stated bound, a
 //! tunnel through a correct agent keeps moving bytes, and the abusive
-//! connection is ended (or, for floods that need answers, held back by its
-//! own unread answers).
+//! connection is ended, logged with its reason and counted (a flood whose
+//! answers are left unread may instead be held back by them).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -123,6 +123,26 @@ impl Target {
         );
         assert_eq!(n, times, "{text}");
         reason
+    }
+
+    /// The server cut a peer of `listener` off for a control frame flood
+    /// (`reason`): logged with the peer and the reason, counted.
+    async fn cut_off_for(&self, listener: &str, reason: &str) {
+        self.proc
+            .wait_log(
+                &["the peer floods control frames", listener, reason],
+                Duration::from_secs(10),
+            )
+            .await;
+        let text = tests::cluster::http_get(&self.health.to_string(), "/metrics")
+            .await
+            .unwrap_or_default();
+        let n = tests::cluster::metric_sum(
+            &text,
+            "konnectivity_network_proxy_server_http2_connection_errors_total",
+            &[("listener", listener), ("reason", reason)],
+        );
+        assert_eq!(n, 1.0, "{text}");
     }
 
     fn peak_kib(&self) -> u64 {
@@ -320,28 +340,48 @@ async fn abuse_listener(listener: &'static str, method: &str) {
     t.ended_with_goaway(listener, 2.0).await;
     check(&mut t, &format!("{listener} CONTINUATION flood"), peak, 2).await;
 
+    // The control floods read every answer, so the HTTP/2 library would
+    // keep answering for as long as the peer likes: the watcher cuts them off.
     let a = abuse(
         t.open(listener, &pki).await,
-        false,
+        true,
         settings_flood(1_000_000),
     )
     .await;
     eprintln!("{listener} SETTINGS flood: {a:?}");
     assert!(
-        !a.all_written,
-        "SETTINGS without reading the ACKs were all taken ({} bytes)",
-        a.written
+        a.ended && !a.all_written,
+        "a SETTINGS flood was never cut off: {a:?}"
     );
+    t.cut_off_for(listener, "SETTINGS_FLOOD").await;
     check(&mut t, &format!("{listener} SETTINGS flood"), peak, 3).await;
 
-    let a = abuse(t.open(listener, &pki).await, false, ping_flood(1_000_000)).await;
+    let a = abuse(t.open(listener, &pki).await, true, ping_flood(1_000_000)).await;
     eprintln!("{listener} PING flood: {a:?}");
+    assert!(
+        a.ended && !a.all_written,
+        "a PING flood was never cut off: {a:?}"
+    );
+    t.cut_off_for(listener, "PING_FLOOD").await;
+    check(&mut t, &format!("{listener} PING flood"), peak, 4).await;
+
+    // A peer that floods without reading the answers is held back by them
+    // (the server stops reading) or cut off, whichever comes first; the
+    // server takes nowhere near all of it.
+    let a = abuse(t.open(listener, &pki).await, false, ping_flood(1_000_000)).await;
+    eprintln!("{listener} PING flood, answers unread: {a:?}");
     assert!(
         !a.all_written,
         "PINGs without reading the answers were all taken ({} bytes)",
         a.written
     );
-    check(&mut t, &format!("{listener} PING flood"), peak, 4).await;
+    check(
+        &mut t,
+        &format!("{listener} PING flood, answers unread"),
+        peak,
+        5,
+    )
+    .await;
 }
 
 #[tokio::test]
