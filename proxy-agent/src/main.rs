@@ -7,7 +7,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = proxy_agent::config::Args::parse();
-    args.log.init();
+    let _log = args.log.init();
     let config = match proxy_agent::Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {

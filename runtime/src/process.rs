@@ -3,16 +3,19 @@
 //! library uses (`process_resident_memory_bytes`, `process_open_fds`; the
 //! reference's Go binaries export them too), and the tokio runtime's live
 //! tasks (`tokio_alive_tasks`). A leak of memory, sockets or tasks shows as
-//! one of these growing; the soak program samples them.
+//! one of these growing; the soak program samples them. Also the log lines
+//! dropped because stderr did not keep up (`log_lines_dropped_total`, see
+//! [`crate::logging`]).
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntGauge, Opts};
+use prometheus::{IntCounter, IntGauge, Opts};
 
 /// The collector; register it once per registry.
 pub struct ProcessCollector {
     rss: IntGauge,
     fds: IntGauge,
+    dropped_lines: IntCounter,
     tasks: Option<(IntGauge, tokio::runtime::Handle)>,
 }
 
@@ -28,6 +31,11 @@ impl ProcessCollector {
                 "Resident memory size in bytes",
             ),
             fds: gauge("process_open_fds", "Number of open file descriptors"),
+            dropped_lines: IntCounter::with_opts(Opts::new(
+                "log_lines_dropped_total",
+                "Log lines dropped because stderr did not keep up",
+            ))
+            .expect("valid"),
             tasks: tokio::runtime::Handle::try_current().ok().map(|h| {
                 (
                     gauge("tokio_alive_tasks", "Tasks alive in the tokio runtime"),
@@ -67,6 +75,7 @@ impl Collector for ProcessCollector {
     fn desc(&self) -> Vec<&Desc> {
         let mut d = self.rss.desc();
         d.extend(self.fds.desc());
+        d.extend(self.dropped_lines.desc());
         if let Some((t, _)) = &self.tasks {
             d.extend(t.desc());
         }
@@ -78,6 +87,10 @@ impl Collector for ProcessCollector {
         self.fds.set(open_fds());
         let mut out = self.rss.collect();
         out.extend(self.fds.collect());
+        let dropped = crate::logging::dropped_lines();
+        self.dropped_lines
+            .inc_by(dropped.saturating_sub(self.dropped_lines.get()));
+        out.extend(self.dropped_lines.collect());
         if let Some((t, handle)) = &self.tasks {
             t.set(handle.metrics().num_alive_tasks() as i64);
             out.extend(t.collect());

@@ -7,7 +7,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// The target directory's binaries: beside the bench program
@@ -71,24 +70,33 @@ impl Proc {
     /// Starts any program: `argv[0]` with the rest as arguments and `env`
     /// added. Its stderr lines are collected (stdout is discarded); it is
     /// killed on drop.
+    ///
+    /// The lines are read on a thread of their own, not on the test's
+    /// runtime: a test busy moving bytes on a single-threaded runtime must
+    /// not leave the child's stderr pipe full (the child would then be held
+    /// back, or drop its lines, for the test's own reasons).
     pub fn spawn_cmd(argv: &[String], env: &[(&str, String)]) -> Proc {
+        let (reader, writer) = std::io::pipe().expect("pipe");
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::from(writer))
             .kill_on_drop(true);
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", argv.join(" ")));
+        // The parent's copy of the writing end went with `cmd`.
+        drop(cmd);
         let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if std::env::var_os("TEST_PROC_LOGS").is_some() {
+        let echo = std::env::var_os("TEST_PROC_LOGS").is_some();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(reader).lines() {
+                let Ok(l) = l else { return };
+                if echo {
                     eprintln!("{l}");
                 }
                 let mut log = sink.lock().expect("log");

@@ -295,15 +295,15 @@ async fn a_frontend_flooding_unknown_connections_is_cut_off() {
     witness.round_trip(1).await;
 }
 
-/// A frontend opens 300 downloads of 8 MiB each and never reads one
+/// A frontend opens 1,000 downloads of 8 MiB each and never reads one
 /// byte of them. Each connection's window (1 MiB) bounds it alone; the sum
 /// is bounded by `--max-buffered-bytes`: connections whose frontend is behind
 /// are closed once the server holds that much, counted and logged, and a
 /// frontend that reads is served throughout.
 #[tokio::test]
-async fn a_frontend_that_never_reads_hundreds_of_downloads_is_held_to_the_buffer_limit() {
+async fn a_frontend_that_never_reads_a_thousand_downloads_is_held_to_the_buffer_limit() {
     init_logs();
-    const DIALS: i64 = 300;
+    const DIALS: i64 = 1000;
     const LIMIT_MIB: u64 = 64;
     let pki = Pki::new();
     let limit = format!("--max-buffered-bytes={}", LIMIT_MIB << 20);

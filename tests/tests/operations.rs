@@ -257,6 +257,80 @@ async fn sigterm_still_stops_both_binaries_when_stderr_is_a_broken_pipe() {
     }
 }
 
+/// A log collector that stalls (stderr is a pipe nobody reads, still open)
+/// must not stall the server: once the pipe is full, log lines are dropped
+/// and counted instead of holding its workers in `write(2)`. The server logs
+/// everything at trace level (`RUST_LOG=trace`, HTTP/2 frames included), so
+/// 300 dials write far more than the pipe and the buffer hold.
+#[tokio::test]
+async fn a_stalled_log_pipe_drops_lines_instead_of_stalling_the_server() {
+    use std::io::BufRead;
+    init_logs();
+    let pki = Pki::new();
+    let uds = pki.path("stalled-stderr.sock");
+    let args = Server::args(&pki, "grpc", Listen::Uds, &uds, &["--v=5".into()]);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut cmd = tokio::process::Command::new(binary(&args[0]));
+    cmd.args(&args[1..])
+        .arg("--log-format=json")
+        .env("RUST_LOG", "trace")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(writer))
+        .kill_on_drop(true);
+    let _server = cmd.spawn().expect("spawn");
+    drop(cmd);
+    // Read up to the line with the ports, then never again (the pipe stays
+    // open, so writes block rather than fail).
+    let mut reader = std::io::BufReader::new(reader);
+    let started = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        while reader.read_line(&mut line).expect("read") > 0 {
+            if line.contains("proxy-server started") {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+                return (v, reader);
+            }
+            line.clear();
+        }
+        panic!("server exited before it started");
+    });
+    let (started, _unread) = tokio::time::timeout(Duration::from_secs(20), started)
+        .await
+        .expect("server started")
+        .expect("reader");
+    let field = |f: &str| started["fields"][f].as_str().expect(f).to_string();
+    let agent_addr = field("agent").parse().expect("agent address");
+    let health = field("health");
+    let _agent = Agent::start(&pki, agent_addr, "stalled-log", &[]).await;
+    let echo = dest::echo().await.to_string();
+    let ch = client::grpc_uds(std::path::Path::new(&uds)).await;
+    let first = tests::eventually(Duration::from_secs(20), "a tunnel", || async {
+        GrpcConn::dial(&ch, &echo).await.ok()
+    })
+    .await;
+    drop(first);
+    for i in 0..300 {
+        let round = async {
+            let mut c = GrpcConn::dial(&ch, &echo).await.expect("dial");
+            let msg = format!("dial {i}");
+            c.send(msg.clone().into_bytes()).await.expect("send");
+            assert_eq!(&c.recv().await.expect("echo")[..], msg.as_bytes());
+        };
+        tokio::time::timeout(Duration::from_secs(10), round)
+            .await
+            .unwrap_or_else(|_| panic!("dial {i} stalled: the server waits on its log pipe"));
+    }
+    let text = tests::cluster::http_get(&health, "/metrics")
+        .await
+        .expect("metrics");
+    let dropped = tests::cluster::metric_sum(&text, "log_lines_dropped_total", &[]);
+    assert!(
+        dropped > 0.0,
+        "no log line dropped: the pipe never filled?\n{text}"
+    );
+    eprintln!("{dropped} log lines dropped while stderr was not read");
+}
+
 #[tokio::test]
 async fn text_logs_to_a_pipe_carry_no_colour_codes_and_agents_retry_apart() {
     // Two agents with no server to reach: both log their retries, as text,
