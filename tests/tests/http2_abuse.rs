@@ -342,28 +342,25 @@ async fn abuse_listener(listener: &'static str, method: &str) {
 
     // The control floods read every answer, so the HTTP/2 library would
     // keep answering for as long as the peer likes: the watcher cuts them off.
-    let a = abuse(
-        t.open(listener, &pki).await,
-        true,
-        settings_flood(1_000_000),
-    )
-    .await;
-    eprintln!("{listener} SETTINGS flood: {a:?}");
-    assert!(
-        a.ended && !a.all_written,
-        "a SETTINGS flood was never cut off: {a:?}"
-    );
-    t.cut_off_for(listener, "SETTINGS_FLOOD").await;
-    check(&mut t, &format!("{listener} SETTINGS flood"), peak, 3).await;
-
-    let a = abuse(t.open(listener, &pki).await, true, ping_flood(1_000_000)).await;
-    eprintln!("{listener} PING flood: {a:?}");
-    assert!(
-        a.ended && !a.all_written,
-        "a PING flood was never cut off: {a:?}"
-    );
-    t.cut_off_for(listener, "PING_FLOOD").await;
-    check(&mut t, &format!("{listener} PING flood"), peak, 4).await;
+    type Flood = Box<dyn FnMut(u32) -> Option<Vec<u8>> + Send>;
+    let floods: [(&str, Flood, &str); 2] = [
+        (
+            "SETTINGS",
+            Box::new(settings_flood(1_000_000)),
+            "SETTINGS_FLOOD",
+        ),
+        ("PING", Box::new(ping_flood(1_000_000)), "PING_FLOOD"),
+    ];
+    for (i, (kind, flood, reason)) in floods.into_iter().enumerate() {
+        let a = abuse(t.open(listener, &pki).await, true, flood).await;
+        eprintln!("{listener} {kind} flood: {a:?}");
+        assert!(
+            a.ended && !a.all_written,
+            "a {kind} flood was never cut off: {a:?}"
+        );
+        t.cut_off_for(listener, reason).await;
+        check(&mut t, &format!("{listener} {kind} flood"), peak, 3 + i).await;
+    }
 
     // A peer that floods without reading the answers is held back by them
     // (the server stops reading) or cut off, whichever comes first; the
