@@ -56,6 +56,33 @@ pub async fn channel(transport: &Transport, limit: Duration) -> Result<Channel, 
     })
 }
 
+/// Proves that a gRPC server answers on `ch`: a call of a method no server
+/// serves comes back `UNIMPLEMENTED` from ours and from the reference alike,
+/// without dialing anything or leaving a trace in the server's log.
+pub(crate) async fn probe(ch: Channel) -> Result<(), Error> {
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.map_err(|e| {
+        let detail = e.to_string();
+        tls_cause(&e)
+            .map(|detail| Error::Tls {
+                target: "proxy-server".into(),
+                detail,
+            })
+            .unwrap_or(Error::Protocol {
+                target: "proxy-server".into(),
+                mode: Mode::Grpc,
+                detail,
+            })
+    })?;
+    let path = http::uri::PathAndQuery::from_static("/konnectivity.Diagnose/Probe");
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    match grpc.unary(tonic::Request::new(()), path, codec).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::Unimplemented => Ok(()),
+        Err(s) => Err(status_error(&s)),
+    }
+}
+
 /// A gRPC status as our error: a rustls failure inside it is a TLS error
 /// (the server refused our certificate), anything else a protocol error.
 fn status_error(s: &tonic::Status) -> Error {

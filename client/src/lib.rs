@@ -90,6 +90,8 @@ pub enum Stage {
     Connect,
     /// The TLS handshake with the server.
     Tls,
+    /// Waiting for the server to answer a probe ([`Frontend::reach`]).
+    Answer,
     /// Waiting for the server to answer the dial (it asks an agent, which
     /// dials the destination).
     Dial,
@@ -100,6 +102,7 @@ impl std::fmt::Display for Stage {
         f.write_str(match self {
             Stage::Connect => "connecting to the proxy-server",
             Stage::Tls => "the TLS handshake with the proxy-server",
+            Stage::Answer => "waiting for the proxy-server to answer",
             Stage::Dial => "waiting for the proxy-server to answer the dial",
         })
     }
@@ -177,7 +180,7 @@ impl Error {
         match self {
             Error::Connect { .. } | Error::Tls { .. } | Error::Protocol { .. } => Hop::Frontend,
             Error::Timeout { stage, .. } => match stage {
-                Stage::Connect | Stage::Tls => Hop::Frontend,
+                Stage::Connect | Stage::Tls | Stage::Answer => Hop::Frontend,
                 Stage::Dial => Hop::Server,
             },
             Error::Dial { reason, .. } => match reason.side() {
@@ -256,12 +259,18 @@ impl Frontend {
     }
 
     /// Reaches the server without dialing: opens the socket or TCP
-    /// connection, does the TLS handshake, and in gRPC mode the HTTP/2
-    /// handshake. (A refused client certificate or the wrong mode in CONNECT
-    /// mode only shows once a dial is sent.)
+    /// connection, does the TLS handshake, and in gRPC mode makes a call
+    /// any gRPC server answers (so the mode and a refused client
+    /// certificate show here). In CONNECT mode nothing is sent: a refused
+    /// client certificate or the wrong mode only shows once a dial is sent.
     pub async fn reach(&self) -> Result<(), Error> {
         match self.mode {
-            Mode::Grpc => grpc::channel(&self.transport, self.timeout).await.map(drop),
+            Mode::Grpc => {
+                let ch = grpc::channel(&self.transport, self.timeout).await?;
+                within(self.timeout, Stage::Answer, grpc::probe(ch))
+                    .await
+                    .map_err(|e| self.in_mode(e))
+            }
             Mode::HttpConnect => open(&self.transport, b"http/1.1", self.timeout)
                 .await
                 .map(drop),

@@ -613,4 +613,96 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[1].contains("not valid for 10.0.0.6"), "{p:?}");
     }
+
+    /// Hop 5 against a real TLS server on the other end of a pipe, serving
+    /// `leaf`, verified against `ca` as kube-apiserver does.
+    async fn handshake_against(
+        leaf: &konnectivity_runtime::pki::Leaf,
+        ca: &std::path::Path,
+        host: &str,
+    ) -> Check {
+        let server = konnectivity_runtime::tls::server_config(
+            &konnectivity_runtime::tls::ServerTlsFiles {
+                cert: leaf.cert.clone(),
+                key: leaf.key.clone(),
+                client_ca: None,
+            },
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let _ = tokio_rustls::TlsAcceptor::from(server).accept(theirs).await;
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        for c in konnectivity_runtime::tls::load_certs("CA", ca).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let tls = KubeletTls {
+            roots: Some(roots),
+            client: None,
+        };
+        let hs = handshake(ours, host, &tls, Duration::from_secs(5)).await;
+        tls_check(
+            &hs.chain,
+            hs.result.as_ref().map(drop),
+            true,
+            host,
+            SystemTime::now(),
+        )
+    }
+
+    #[tokio::test]
+    async fn rustls_refusals_name_the_certificate_problem() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = konnectivity_runtime::pki::Ca::new(dir.path(), "cluster").unwrap();
+        let other = konnectivity_runtime::pki::Ca::new(dir.path(), "other").unwrap();
+        let good = ca.issue(dir.path(), "good", &["10.0.0.5"]).unwrap();
+        let c = handshake_against(&good, &ca.cert, "10.0.0.5").await;
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        let cases = [
+            (
+                ca.issue_between(
+                    dir.path(),
+                    "expired",
+                    &["10.0.0.5"],
+                    (2020, 1, 1),
+                    (2021, 1, 1),
+                )
+                .unwrap(),
+                &ca.cert,
+                "has expired",
+            ),
+            (
+                ca.issue_between(
+                    dir.path(),
+                    "future",
+                    &["10.0.0.5"],
+                    (2090, 1, 1),
+                    (2091, 1, 1),
+                )
+                .unwrap(),
+                &ca.cert,
+                "not valid yet",
+            ),
+            (
+                ca.issue(dir.path(), "elsewhere", &["10.0.0.6"]).unwrap(),
+                &ca.cert,
+                "not valid for the address",
+            ),
+            (
+                good.clone(),
+                &other.cert,
+                "not signed by --kubelet-certificate-authority",
+            ),
+        ];
+        for (leaf, trust, words) in cases {
+            let c = handshake_against(&leaf, trust, "10.0.0.5").await;
+            assert_eq!(c.status, Status::Failed, "{c:?}");
+            assert!(c.summary.contains(words), "{words}: {c:?}");
+            // The chain presented is shown even though it was refused.
+            assert!(c.evidence.iter().any(|e| e.contains("valid")), "{c:?}");
+        }
+    }
 }

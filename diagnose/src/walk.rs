@@ -27,7 +27,7 @@ pub struct Plan {
     pub admin: String,
     /// kube-apiserver's kubelet TLS settings.
     pub kubelet_tls: KubeletTls,
-    /// The whole run's limit.
+    /// The whole run's limit, counted from the process's start.
     pub timeout: Duration,
 }
 
@@ -240,97 +240,122 @@ pub fn dial_failed(e: &Error, view: &ServerView, target: &str) -> Check {
     }
 }
 
-/// Runs every hop.
-pub async fn run(plan: Plan) -> Report {
-    let started = Instant::now();
+/// Runs every hop within `plan.timeout` of `started` (the start of the
+/// process, so reading the node counts too). Each hop gets what is left; if
+/// one still hangs past the limit (a stage of the client, a read of the
+/// admin endpoint), the run is cut there and that hop is reported broken.
+pub async fn run(plan: Plan, started: Instant) -> Report {
     let deadline = started + plan.timeout;
     let mut report = Report {
         target: plan.target.clone(),
         target_source: plan.target_source.clone(),
         ..Report::default()
     };
+    let mut at = (Hop::EgressConfig, Instant::now());
+    // The hops aim at a deadline a little earlier, so a hop that reports its
+    // own timeout does so before this cut.
+    let walked = tokio::time::timeout_at(
+        deadline.into(),
+        walk(&plan, deadline - CUT_MARGIN, &mut report, &mut at),
+    )
+    .await;
+    if walked.is_err() {
+        let (hop, t) = at;
+        let mut c = Check::new(
+            hop,
+            Status::Failed,
+            format!("no answer within the run's {:?} limit", plan.timeout),
+        )
+        .next(match hop {
+            Hop::Server => "the server's admin endpoint hangs: is the server overloaded or stopped (SIGSTOP, a full disk for logs)? check its logs",
+            Hop::Frontend => "the server accepted but did not answer: is it overloaded or stuck? check its logs and /readyz",
+            _ => "run again with a longer --timeout to see where it ends",
+        });
+        c.took = t.elapsed();
+        report.checks.retain(|k| k.hop < hop);
+        report.checks.push(c);
+    }
+    report.took = started.elapsed();
+    report
+}
+
+/// How much earlier than the run's cut the hops aim to end.
+const CUT_MARGIN: Duration = Duration::from_millis(150);
+
+/// The hops in order; `at` says which one runs (for a run cut short).
+/// Returns early at the first broken hop.
+async fn walk(plan: &Plan, deadline: Instant, report: &mut Report, at: &mut (Hop, Instant)) {
     // Records a hop; a failed one ends the walk.
     macro_rules! push {
-        ($check:expr, $t:expr) => {{
+        ($check:expr) => {{
             let mut c = $check;
-            c.took = $t.elapsed();
+            c.took = at.1.elapsed();
             let failed = c.status == Status::Failed;
             report.checks.push(c);
             if failed {
-                report.took = started.elapsed();
-                return report;
+                return;
             }
         }};
     }
-    // Records a failed hop and ends the walk.
-    macro_rules! stop {
-        ($check:expr, $t:expr) => {{
-            let mut c = $check;
-            c.took = $t.elapsed();
-            report.checks.push(c);
-            report.took = started.elapsed();
-            return report;
-        }};
+    macro_rules! begin {
+        ($hop:expr) => {
+            *at = ($hop, Instant::now());
+        };
     }
 
     // 1. The egress configuration.
-    let t = Instant::now();
-    let (c, found) = egress_check(&plan);
+    begin!(Hop::EgressConfig);
+    let (c, found) = egress_check(plan);
+    push!(c);
     let Some((mode, w)) = found else {
-        stop!(c, t);
+        return;
     };
-    push!(c, t);
 
     // 2. The frontend.
-    let t = Instant::now();
+    begin!(Hop::Frontend);
     let transport = match transport_for(&w) {
         Ok(tr) => tr,
-        Err(why) => stop!(
-            Check::new(
+        Err(why) => {
+            push!(Check::new(
                 Hop::Frontend,
                 Status::Failed,
                 "the TLS settings cannot be used"
             )
-            .evidence(why),
-            t
-        ),
+            .evidence(why));
+            return;
+        }
     };
     let frontend = Frontend::new(mode, transport.clone()).timeout(left(deadline));
     match frontend.reach().await {
-        Ok(()) => push!(
-            Check::new(
-                Hop::Frontend,
-                Status::Ok,
-                format!("{} answers", transport.target())
-            )
-            .evidence(match mode {
-                Mode::Grpc => "HTTP/2 handshake done",
-                Mode::HttpConnect =>
-                    "connection accepted (the CONNECT itself is checked by the dial)",
-            }),
-            t
-        ),
-        Err(e) => stop!(frontend_failed(&e), t),
+        Ok(()) => push!(Check::new(
+            Hop::Frontend,
+            Status::Ok,
+            format!("{} answers", transport.target())
+        )
+        .evidence(match mode {
+            Mode::Grpc => "a gRPC server answered a probe call (UNIMPLEMENTED, as expected)",
+            Mode::HttpConnect => "connection accepted (the CONNECT itself is checked by the dial)",
+        })),
+        Err(e) => push!(frontend_failed(&e)),
     }
 
     // 3. The server's view.
-    let t = Instant::now();
+    begin!(Hop::Server);
     let admin_limit = left(deadline).min(Duration::from_millis(1500));
     let route_path = format!("/debug/route?address={}", plan.target);
     let view = match server::get(&plan.admin, &route_path, admin_limit).await {
         Ok((200, route)) => {
             let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
-            let ready = server::get(&plan.admin, "/readyz", admin_limit)
-                .await
-                .unwrap_or((0, String::new()));
-            let agents = server::get(&plan.admin, "/debug/agents", admin_limit)
-                .await
-                .map(|(_, b)| parse(&b))
-                .unwrap_or_default();
-            let events = server::get(&plan.admin, "/debug/events", admin_limit)
-                .await
-                .map(|(_, b)| parse(&b))
-                .unwrap_or_default();
+            // Together: each read is bounded, and so is their sum.
+            let admin_limit = left(deadline).min(Duration::from_millis(1500));
+            let (ready, agents, events) = tokio::join!(
+                server::get(&plan.admin, "/readyz", admin_limit),
+                server::get(&plan.admin, "/debug/agents", admin_limit),
+                server::get(&plan.admin, "/debug/events", admin_limit),
+            );
+            let ready = ready.unwrap_or((0, String::new()));
+            let agents = agents.map(|(_, b)| parse(&b)).unwrap_or_default();
+            let events = events.map(|(_, b)| parse(&b)).unwrap_or_default();
             let (c, view) = server::judge(
                 &plan.target,
                 (ready.0, &ready.1),
@@ -338,62 +363,54 @@ pub async fn run(plan: Plan) -> Report {
                 &agents,
                 &events,
             );
-            push!(c, t);
+            push!(c);
             view
         }
         Ok((status, _)) => {
-            push!(
-                Check::new(
-                    Hop::Server,
-                    Status::Skipped,
-                    format!("the admin endpoint {} has no diagnostics (HTTP {status}): a reference server?", plan.admin)
-                ),
-                t
-            );
+            push!(Check::new(
+                Hop::Server,
+                Status::Skipped,
+                format!(
+                    "the admin endpoint {} has no diagnostics (HTTP {status}): a reference server?",
+                    plan.admin
+                )
+            ));
             ServerView::default()
         }
         Err(why) => {
-            push!(
-                Check::new(
-                    Hop::Server,
-                    Status::Skipped,
-                    format!("the admin endpoint is not reachable: {why}")
-                )
-                .next("pass --admin-address (proxy-server's --admin-bind-address:--admin-port) to see its agents"),
-                t
-            );
+            push!(Check::new(
+                Hop::Server,
+                Status::Skipped,
+                format!("the admin endpoint is not reachable: {why}")
+            )
+            .next("pass --admin-address (proxy-server's --admin-bind-address:--admin-port) to see its agents"));
             ServerView::default()
         }
     };
 
     // 4. The dial.
-    let t = Instant::now();
-    let frontend = frontend.timeout(left(deadline).saturating_sub(Duration::from_millis(100)));
+    begin!(Hop::Dial);
+    let frontend = frontend.timeout(left(deadline));
     let tunnel = match frontend.dial(&plan.target).await {
         Ok(tunnel) => {
-            push!(
-                Check::new(
-                    Hop::Dial,
-                    Status::Ok,
-                    format!("connected to {}", plan.target)
-                ),
-                t
-            );
+            push!(Check::new(
+                Hop::Dial,
+                Status::Ok,
+                format!("connected to {}", plan.target)
+            ));
             tunnel
         }
         Err(e) => {
-            let mut c = dial_failed(&e, &view, &plan.target);
-            c.took = t.elapsed();
+            let c = dial_failed(&e, &view, &plan.target);
             // A server-side failure replaces a hop 3 that looked fine.
             report.checks.retain(|k| k.hop < c.hop);
-            report.checks.push(c);
-            report.took = started.elapsed();
-            return report;
+            push!(c);
+            return;
         }
     };
 
     // 5. TLS to the kubelet.
-    let t = Instant::now();
+    begin!(Hop::KubeletTls);
     let hs = kubelet::handshake(tunnel, &plan.host, &plan.kubelet_tls, left(deadline)).await;
     let verified = plan.kubelet_tls.roots.is_some();
     let verdict = kubelet::tls_check(
@@ -403,19 +420,20 @@ pub async fn run(plan: Plan) -> Report {
         &plan.host,
         SystemTime::now(),
     );
+    push!(verdict);
     let Ok(mut tls) = hs.result else {
-        stop!(verdict, t);
+        return;
     };
-    push!(verdict, t);
 
     // 6. The request.
-    let t = Instant::now();
+    begin!(Hop::KubeletRequest);
     let answer = kubelet::healthz(&mut tls, &plan.host, left(deadline)).await;
     let with_client = plan.kubelet_tls.client.is_some();
-    let c = kubelet::request_check(answer, with_client, SystemTime::now());
-    push!(c, t);
-    report.took = started.elapsed();
-    report
+    push!(kubelet::request_check(
+        answer,
+        with_client,
+        SystemTime::now()
+    ));
 }
 
 /// The kube-apiserver TLS settings from flag paths.
@@ -489,6 +507,61 @@ mod tests {
                 Hop::Dial,
             ),
             (
+                dial(
+                    DialReason::NoRoute,
+                    "dial tcp 10.0.0.5:10250: connect: no route to host",
+                ),
+                Hop::Dial,
+            ),
+            (
+                dial(DialReason::Exhausted, "too many open files"),
+                Hop::Dial,
+            ),
+            (
+                dial(
+                    DialReason::Forbidden,
+                    "10.0.0.5:10250 is not in the allowed destinations on the server",
+                ),
+                Hop::Server,
+            ),
+            (
+                dial(
+                    DialReason::Forbidden,
+                    "10.0.0.5:10250 is not in the agent's allowed destinations",
+                ),
+                Hop::Dial,
+            ),
+            (
+                dial(
+                    DialReason::AgentLost,
+                    "agent node-1 went away while dialing",
+                ),
+                Hop::Server,
+            ),
+            (dial(DialReason::Other, "something else"), Hop::Dial),
+            (
+                Error::Protocol {
+                    target: "/x.sock".into(),
+                    mode: Mode::Grpc,
+                    detail: "h2 protocol error".into(),
+                },
+                Hop::Frontend,
+            ),
+            (
+                Error::Timeout {
+                    stage: Stage::Answer,
+                    after: Duration::from_secs(1),
+                },
+                Hop::Frontend,
+            ),
+            (
+                Error::Connect {
+                    target: "/x.sock".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                },
+                Hop::Frontend,
+            ),
+            (
                 Error::Connect {
                     target: "/x.sock".into(),
                     source: std::io::Error::from(std::io::ErrorKind::NotFound),
@@ -529,6 +602,74 @@ mod tests {
         assert_eq!(
             dial_failed(&e, &ServerView::default(), "x:1").hop,
             Hop::Server
+        );
+    }
+
+    fn plan(mode: Mode, socket: &std::path::Path, admin: String, timeout: Duration) -> Plan {
+        Plan {
+            target: "127.0.0.1:10250".into(),
+            host: "127.0.0.1".into(),
+            target_source: "given".into(),
+            egress_file: None,
+            frontend_flags: Some((mode, Where::Unix(socket.to_owned()))),
+            admin,
+            kubelet_tls: KubeletTls {
+                roots: None,
+                client: None,
+            },
+            timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frontend_that_accepts_and_never_answers_is_hop_2_within_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("frozen.sock");
+        // Connections complete in the backlog; nobody ever reads them (a
+        // stopped server).
+        let _listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let limit = Duration::from_secs(1);
+        let started = Instant::now();
+        let r = run(
+            plan(Mode::Grpc, &socket, "127.0.0.1:1".into(), limit),
+            started,
+        )
+        .await;
+        let failed = r.failed().expect("a broken hop");
+        assert_eq!(failed.hop, Hop::Frontend, "{}", r.text());
+        assert!(
+            started.elapsed() < limit + Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(r.took <= limit + Duration::from_millis(100), "{:?}", r.took);
+    }
+
+    #[tokio::test]
+    async fn an_admin_endpoint_and_a_dial_that_hang_end_within_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("connect.sock");
+        // A CONNECT frontend that accepts and never answers the CONNECT, and
+        // an admin endpoint that accepts and never answers.
+        let _frontend = tokio::net::UnixListener::bind(&socket).unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap().to_string();
+        let limit = Duration::from_secs(2);
+        let started = Instant::now();
+        let r = run(plan(Mode::HttpConnect, &socket, admin_addr, limit), started).await;
+        let failed = r.failed().expect("a broken hop");
+        assert!(failed.hop <= Hop::Dial, "{}", r.text());
+        assert!(
+            started.elapsed() < limit + Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        let server = r.checks.iter().find(|c| c.hop == Hop::Server);
+        assert!(
+            server
+                .is_some_and(|c| c.summary.contains("not reachable") || c.status == Status::Failed),
+            "{}",
+            r.text()
         );
     }
 }

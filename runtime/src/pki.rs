@@ -55,8 +55,37 @@ impl Ca {
         org: Option<&str>,
         names: &[&str],
     ) -> anyhow::Result<Leaf> {
+        self.issue_with(dir, file, cn, org, names, |_| {})
+    }
+
+    /// Like [`Ca::issue`], valid only between two dates (`(year, month,
+    /// day)`, UTC): certificates that expired or are not valid yet.
+    pub fn issue_between(
+        &self,
+        dir: &Path,
+        file: &str,
+        names: &[&str],
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> anyhow::Result<Leaf> {
+        self.issue_with(dir, file, file, None, names, |p| {
+            p.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+            p.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        })
+    }
+
+    fn issue_with(
+        &self,
+        dir: &Path,
+        file: &str,
+        cn: &str,
+        org: Option<&str>,
+        names: &[&str],
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> anyhow::Result<Leaf> {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        adjust(&mut params);
         params.distinguished_name.push(DnType::CommonName, cn);
         if let Some(o) = org {
             params.distinguished_name.push(DnType::OrganizationName, o);

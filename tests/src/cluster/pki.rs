@@ -103,6 +103,19 @@ impl ClusterPki {
         self.ca_issuer.issue(&self.dir, file, &[&ip.to_string()])
     }
 
+    /// A serving certificate from the cluster CA for `ip`, valid only
+    /// between two dates (`(year, month, day)`): an expired one, say.
+    pub fn serving_between(
+        &self,
+        file: &str,
+        ip: Ipv4Addr,
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> anyhow::Result<Leaf> {
+        self.ca_issuer
+            .issue_between(&self.dir, file, &[&ip.to_string()], not_before, not_after)
+    }
+
     /// A client certificate for the Kubernetes user `user`.
     pub fn user(&self, file: &str, user: &str) -> anyhow::Result<Leaf> {
         self.ca_issuer.issue_for(&self.dir, file, user, None, &[])

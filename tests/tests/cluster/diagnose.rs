@@ -21,6 +21,8 @@ const LIMIT_MS: u64 = 5000;
 struct Run {
     code: i32,
     json: Value,
+    /// The process's own time, start to exit, as the operator waits for it.
+    wall: Duration,
 }
 
 impl Run {
@@ -36,10 +38,12 @@ impl Run {
     }
 
     fn expect(&self, hop: Option<(&str, i32)>, needle: &str) -> anyhow::Result<()> {
-        let took = self.json["took_ms"].as_u64().unwrap_or(u64::MAX);
+        // The limit holds for the whole process; exec and exit on a loaded
+        // two-core machine get a little on top.
+        let wall = self.wall.as_millis() as u64;
         ensure!(
-            took <= LIMIT_MS + 500,
-            "the run took {took} ms, over its {LIMIT_MS} ms limit:\n{:#}",
+            wall <= LIMIT_MS + 250,
+            "the run took {wall} ms, over its {LIMIT_MS} ms limit:\n{:#}",
             self.json
         );
         match hop {
@@ -98,11 +102,13 @@ impl Diagnose {
         let mut argv = self.argv(node, egress);
         argv.push("-o".into());
         argv.push("json".into());
+        let started = std::time::Instant::now();
         let out = tokio::process::Command::new(binary("kubectl-konnectivity"))
             .args(&argv)
             .output()
             .await
             .context("run kubectl-konnectivity")?;
+        let wall = started.elapsed();
         let code = out.status.code().unwrap_or(-1);
         let json: Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
@@ -116,7 +122,7 @@ impl Diagnose {
             "exit code {code} differs from the report's {}",
             json["exit_code"]
         );
-        Ok(Run { code, json })
+        Ok(Run { code, json, wall })
     }
 
     async fn run(&self, node: &str) -> anyhow::Result<Run> {
@@ -141,13 +147,24 @@ impl Diagnose {
 /// (kube-apiserver meets the same broken hop); its message is printed, the
 /// words operators see.
 async fn kubectl_fails(kubectl: &tests::cluster::Kubectl, node: &str) -> anyhow::Result<()> {
-    let out = kubectl.run(&["logs", &format!("app-{node}")]).await;
-    println!("     kubectl logs app-{node}: {}", out.stderr.trim());
-    ensure!(
-        !out.ok(),
-        "kubectl logs worked, so the fault is not on kube-apiserver's path: {}",
-        out.stdout
-    );
+    let pod = format!("app-{node}");
+    for argv in [
+        vec!["logs", pod.as_str()],
+        vec!["exec", pod.as_str(), "--", "true"],
+    ] {
+        let out = kubectl.run(&argv).await;
+        println!(
+            "     kubectl {}: {}",
+            argv[..2].join(" "),
+            out.stderr.trim()
+        );
+        ensure!(
+            !out.ok(),
+            "kubectl {} worked, so the fault is not on kube-apiserver's path: {}",
+            argv[0],
+            out.stdout
+        );
+    }
     Ok(())
 }
 
@@ -387,6 +404,36 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
                 r?.expect(Some(("kubelet-tls", 15)), "not valid for the address")
             },
         )
+        .await;
+
+    report
+        .case(name, "kubelet certificate expired -> hop 5", limit, async {
+            let ip = nodes[0].kubelet_ip;
+            let leaf = cluster.pki.serving_between(
+                "kubelet-node-1-expired",
+                ip,
+                (2020, 1, 1),
+                (2021, 1, 1),
+            )?;
+            let n = cluster
+                .nodes
+                .iter_mut()
+                .find(|n| n.net.name == "node-1")
+                .context("node-1")?;
+            n.start_kubelet(Some(&leaf)).await?;
+            let r = d.run("node-1").await;
+            let k = kubectl_fails(&cluster.kubectl, "node-1").await;
+            n.start_kubelet(None).await?;
+            k?;
+            let r = r?;
+            r.expect(Some(("kubelet-tls", 15)), "has expired")?;
+            ensure!(
+                r.hop("kubelet-tls").to_string().contains("2021-01-01"),
+                "the evidence shows the certificate's end of validity:\n{:#}",
+                r.hop("kubelet-tls")
+            );
+            Ok(())
+        })
         .await;
 
     report
