@@ -87,6 +87,7 @@ pub(crate) async fn probe(ch: Channel) -> Result<(), Error> {
 /// (the server refused our certificate), anything else a protocol error.
 fn status_error(s: &tonic::Status) -> Error {
     use std::error::Error as _;
+
     if let Some(detail) = s.source().and_then(tls_cause) {
         return Error::Tls {
             target: "proxy-server".into(),

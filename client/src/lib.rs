@@ -316,6 +316,12 @@ fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 return Some(t.to_string());
             }
+            // Through hyper's connection task the alert arrives as text
+            // (rustls' words for a refused handshake or certificate).
+            let text = io.to_string();
+            if io.kind() == std::io::ErrorKind::InvalidData && text.contains("fatal alert") {
+                return Some(text);
+            }
         }
         cur = err.source();
     }

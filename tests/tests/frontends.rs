@@ -236,3 +236,67 @@ async fn connect_success_response_is_exactly_the_200_line() {
     s.read_exact(&mut echo).await.unwrap();
     assert_eq!(&echo, b"ping");
 }
+
+/// The mutual-TLS TCP frontend lets no one in without a certificate from its
+/// client CA, in either mode: the handshake fails, the client is told it was
+/// TLS, and the destination never sees a connection.
+#[tokio::test]
+async fn tcp_frontend_refuses_clients_without_a_trusted_certificate() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    for (mode, m) in [
+        ("grpc", client::Mode::Grpc),
+        ("http-connect", client::Mode::HttpConnect),
+    ] {
+        let (pki, server, _agent) = setup(mode, Listen::Tls).await;
+        let reached = Arc::new(AtomicUsize::new(0));
+        let dst = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let reached = reached.clone();
+            tokio::spawn(async move {
+                while l.accept().await.is_ok() {
+                    reached.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            addr
+        };
+        let identities = [
+            ("no certificate", None),
+            (
+                "a certificate from another CA",
+                Some((pki.rogue.cert.as_path(), pki.rogue.key.as_path())),
+            ),
+        ];
+        for (what, identity) in identities {
+            let config = konnectivity_runtime::tls::client_config(&pki.ca, identity, &[]).unwrap();
+            let transport = client::Transport::Tls {
+                addr: server.tcp().to_string(),
+                server_name: rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                config,
+            };
+            let r = client::Frontend::new(m, transport)
+                .timeout(std::time::Duration::from_secs(10))
+                .dial(&dst.to_string())
+                .await;
+            match r {
+                Err(e @ client::Error::Tls { .. }) => {
+                    assert_eq!(e.hop(), client::Hop::Frontend, "{mode}, {what}: {e}")
+                }
+                Err(e) => panic!("{mode}, {what}: want a TLS refusal, got {e:?}"),
+                Ok(_) => panic!("{mode}, {what}: the frontend let the client in"),
+            }
+        }
+        // A client with the frontend certificate gets through.
+        let ok = client::Frontend::new(m, client::tls_transport(server.tcp(), &pki))
+            .dial(&dst.to_string())
+            .await;
+        assert!(ok.is_ok(), "{mode}: {:?}", ok.err());
+        tests::wait_for(
+            std::time::Duration::from_secs(10),
+            "the trusted client's connection",
+            || reached.load(Ordering::Relaxed) == 1,
+        )
+        .await;
+    }
+}

@@ -254,23 +254,30 @@ async fn oversized_and_malformed_packets_cut_off_only_their_sender() {
 }
 
 #[tokio::test]
-async fn a_frontend_flooding_unknown_connections_is_cut_off() {
+async fn a_frontend_flooding_unknown_connections_or_sending_an_oversized_packet_is_cut_off() {
     init_logs();
     let pki = Pki::new();
     let s = Spawned::start(&pki).await;
     let mut witness = Witness::open(&s).await;
+    let (_, peak_before) = s.memory();
 
-    let ch = client::grpc_uds(&s.uds).await;
-    let mut raw = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
-    let (tx, rx) = mpsc::channel(64);
-    let mut inbound = raw
-        .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("frontend stream")
-        .into_inner();
-    let reader = tokio::spawn(async move {
-        while let Ok(Some(_)) = futures::StreamExt::next(&mut inbound).await.transpose() {}
-    });
+    // A raw gRPC frontend stream: packets to send, a task reading answers
+    // until the server ends the stream.
+    let open = || async {
+        let ch = client::grpc_uds(&s.uds).await;
+        let mut raw = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
+        let (tx, rx) = mpsc::channel::<Packet>(64);
+        let mut inbound = raw
+            .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("frontend stream")
+            .into_inner();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(_)) = futures::StreamExt::next(&mut inbound).await.transpose() {}
+        });
+        (tx, reader)
+    };
+    let (tx, reader) = open().await;
     let mut sent = 0;
     for i in 0..100_000i64 {
         let p = if i % 2 == 0 {
@@ -293,6 +300,29 @@ async fn a_frontend_flooding_unknown_connections_is_cut_off() {
         .await;
     assert_eq!(s.cut_offs("frontend", "unknown_connection").await, 1.0);
     witness.round_trip(1).await;
+
+    // One DATA over the 16 MiB message limit: refused from its length
+    // prefix, before the server buffers it.
+    let (tx, reader) = open().await;
+    let _ = tx
+        .send(packet::data(1, Bytes::from(vec![1u8; 17 << 20])))
+        .await;
+    tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the server did not end the oversized frontend stream")
+        .unwrap();
+    s.proc
+        .wait_log(
+            &["frontend stream cut off", "oversized"],
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(s.cut_offs("frontend", "oversized").await, 1.0);
+    witness.round_trip(2).await;
+    let (_, peak_after) = s.memory();
+    let grown = peak_after.saturating_sub(peak_before);
+    eprintln!("frontend flood and oversized packet: peak memory +{grown} KiB");
+    assert!(grown < FLOOD_BOUND_KIB, "peak memory grew by {grown} KiB");
 }
 
 /// A frontend opens 1,000 downloads of 8 MiB each and never reads one

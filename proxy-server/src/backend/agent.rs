@@ -769,31 +769,39 @@ mod tests {
         drain.abort();
     }
 
-    /// Packets for connections that never existed spend the budget; the
-    /// stream then ends at once, with the metric, and later packets are not
-    /// read.
+    /// Packets for connections that never existed spend the budget, each
+    /// kind on its own; the stream then ends at once, with the metric, and
+    /// later packets are not read.
     #[tokio::test(flavor = "current_thread")]
     async fn an_agent_flooding_unknown_connections_is_cut_off() {
-        let (l, mut rx) = link(64);
-        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        let read = Arc::new(AtomicUsize::new(0));
-        let counted = read.clone();
-        let flood = futures::stream::iter((0..100_000i64).map(move |i| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            Ok(match i % 3 {
-                0 => packet::data(1_000_000 + i, Bytes::from_static(b"x")),
-                1 => packet::window(1_000_000 + i, 1),
-                _ => packet::dial_ok(1_000_000 + i, 5),
-            })
-        }));
-        let served = l.clone().serve(flood, CancellationToken::new()).await;
-        assert_eq!(served, Some(Mistake::UnknownConnection));
-        assert_eq!(cut_offs(&l), 1);
-        let read = read.load(Ordering::Relaxed);
-        let burst = konnectivity_proto::budget::BURST as usize;
-        // The burst, plus whatever refilled while the test ran.
-        assert!(read > burst && read < burst + 1000, "read {read} packets");
-        assert!(l.closed.is_cancelled());
-        drain.abort();
+        type Make = fn(i64) -> Packet;
+        let kinds: [(&str, Make); 4] = [
+            ("DATA", |id| packet::data(id, Bytes::from_static(b"x"))),
+            ("WINDOW", |id| packet::window(id, 1)),
+            ("DIAL_RSP", |id| packet::dial_ok(id, 5)),
+            ("CLOSE_RSP", |id| packet::close_response(id, "")),
+        ];
+        for (kind, make) in kinds {
+            let (l, mut rx) = link(64);
+            let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            let read = Arc::new(AtomicUsize::new(0));
+            let counted = read.clone();
+            let flood = futures::stream::iter((0..100_000i64).map(move |i| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                Ok(make(1_000_000 + i))
+            }));
+            let served = l.clone().serve(flood, CancellationToken::new()).await;
+            assert_eq!(served, Some(Mistake::UnknownConnection), "{kind}");
+            assert_eq!(cut_offs(&l), 1, "{kind}");
+            let read = read.load(Ordering::Relaxed);
+            let burst = konnectivity_proto::budget::BURST as usize;
+            // The burst, plus whatever refilled while the test ran.
+            assert!(
+                read > burst && read < burst + 1000,
+                "{kind}: read {read} packets"
+            );
+            assert!(l.closed.is_cancelled(), "{kind}");
+            drain.abort();
+        }
     }
 }
