@@ -252,4 +252,50 @@ mod tests {
         assert_eq!(c.status, Status::Ok, "{c:?}");
         assert_eq!(view.agent.unwrap().0, "n");
     }
+
+    #[test]
+    fn a_draining_agent_warns_and_an_unready_server_with_no_agent_says_so() {
+        let mut a = agent("node-1", 0.2);
+        a["draining"] = json!(true);
+        let route = json!({"agent": a, "strategy": "destHost", "strategies": ["destHost"], "agents_connected": 1});
+        let (c, view) = judge(
+            "10.0.0.5:10250",
+            (200, "ok"),
+            &route,
+            &json!({}),
+            &json!({}),
+        );
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.summary.contains("draining"), "{}", c.summary);
+        assert!(!c.next.is_empty());
+        assert_eq!(view.agent.unwrap().0, "node-1");
+
+        // No agent at all, the server not ready, and an agent refused for
+        // its identity: each shows in the evidence.
+        let route =
+            json!({"agent": null, "strategies": ["destHost", "default"], "agents_connected": 0});
+        let events = json!({"refusals": [{"time": "t", "peer": "10.0.0.7:1",
+            "reason": "bad_identifiers", "message": "agentIdentifiers: bad entry \"ipv4=x\""}]});
+        let (c, view) = judge(
+            "10.0.0.7:10250",
+            (503, "no connection to any proxy agent"),
+            &route,
+            &json!({"agents": []}),
+            &events,
+        );
+        assert_eq!(c.status, Status::Failed);
+        assert!(view.agent.is_none());
+        for want in ["/readyz: 503", "agents connected: none", "bad_identifiers"] {
+            assert!(
+                c.evidence.iter().any(|e| e.contains(want)),
+                "{want}: {:?}",
+                c.evidence
+            );
+        }
+        assert!(
+            c.next.iter().any(|n| n.contains("refused agents")),
+            "{:?}",
+            c.next
+        );
+    }
 }
