@@ -32,6 +32,11 @@ use crate::metrics::Metrics;
 
 /// Packets queued towards the server, shared by the stream's connections.
 const OUT_QUEUE: usize = 256;
+/// How long a connection whose destination refused a write keeps reading what
+/// the destination sent before (its socket ends with the reset, normally at
+/// once; this bounds a destination that keeps sending).
+const DRAIN_AFTER_WRITE_ERROR: Duration = Duration::from_secs(5);
+
 /// Capacity of the control lane towards the server (answers, grants, closes).
 const CONTROL_QUEUE: usize = 1024;
 /// HTTP/2 windows: large enough that one connection can fill the link.
@@ -681,10 +686,22 @@ impl ServerLink {
             info: info.clone(),
         };
         let down = flow::tunnel_to_socket(&mut inbound, writer);
+        tokio::pin!(up);
         tokio::select! {
             _ = kill.cancelled() => {}
-            r = up => if let Err(e) = r { debug!(error = %e, "destination read failed") },
-            r = down => if let Err(e) = r { debug!(error = %e, "destination write failed") },
+            r = &mut up => if let Err(e) = r { debug!(error = %e, "destination read failed") },
+            r = down => if let Err(e) = r {
+                debug!(error = %e, "destination write failed");
+                // A destination that closed while bytes to it were still
+                // coming is reset by its kernel, and our write fails; what
+                // it wrote before closing is still in our socket and must
+                // go out first (an `exec` command's last output).
+                tokio::select! {
+                    _ = kill.cancelled() => {}
+                    _ = tokio::time::sleep(DRAIN_AFTER_WRITE_ERROR) => {}
+                    r = &mut up => if let Err(e) = r { debug!(error = %e, "destination read failed") },
+                }
+            },
         }
         // The destination closed, or failed: tell the server, unless the
         // server closed it first.

@@ -257,3 +257,56 @@ async fn frontend_close_completes_when_the_agent_never_answers() {
     })
     .await;
 }
+
+/// A destination that answers and closes at once while bytes to it are still
+/// coming (a kubelet whose `exec` command exited while kubectl was still
+/// sending: its kernel resets the connection). The answer it wrote first must
+/// reach the client every time: the agent's write to the reset socket fails,
+/// and what the destination sent before that is still read and forwarded.
+#[tokio::test]
+async fn an_answer_written_just_before_a_reset_reaches_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
+    let _agent = Agent::start(&pki, server.agent_addr, "node", &[]).await;
+    server.wait_agents(1).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dst = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                // Wait until the client's bytes flow, answer, and close
+                // without reading them (unread bytes: the close is a reset).
+                let _ = s.readable().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let _ = s.write_all(b"exit status 0").await;
+                drop(s);
+            });
+        }
+    });
+    const ROUNDS: usize = 40;
+    let mut lost = Vec::new();
+    for round in 0..ROUNDS {
+        let s = client::connect_uds(&server.uds(), &dst.to_string())
+            .await
+            .expect("CONNECT");
+        let (mut rd, mut wr) = tokio::io::split(s);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 1024];
+            for _ in 0..4096 {
+                if wr.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        });
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;
+        writer.abort();
+        if got != b"exit status 0" {
+            lost.push((round, String::from_utf8_lossy(&got).to_string()));
+        }
+    }
+    assert!(lost.is_empty(), "{} of {ROUNDS} answers lost: {lost:?}", lost.len());
+}
