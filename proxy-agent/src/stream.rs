@@ -32,9 +32,11 @@ use crate::metrics::Metrics;
 
 /// Packets queued towards the server, shared by the stream's connections.
 const OUT_QUEUE: usize = 256;
-/// How long a connection whose destination refused a write keeps reading what
-/// the destination sent before (its socket ends with the reset, normally at
-/// once; this bounds a destination that keeps sending).
+/// How long a closing connection keeps moving what was sent before the close:
+/// the destination's last bytes after it reset the connection (our write to
+/// it failed), or the client's last bytes after the server closed it. Both
+/// normally take no time; this bounds a peer that keeps sending or stops
+/// reading.
 const DRAIN_AFTER_WRITE_ERROR: Duration = Duration::from_secs(5);
 
 /// Capacity of the control lane towards the server (answers, grants, closes).
@@ -686,11 +688,16 @@ impl ServerLink {
             info: info.clone(),
         };
         let down = flow::tunnel_to_socket(&mut inbound, writer);
-        tokio::pin!(up);
+        tokio::pin!(up, down);
         tokio::select! {
-            _ = kill.cancelled() => {}
+            _ = kill.cancelled() => {
+                // Closed by the server (the client hung up): what the
+                // client sent before that is queued and still goes to the
+                // destination, as TCP would deliver it before the FIN.
+                let _ = tokio::time::timeout(DRAIN_AFTER_WRITE_ERROR, &mut down).await;
+            }
             r = &mut up => if let Err(e) = r { debug!(error = %e, "destination read failed") },
-            r = down => if let Err(e) = r {
+            r = &mut down => if let Err(e) = r {
                 debug!(error = %e, "destination write failed");
                 // A destination that closed while bytes to it were still
                 // coming is reset by its kernel, and our write fails; what

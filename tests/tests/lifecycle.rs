@@ -308,5 +308,64 @@ async fn an_answer_written_just_before_a_reset_reaches_the_client() {
             lost.push((round, String::from_utf8_lossy(&got).to_string()));
         }
     }
-    assert!(lost.is_empty(), "{} of {ROUNDS} answers lost: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {ROUNDS} answers lost: {lost:?}",
+        lost.len()
+    );
+}
+
+/// The other way round: a client that writes its last bytes and hangs up
+/// while the destination is still sending. The server's write to the client
+/// fails; the client's last bytes must still reach the destination.
+#[tokio::test]
+async fn a_clients_last_bytes_before_it_hangs_up_reach_the_destination() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
+    let _agent = Agent::start(&pki, server.agent_addr, "node", &[]).await;
+    server.wait_agents(1).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dst = l.local_addr().unwrap();
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let heard_tx = heard_tx.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = s.into_split();
+                let talker = tokio::spawn(async move {
+                    let chunk = vec![9u8; 1024];
+                    for _ in 0..4096 {
+                        if wr.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                });
+                let mut got = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;
+                talker.abort();
+                let _ = heard_tx.send(got.ends_with(b"goodbye"));
+            });
+        }
+    });
+    const ROUNDS: usize = 40;
+    let mut lost = 0;
+    for _ in 0..ROUNDS {
+        let mut s = client::connect_uds(&server.uds(), &dst.to_string())
+            .await
+            .expect("CONNECT");
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first)
+            .await
+            .expect("the destination talks");
+        s.write_all(b"goodbye").await.expect("write");
+        drop(s);
+        if !heard.recv().await.unwrap() {
+            lost += 1;
+        }
+    }
+    assert_eq!(lost, 0, "{lost} of {ROUNDS} last words lost");
 }

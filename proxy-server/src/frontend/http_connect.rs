@@ -191,14 +191,20 @@ async fn relay<S: ClientConn>(sock: S, tunnel: Tunnel, early: Bytes) {
         }
     };
     let down = async {
-        if let Err(e) = flow::tunnel_to_socket(&mut rx, &mut writer).await {
+        let r = flow::tunnel_to_socket(&mut rx, &mut writer).await;
+        if let Err(e) = &r {
             debug!(error = %e, "client write failed");
         }
+        r
     };
-    tokio::pin!(down);
+    tokio::pin!(down, up);
     tokio::select! {
-        _ = &mut down => {}
-        r = up => {
+        r = &mut down => if r.is_err() {
+            // The client reset the connection: what it sent before that is
+            // still in our socket and goes to the agent first (bounded).
+            let _ = tokio::time::timeout(CLOSE_WAIT, &mut up).await;
+        },
+        r = &mut up => {
             if let Err(e) = r {
                 debug!(error = %e, "client read failed");
             }
