@@ -258,6 +258,30 @@ async fn frontend_close_completes_when_the_agent_never_answers() {
     .await;
 }
 
+/// An HTTP CONNECT server on a Unix socket with one agent, and a listener
+/// for the destination.
+async fn connect_setup() -> (Pki, Server, Agent, tokio::net::TcpListener) {
+    init_logs();
+    let pki = Pki::new();
+    let server = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
+    let agent = Agent::start(&pki, server.agent_addr, "node", &[]).await;
+    server.wait_agents(1).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (pki, server, agent, l)
+}
+
+/// Writes 1 KiB every 200 us (4 MiB at most) until the peer goes away.
+async fn keep_sending<W: tokio::io::AsyncWrite + Unpin>(mut w: W) {
+    use tokio::io::AsyncWriteExt;
+    let chunk = vec![7u8; 1024];
+    for _ in 0..4096 {
+        if w.write_all(&chunk).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
 /// A destination that answers and closes at once while bytes to it are still
 /// coming (a kubelet whose `exec` command exited while kubectl was still
 /// sending: its kernel resets the connection). The answer it wrote first must
@@ -266,12 +290,7 @@ async fn frontend_close_completes_when_the_agent_never_answers() {
 #[tokio::test]
 async fn an_answer_written_just_before_a_reset_reaches_the_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    init_logs();
-    let pki = Pki::new();
-    let server = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "node", &[]).await;
-    server.wait_agents(1).await;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_pki, server, _agent, l) = connect_setup().await;
     let dst = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -291,16 +310,8 @@ async fn an_answer_written_just_before_a_reset_reaches_the_client() {
         let s = client::connect_uds(&server.uds(), &dst.to_string())
             .await
             .expect("CONNECT");
-        let (mut rd, mut wr) = tokio::io::split(s);
-        let writer = tokio::spawn(async move {
-            let chunk = vec![7u8; 1024];
-            for _ in 0..4096 {
-                if wr.write_all(&chunk).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-        });
+        let (mut rd, wr) = tokio::io::split(s);
+        let writer = tokio::spawn(keep_sending(wr));
         let mut got = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;
         writer.abort();
@@ -321,28 +332,15 @@ async fn an_answer_written_just_before_a_reset_reaches_the_client() {
 #[tokio::test]
 async fn a_clients_last_bytes_before_it_hangs_up_reach_the_destination() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    init_logs();
-    let pki = Pki::new();
-    let server = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "node", &[]).await;
-    server.wait_agents(1).await;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_pki, server, _agent, l) = connect_setup().await;
     let dst = l.local_addr().unwrap();
     let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<bool>();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             let heard_tx = heard_tx.clone();
             tokio::spawn(async move {
-                let (mut rd, mut wr) = s.into_split();
-                let talker = tokio::spawn(async move {
-                    let chunk = vec![9u8; 1024];
-                    for _ in 0..4096 {
-                        if wr.write_all(&chunk).await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_micros(200)).await;
-                    }
-                });
+                let (mut rd, wr) = s.into_split();
+                let talker = tokio::spawn(keep_sending(wr));
                 let mut got = Vec::new();
                 let _ =
                     tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;

@@ -1,8 +1,7 @@
-//! Certificates, keys and CA bundles rotated on disk while a tunnel carries
-//! traffic: the server and the agent use the new files for new connections
-//! within seconds, without a restart, and the open tunnel never misses a
-//! round trip. (Bearer token files are re-read on every agent connection;
-//! `auth.rs` covers them.)
+//! Certificates, keys, CA bundles and token files rotated on disk while a
+//! tunnel carries traffic: the server and the agent use the new files for
+//! new connections within seconds, without a restart, and the open tunnel
+//! never misses a round trip.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -72,27 +71,7 @@ async fn rotated_certificates_and_cas_apply_to_new_connections_and_open_tunnels_
     server.wait_agents(1).await;
 
     // Load: round trips on one open tunnel, all through the rotations.
-    let echo = dest::echo().await;
-    let ch = client::grpc_uds(Path::new(&uds)).await;
-    let mut tunnel = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
-    let stop = Arc::new(AtomicBool::new(false));
-    let trips = Arc::new(AtomicU64::new(0));
-    let load = {
-        let (stop, trips) = (stop.clone(), trips.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let msg = format!("trip {}", trips.load(Ordering::Relaxed));
-                tunnel.send(msg.clone().into_bytes()).await.expect("send");
-                let got = tokio::time::timeout(Duration::from_secs(5), tunnel.recv())
-                    .await
-                    .expect("round trip within 5 s")
-                    .expect("tunnel open");
-                assert_eq!(&got[..], msg.as_bytes());
-                trips.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let load = RoundTrips::start(Path::new(&uds)).await;
 
     // 1. The server's certificate and key: the next handshake presents the
     // new certificate.
@@ -148,10 +127,131 @@ async fn rotated_certificates_and_cas_apply_to_new_connections_and_open_tunnels_
     .await;
     server.wait_agents(3).await;
 
-    stop.store(true, Ordering::Relaxed);
-    load.await
-        .expect("no round trip failed during the rotations");
-    let trips = trips.load(Ordering::Relaxed);
-    eprintln!("{trips} round trips on the open tunnel during the rotations");
-    assert!(trips > 100, "{trips} round trips");
+    load.finish(100).await;
+}
+
+/// Round trips every 10 ms on one open tunnel through the gRPC frontend at
+/// `uds`, each within 5 s, until [`RoundTrips::finish`].
+struct RoundTrips {
+    stop: Arc<AtomicBool>,
+    trips: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RoundTrips {
+    async fn start(uds: &Path) -> RoundTrips {
+        let echo = dest::echo().await;
+        let ch = client::grpc_uds(uds).await;
+        let mut tunnel = GrpcConn::dial(&ch, &echo.to_string()).await.expect("dial");
+        let stop = Arc::new(AtomicBool::new(false));
+        let trips = Arc::new(AtomicU64::new(0));
+        let (stopped, count) = (stop.clone(), trips.clone());
+        let task = tokio::spawn(async move {
+            while !stopped.load(Ordering::Relaxed) {
+                let msg = format!("trip {}", count.load(Ordering::Relaxed));
+                tunnel.send(msg.clone().into_bytes()).await.expect("send");
+                let got = tokio::time::timeout(Duration::from_secs(5), tunnel.recv())
+                    .await
+                    .expect("round trip within 5 s")
+                    .expect("tunnel open");
+                assert_eq!(&got[..], msg.as_bytes());
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        RoundTrips { stop, trips, task }
+    }
+
+    /// Stops; no round trip may have failed, and at least `min` were made.
+    async fn finish(self, min: u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task
+            .await
+            .expect("no round trip failed during the rotations");
+        let trips = self.trips.load(Ordering::Relaxed);
+        eprintln!("{trips} round trips on the open tunnel during the rotations");
+        assert!(trips > min, "{trips} round trips");
+    }
+}
+
+/// The agents' refusals the server counted for `reason`.
+fn refused(server: &Server, reason: &str) -> u64 {
+    server
+        .metrics
+        .agent_refused
+        .with_label_values(&[reason])
+        .get()
+}
+
+#[tokio::test]
+async fn rotated_token_files_apply_to_new_connections_and_open_tunnels_keep_moving() {
+    init_logs();
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let (accepted, steady_token) = (dir.join("accepted-tokens"), dir.join("steady-token"));
+    write(&accepted, "token-1\n");
+    write(&steady_token, "token-1\n");
+    let tokens_flag = format!("--agent-tokens-file={}", accepted.display());
+    let uds = pki.path("tokens.sock");
+    let server = Server::start_args(Server::args(
+        &pki,
+        "grpc",
+        Listen::Uds,
+        &uds,
+        std::slice::from_ref(&tokens_flag),
+    ))
+    .await;
+    let token_flag = |p: &Path| format!("--service-account-token-path={}", p.display());
+    let _steady = Agent::start(
+        &pki,
+        server.agent_addr,
+        "steady",
+        &[&token_flag(&steady_token)],
+    )
+    .await;
+    server.wait_agents(1).await;
+    let load = RoundTrips::start(Path::new(&uds)).await;
+
+    // 1. The server's file: token-1 is replaced by token-2. A new agent with
+    // token-1 is refused, one with token-2 admitted; the steady agent's
+    // stream, admitted with token-1, carries on.
+    write(&accepted, "token-2\n");
+    write(&steady_token, "token-2\n");
+    let old = dir.join("old-token");
+    write(&old, "token-1\n");
+    let before = refused(&server, "unauthenticated");
+    let _old = Agent::start(&pki, server.agent_addr, "old", &[&token_flag(&old)]).await;
+    tests::wait_for(Duration::from_secs(10), "the old token refused", || {
+        refused(&server, "unauthenticated") > before
+    })
+    .await;
+    let _new = Agent::start(
+        &pki,
+        server.agent_addr,
+        "new",
+        &[&token_flag(&steady_token)],
+    )
+    .await;
+    server.wait_agents(2).await;
+
+    // 2. The agent's file: an agent refused for its token connects once its
+    // file holds an accepted one, without a restart.
+    let late_token = dir.join("late-token");
+    write(&late_token, "token-0\n");
+    let before = refused(&server, "unauthenticated");
+    let late = Agent::start(&pki, server.agent_addr, "late", &[&token_flag(&late_token)]).await;
+    tests::wait_for(Duration::from_secs(10), "the late agent refused", || {
+        refused(&server, "unauthenticated") > before
+    })
+    .await;
+    write(&late_token, "token-2\n");
+    let open = late.metrics.open_server_connections.clone();
+    tests::wait_for(
+        Duration::from_secs(20),
+        "the late agent with its new token",
+        || open.get() == 1,
+    )
+    .await;
+    server.wait_agents(3).await;
+    load.finish(3).await;
 }

@@ -168,6 +168,31 @@ async fn kubectl_fails(kubectl: &tests::cluster::Kubectl, node: &str) -> anyhow:
     Ok(())
 }
 
+/// node-1's kubelet restarted serving `leaf`: the diagnose run (shown when
+/// `show`), with `kubectl logs` and `exec` failing, then the kubelet back on
+/// its own certificate.
+async fn with_kubelet_cert(
+    cluster: &mut Cluster,
+    d: &Diagnose,
+    leaf: &konnectivity_runtime::pki::Leaf,
+    show: bool,
+) -> anyhow::Result<Run> {
+    let n = cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.net.name == "node-1")
+        .context("node-1")?;
+    n.start_kubelet(Some(leaf)).await?;
+    let r = d.run("node-1").await;
+    let k = kubectl_fails(&cluster.kubectl, "node-1").await;
+    if show {
+        d.show("node-1").await;
+    }
+    n.start_kubelet(None).await?;
+    k?;
+    r
+}
+
 /// An nftables table in the node's namespace that drops everything sent to
 /// the kubelet port (the agent's SYNs go unanswered).
 fn drop_rule(node: &tests::cluster::NodeNet, add: bool) -> anyhow::Result<()> {
@@ -390,18 +415,9 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
                 let leaf = cluster
                     .pki
                     .serving("kubelet-node-1-wrong-address", wrong_ip)?;
-                let n = cluster
-                    .nodes
-                    .iter_mut()
-                    .find(|n| n.net.name == "node-1")
-                    .context("node-1")?;
-                n.start_kubelet(Some(&leaf)).await?;
-                let r = d.run("node-1").await;
-                let k = kubectl_fails(&cluster.kubectl, "node-1").await;
-                d.show("node-1").await;
-                n.start_kubelet(None).await?;
-                k?;
-                r?.expect(Some(("kubelet-tls", 15)), "not valid for the address")
+                with_kubelet_cert(cluster, &d, &leaf, true)
+                    .await?
+                    .expect(Some(("kubelet-tls", 15)), "not valid for the address")
             },
         )
         .await;
@@ -415,17 +431,7 @@ pub async fn run(cluster: &mut Cluster, report: &mut Report) {
                 (2020, 1, 1),
                 (2021, 1, 1),
             )?;
-            let n = cluster
-                .nodes
-                .iter_mut()
-                .find(|n| n.net.name == "node-1")
-                .context("node-1")?;
-            n.start_kubelet(Some(&leaf)).await?;
-            let r = d.run("node-1").await;
-            let k = kubectl_fails(&cluster.kubectl, "node-1").await;
-            n.start_kubelet(None).await?;
-            k?;
-            let r = r?;
+            let r = with_kubelet_cert(cluster, &d, &leaf, false).await?;
             r.expect(Some(("kubelet-tls", 15)), "has expired")?;
             ensure!(
                 r.hop("kubelet-tls").to_string().contains("2021-01-01"),
