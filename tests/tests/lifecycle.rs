@@ -258,12 +258,12 @@ async fn frontend_close_completes_when_the_agent_never_answers() {
     .await;
 }
 
-/// An HTTP CONNECT server on a Unix socket with one agent, and a listener
-/// for the destination.
-async fn connect_setup() -> (Pki, Server, Agent, tokio::net::TcpListener) {
+/// A server in `mode` on a Unix socket with one agent, and a listener for
+/// the destination.
+async fn connect_setup(mode: &str) -> (Pki, Server, Agent, tokio::net::TcpListener) {
     init_logs();
     let pki = Pki::new();
-    let server = Server::start(&pki, "http-connect", Listen::Uds, &[]).await;
+    let server = Server::start(&pki, mode, Listen::Uds, &[]).await;
     let agent = Agent::start(&pki, server.agent_addr, "node", &[]).await;
     server.wait_agents(1).await;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -290,7 +290,7 @@ async fn keep_sending<W: tokio::io::AsyncWrite + Unpin>(mut w: W) {
 #[tokio::test]
 async fn an_answer_written_just_before_a_reset_reaches_the_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_pki, server, _agent, l) = connect_setup().await;
+    let (_pki, server, _agent, l) = connect_setup("http-connect").await;
     let dst = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -327,13 +327,21 @@ async fn an_answer_written_just_before_a_reset_reaches_the_client() {
 }
 
 /// The other way round: a client that writes its last bytes and hangs up
-/// while the destination is still sending. The server's write to the client
-/// fails; the client's last bytes must still reach the destination.
+/// while the destination is still sending, over either frontend. (CONNECT:
+/// the server's write to the client fails; gRPC: `CLOSE_REQ` follows the
+/// last `DATA`.) The client's last bytes must still reach the destination.
 #[tokio::test]
 async fn a_clients_last_bytes_before_it_hangs_up_reach_the_destination() {
+    for mode in ["http-connect", "grpc"] {
+        let lost = last_words_lost(mode, 40).await;
+        assert_eq!(lost, 0, "{mode}: {lost} of 40 last words lost");
+    }
+}
+
+async fn last_words_lost(mode: &str, rounds: usize) -> usize {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_pki, server, _agent, l) = connect_setup().await;
-    let dst = l.local_addr().unwrap();
+    let (_pki, server, _agent, l) = connect_setup(mode).await;
+    let dst = l.local_addr().unwrap().to_string();
     let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<bool>();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
@@ -349,21 +357,34 @@ async fn a_clients_last_bytes_before_it_hangs_up_reach_the_destination() {
             });
         }
     });
-    const ROUNDS: usize = 40;
+    let ch = match mode {
+        "grpc" => Some(client::grpc_uds(&server.uds()).await),
+        _ => None,
+    };
     let mut lost = 0;
-    for _ in 0..ROUNDS {
-        let mut s = client::connect_uds(&server.uds(), &dst.to_string())
-            .await
-            .expect("CONNECT");
-        let mut first = [0u8; 1];
-        s.read_exact(&mut first)
-            .await
-            .expect("the destination talks");
-        s.write_all(b"goodbye").await.expect("write");
-        drop(s);
+    for _ in 0..rounds {
+        match &ch {
+            Some(ch) => {
+                let mut c = GrpcConn::dial(ch, &dst).await.expect("dial");
+                c.recv().await.expect("the destination talks");
+                c.send(&b"goodbye"[..]).await.expect("send");
+                c.close().await;
+            }
+            None => {
+                let mut s = client::connect_uds(&server.uds(), &dst)
+                    .await
+                    .expect("CONNECT");
+                let mut first = [0u8; 1];
+                s.read_exact(&mut first)
+                    .await
+                    .expect("the destination talks");
+                s.write_all(b"goodbye").await.expect("write");
+                drop(s);
+            }
+        }
         if !heard.recv().await.unwrap() {
             lost += 1;
         }
     }
-    assert_eq!(lost, 0, "{lost} of {ROUNDS} last words lost");
+    lost
 }
