@@ -7,11 +7,10 @@
 //! elsewhere.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tests::client;
+use tests::client::{self, Mode};
 use tests::init_logs;
 use tests::inproc::{Agent, Listen, Server};
 use tests::netns::{Pair, KUBELET_IP, SERVER_IP};
@@ -47,10 +46,14 @@ impl Drop for Kubelet {
     }
 }
 
-/// The server (HTTP CONNECT on a Unix socket) in the control-plane namespace
-/// and one agent in the node namespace, connected.
-async fn tunnel(ns: &Pair, pki: &Pki, uds: &str) -> (Proc, Proc) {
-    let mut sargs = Server::args(pki, "http-connect", Listen::Uds, uds, &[]);
+/// The server (`mode` on a Unix socket) in the control-plane namespace and
+/// one agent in the node namespace, connected.
+async fn tunnel(ns: &Pair, pki: &Pki, uds: &str, mode: Mode) -> (Proc, Proc) {
+    let flag = match mode {
+        Mode::Grpc => "grpc",
+        Mode::HttpConnect => "http-connect",
+    };
+    let mut sargs = Server::args(pki, flag, Listen::Uds, uds, &[]);
     sargs.retain(|a| !a.starts_with("--agent-bind-address"));
     sargs.push(format!("--agent-bind-address={SERVER_IP}"));
     let server = Proc::spawn(&ns.in_cp(), &sargs);
@@ -66,11 +69,24 @@ async fn tunnel(ns: &Pair, pki: &Pki, uds: &str) -> (Proc, Proc) {
     (server, agent)
 }
 
-/// `GET /healthz` on the kubelet through the tunnel, TLS end to end.
-async fn kubelet_healthz(pki: &Pki, uds: &str, kubelet: &str) -> Result<String, String> {
-    let stream = client::connect_uds(Path::new(uds), kubelet)
+/// A dial through the server's frontend socket in `mode`.
+async fn dial(mode: Mode, uds: &str, target: &str) -> Result<client::Tunnel, client::Error> {
+    client::Frontend::new(mode, client::Transport::Unix(uds.into()))
+        .timeout(Duration::from_secs(20))
+        .dial(target)
         .await
-        .map_err(|e| format!("CONNECT through the tunnel: {e}"))?;
+}
+
+/// `GET /healthz` on the kubelet through the tunnel, TLS end to end.
+async fn kubelet_healthz(
+    pki: &Pki,
+    uds: &str,
+    kubelet: &str,
+    mode: Mode,
+) -> Result<String, String> {
+    let stream = dial(mode, uds, kubelet)
+        .await
+        .map_err(|e| format!("dial through the tunnel: {e}"))?;
     let tls = tokio_rustls::TlsConnector::from(
         konnectivity_runtime::tls::client_config(&pki.ca, None, &[b"http/1.1"]).unwrap(),
     );
@@ -98,7 +114,7 @@ async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
     let _kubelet = Kubelet::start(&ns, &pki, &kubelet_addr);
 
     let uds = pki.path("cp.sock");
-    let (server, agent) = tunnel(&ns, &pki, &uds).await;
+    let (server, agent) = tunnel(&ns, &pki, &uds, Mode::HttpConnect).await;
 
     // The control plane cannot open a connection to the kubelet itself.
     let direct = Command::new("ip")
@@ -113,7 +129,9 @@ async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
 
     // Through the tunnel (HTTP CONNECT on the server's Unix socket, as
     // kube-apiserver does), TLS to the kubelet works end to end.
-    let text = kubelet_healthz(&pki, &uds, &kubelet_addr).await.unwrap();
+    let text = kubelet_healthz(&pki, &uds, &kubelet_addr, Mode::HttpConnect)
+        .await
+        .unwrap();
     assert!(text.ends_with("kubelet in the node namespace"), "{text}");
     drop(agent);
     drop(server);
@@ -123,21 +141,33 @@ async fn kubelet_in_a_node_namespace_is_reachable_only_through_the_tunnel() {
 /// are lost). Both sides notice within 10 s from heartbeats, the open
 /// connection and a dial made during the partition fail cleanly, and once the
 /// link is back the agent reconnects and the kubelet is reachable again, with
-/// no process restarted.
+/// no process restarted. Through HTTP CONNECT and through gRPC (what
+/// kube-apiserver uses most).
 #[tokio::test]
 async fn a_partition_is_noticed_on_both_sides_and_heals_without_restarts() {
+    partition(Mode::HttpConnect).await;
+}
+
+#[tokio::test]
+async fn a_partition_under_the_grpc_frontend_is_noticed_and_heals_without_restarts() {
+    partition(Mode::Grpc).await;
+}
+
+async fn partition(mode: Mode) {
     init_logs();
-    let Some(ns) = Pair::create_or_skip("partition") else {
+    let Some(ns) = Pair::create_or_skip(&format!("partition {mode}")) else {
         return;
     };
     let pki = Pki::new();
     let kubelet_addr = format!("{KUBELET_IP}:10250");
     let _kubelet = Kubelet::start(&ns, &pki, &kubelet_addr);
     let uds = pki.path("partition.sock");
-    let (server, agent) = tunnel(&ns, &pki, &uds).await;
-    let text = kubelet_healthz(&pki, &uds, &kubelet_addr).await.unwrap();
+    let (server, agent) = tunnel(&ns, &pki, &uds, mode).await;
+    let text = kubelet_healthz(&pki, &uds, &kubelet_addr, mode)
+        .await
+        .unwrap();
     assert!(text.ends_with("kubelet in the node namespace"), "{text}");
-    let mut open = client::connect_uds(Path::new(&uds), &kubelet_addr)
+    let mut open = dial(mode, &uds, &kubelet_addr)
         .await
         .expect("open connection");
 
@@ -147,40 +177,54 @@ async fn a_partition_is_noticed_on_both_sides_and_heals_without_restarts() {
     let pending = {
         let uds = uds.clone();
         let kubelet_addr = kubelet_addr.clone();
-        tokio::spawn(async move { client::connect_uds(Path::new(&uds), &kubelet_addr).await })
+        tokio::spawn(async move { dial(mode, &uds, &kubelet_addr).await })
     };
     let left = || deadline.saturating_duration_since(Instant::now());
     agent.wait_log(&["no heartbeat from server"], left()).await;
     server
         .wait_log(&["no heartbeat answer from agent"], left())
         .await;
-    eprintln!("partition noticed by both sides after {:?}", cut.elapsed());
+    eprintln!(
+        "{mode}: partition noticed by both sides after {:?}",
+        cut.elapsed()
+    );
     // The open connection ends (EOF or error), it does not hang.
     let mut buf = [0u8; 64];
     let ended = tokio::time::timeout(left(), open.read(&mut buf)).await;
     assert!(
         matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
-        "open connection did not end cleanly within 10 s: {ended:?}"
+        "{mode}: open connection did not end cleanly within 10 s: {ended:?}"
     );
-    // The dial made during the partition fails with a status, not a hang.
+    // The dial made during the partition fails with the server's answer,
+    // not a hang (CONNECT: a 5xx status).
     let dialed = tokio::time::timeout(left(), pending)
         .await
         .expect("the dial made during the partition hung")
         .unwrap();
-    let (status, body, _) = client::refused(dialed);
-    assert!((500..600).contains(&status), "{status} {body}");
+    match dialed {
+        Err(client::Error::Dial {
+            status, message, ..
+        }) => {
+            if mode == Mode::HttpConnect {
+                let status = status.unwrap_or(0);
+                assert!((500..600).contains(&status), "{status} {message}");
+            }
+        }
+        Err(e) => panic!("{mode}: the dial failed, but not with the server's answer: {e}"),
+        Ok(_) => panic!("{mode}: a dial during the partition succeeded"),
+    }
 
     ns.set_link(true).expect("link up");
     let healed = Instant::now();
     let text = tests::eventually(
         Duration::from_secs(45),
         "kubelet reachable again",
-        || async { kubelet_healthz(&pki, &uds, &kubelet_addr).await.ok() },
+        || async { kubelet_healthz(&pki, &uds, &kubelet_addr, mode).await.ok() },
     )
     .await;
     assert!(text.ends_with("kubelet in the node namespace"), "{text}");
     eprintln!(
-        "reachable again {:?} after the link came back",
+        "{mode}: reachable again {:?} after the link came back",
         healed.elapsed()
     );
     drop(agent);
