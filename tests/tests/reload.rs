@@ -28,17 +28,23 @@ fn write(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// The certificate the agent listener presents to a new connection (DER).
-async fn presented(addr: SocketAddr, pki: &Pki) -> Option<Vec<u8>> {
+/// The certificate a TLS listener presents to a new connection offering
+/// `alpn` (DER).
+async fn presented_with(addr: SocketAddr, pki: &Pki, alpn: &[u8]) -> Option<Vec<u8>> {
     let tls = tokio_rustls::TlsConnector::from(client::frontend_tls(
         pki,
         Some((pki.agent.cert.as_path(), pki.agent.key.as_path())),
-        &[b"h2"],
+        &[alpn],
     ));
     let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let s = tls.connect(name, tcp).await.ok()?;
     Some(s.get_ref().1.peer_certificates()?.first()?.to_vec())
+}
+
+/// The certificate the agent listener presents (DER).
+async fn presented(addr: SocketAddr, pki: &Pki) -> Option<Vec<u8>> {
+    presented_with(addr, pki, b"h2").await
 }
 
 fn der(pem_path: &Path) -> Vec<u8> {
@@ -254,4 +260,96 @@ async fn rotated_token_files_apply_to_new_connections_and_open_tunnels_keep_movi
     .await;
     server.wait_agents(3).await;
     load.finish(3).await;
+}
+
+/// The TCP frontend's certificate and an agent's own client certificate,
+/// rotated on disk: new frontend clients are shown the new certificate while
+/// a CONNECT tunnel opened before keeps echoing, and an agent refused for its
+/// client certificate connects once its files hold one the server trusts.
+#[tokio::test]
+async fn rotated_frontend_and_agent_client_certificates_apply_without_restarts() {
+    init_logs();
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let (cert, key) = (dir.join("live-frontend.crt"), dir.join("live-frontend.key"));
+    rotate(&pki.server.cert, &cert);
+    rotate(&pki.server.key, &key);
+    let mut args = Server::args(&pki, "http-connect", Listen::Tls, "", &[]);
+    args.retain(|a| !a.starts_with("--server-cert") && !a.starts_with("--server-key"));
+    args.extend([
+        format!("--server-cert={}", cert.display()),
+        format!("--server-key={}", key.display()),
+        // Agents need a client certificate from the test CA.
+        format!("--cluster-ca-cert={}", pki.ca.display()),
+    ]);
+    let server = Server::start_args(args).await;
+    let _agent = Agent::start(&pki, server.agent_addr, "steady", &[]).await;
+    server.wait_agents(1).await;
+    let echo = dest::echo().await.to_string();
+    let mut before = client::connect_tls(server.tcp(), &pki, &echo)
+        .await
+        .expect("CONNECT");
+    echo_round_trip(&mut before, 1).await;
+
+    // 1. The frontend's certificate.
+    assert_eq!(
+        presented_with(server.tcp(), &pki, b"http/1.1").await,
+        Some(der(&pki.server.cert))
+    );
+    let next = pki.issue("frontend-2", &["localhost", "127.0.0.1"]);
+    rotate(&next.key, &key);
+    rotate(&next.cert, &cert);
+    let want = der(&next.cert);
+    tests::eventually(
+        Duration::from_secs(10),
+        "the new frontend certificate",
+        || async {
+            (presented_with(server.tcp(), &pki, b"http/1.1")
+                .await
+                .as_ref()
+                == Some(&want))
+            .then_some(())
+        },
+    )
+    .await;
+    echo_round_trip(&mut before, 2).await;
+    let mut after = client::connect_tls(server.tcp(), &pki, &echo)
+        .await
+        .expect("CONNECT after the rotation");
+    echo_round_trip(&mut after, 9).await;
+
+    // 2. An agent's own certificate: from a CA the server does not trust,
+    // then replaced on disk by one it does.
+    let (agent_cert, agent_key) = (dir.join("live-agent.crt"), dir.join("live-agent.key"));
+    rotate(&pki.rogue.cert, &agent_cert);
+    rotate(&pki.rogue.key, &agent_key);
+    let mut late_args = Agent::args(&pki, server.agent_addr, "late", &[]);
+    late_args.retain(|a| !a.starts_with("--agent-cert") && !a.starts_with("--agent-key"));
+    late_args.extend([
+        format!("--agent-cert={}", agent_cert.display()),
+        format!("--agent-key={}", agent_key.display()),
+    ]);
+    let late = Agent::start_args(late_args).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(late.metrics.open_server_connections.get(), 0);
+    rotate(&pki.agent.key, &agent_key);
+    rotate(&pki.agent.cert, &agent_cert);
+    let open = late.metrics.open_server_connections.clone();
+    tests::wait_for(
+        Duration::from_secs(20),
+        "the agent with its new client certificate",
+        || open.get() == 1,
+    )
+    .await;
+    server.wait_agents(2).await;
+    echo_round_trip(&mut before, 3).await;
+}
+
+/// 16 bytes of `n` through an echo tunnel, and back.
+async fn echo_round_trip(s: &mut client::Tunnel, n: u8) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(&[n; 16]).await.expect("write");
+    let mut got = [0u8; 16];
+    s.read_exact(&mut got).await.expect("echo");
+    assert_eq!(got, [n; 16]);
 }
