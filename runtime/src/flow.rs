@@ -359,12 +359,13 @@ impl ConnInfo {
 
 /// When a shared stream opened and when its peer last sent a packet (the
 /// admin endpoint's `age_seconds` and `last_packet_seconds_ago`); one store
-/// per packet.
+/// per packet. On tokio's clock, so the heartbeat watchdogs built on it are
+/// tested in paused time.
 #[derive(Debug)]
 pub struct Liveness {
     /// When the stream opened (wall clock, for display).
     pub connected_at: std::time::SystemTime,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
     /// Milliseconds after `started` of the last packet.
     last_ms: std::sync::atomic::AtomicU64,
 }
@@ -373,7 +374,7 @@ impl Default for Liveness {
     fn default() -> Self {
         Liveness {
             connected_at: std::time::SystemTime::now(),
-            started: std::time::Instant::now(),
+            started: tokio::time::Instant::now(),
             last_ms: Default::default(),
         }
     }
