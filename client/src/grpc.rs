@@ -61,19 +61,9 @@ pub async fn channel(transport: &Transport, limit: Duration) -> Result<Channel, 
 /// without dialing anything or leaving a trace in the server's log.
 pub(crate) async fn probe(ch: Channel) -> Result<(), Error> {
     let mut grpc = tonic::client::Grpc::new(ch);
-    grpc.ready().await.map_err(|e| {
-        let detail = e.to_string();
-        tls_cause(&e)
-            .map(|detail| Error::Tls {
-                target: "proxy-server".into(),
-                detail,
-            })
-            .unwrap_or(Error::Protocol {
-                target: "proxy-server".into(),
-                mode: Mode::Grpc,
-                detail,
-            })
-    })?;
+    grpc.ready()
+        .await
+        .map_err(|e| tls_or_protocol(Some(&e), || e.to_string()))?;
     let path = http::uri::PathAndQuery::from_static("/konnectivity.Diagnose/Probe");
     let codec = tonic_prost::ProstCodec::<(), ()>::default();
     match grpc.unary(tonic::Request::new(()), path, codec).await {
@@ -87,17 +77,25 @@ pub(crate) async fn probe(ch: Channel) -> Result<(), Error> {
 /// (the server refused our certificate), anything else a protocol error.
 fn status_error(s: &tonic::Status) -> Error {
     use std::error::Error as _;
+    tls_or_protocol(s.source(), || format!("{:?}: {}", s.code(), s.message()))
+}
 
-    if let Some(detail) = s.source().and_then(tls_cause) {
-        return Error::Tls {
+/// A TLS error when rustls' refusal is somewhere in `cause`'s chain, else a
+/// protocol error saying `detail`.
+fn tls_or_protocol(
+    cause: Option<&(dyn std::error::Error + 'static)>,
+    detail: impl FnOnce() -> String,
+) -> Error {
+    match cause.and_then(tls_cause) {
+        Some(detail) => Error::Tls {
             target: "proxy-server".into(),
             detail,
-        };
-    }
-    Error::Protocol {
-        target: "proxy-server".into(),
-        mode: Mode::Grpc,
-        detail: format!("{:?}: {}", s.code(), s.message()),
+        },
+        None => Error::Protocol {
+            target: "proxy-server".into(),
+            mode: Mode::Grpc,
+            detail: detail(),
+        },
     }
 }
 

@@ -37,7 +37,7 @@ const OUT_QUEUE: usize = 256;
 /// it failed), or the client's last bytes after the server closed it. Both
 /// normally take no time; this bounds a peer that keeps sending or stops
 /// reading.
-const DRAIN_AFTER_WRITE_ERROR: Duration = Duration::from_secs(5);
+const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
 /// Capacity of the control lane towards the server (answers, grants, closes).
 const CONTROL_QUEUE: usize = 1024;
@@ -694,7 +694,7 @@ impl ServerLink {
                 // Closed by the server (the client hung up): what the
                 // client sent before that is queued and still goes to the
                 // destination, as TCP would deliver it before the FIN.
-                let _ = tokio::time::timeout(DRAIN_AFTER_WRITE_ERROR, &mut down).await;
+                let _ = tokio::time::timeout(CLOSE_DRAIN, &mut down).await;
             }
             r = &mut up => if let Err(e) = r { debug!(error = %e, "destination read failed") },
             r = &mut down => if let Err(e) = r {
@@ -705,7 +705,7 @@ impl ServerLink {
                 // go out first (an `exec` command's last output).
                 tokio::select! {
                     _ = kill.cancelled() => {}
-                    _ = tokio::time::sleep(DRAIN_AFTER_WRITE_ERROR) => {}
+                    _ = tokio::time::sleep(CLOSE_DRAIN) => {}
                     r = &mut up => if let Err(e) = r { debug!(error = %e, "destination read failed") },
                 }
             },

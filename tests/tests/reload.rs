@@ -47,6 +47,20 @@ async fn presented(addr: SocketAddr, pki: &Pki) -> Option<Vec<u8>> {
     presented_with(addr, pki, b"h2").await
 }
 
+/// `args` with each flag of `files` set to that path instead of its
+/// value there (added if absent).
+fn with_files(mut args: Vec<String>, files: &[(&str, &Path)]) -> Vec<String> {
+    args.retain(|a| !files.iter().any(|(f, _)| a.starts_with(&format!("{f}="))));
+    args.extend(files.iter().map(|(f, p)| format!("{f}={}", p.display())));
+    args
+}
+
+/// Waits until `agent` holds a stream to the server.
+async fn connects(agent: &Agent, what: &str, limit: Duration) {
+    let open = agent.metrics.open_server_connections.clone();
+    tests::wait_for(limit, what, || open.get() == 1).await;
+}
+
 fn der(pem_path: &Path) -> Vec<u8> {
     konnectivity_runtime::tls::load_certs("certificate", pem_path).unwrap()[0].to_vec()
 }
@@ -65,13 +79,14 @@ async fn rotated_certificates_and_cas_apply_to_new_connections_and_open_tunnels_
     rotate(&pki.server.key, &key);
     rotate(&pki.ca, &client_ca);
     let uds = pki.path("reload.sock");
-    let mut args = Server::args(&pki, "grpc", Listen::Uds, &uds, &[]);
-    args.retain(|a| !a.starts_with("--cluster-cert") && !a.starts_with("--cluster-key"));
-    args.extend([
-        format!("--cluster-cert={}", cert.display()),
-        format!("--cluster-key={}", key.display()),
-        format!("--cluster-ca-cert={}", client_ca.display()),
-    ]);
+    let args = with_files(
+        Server::args(&pki, "grpc", Listen::Uds, &uds, &[]),
+        &[
+            ("--cluster-cert", &cert),
+            ("--cluster-key", &key),
+            ("--cluster-ca-cert", &client_ca),
+        ],
+    );
     let server = Server::start_args(args).await;
     let _agent = Agent::start(&pki, server.agent_addr, "steady", &[]).await;
     server.wait_agents(1).await;
@@ -96,12 +111,13 @@ async fn rotated_certificates_and_cas_apply_to_new_connections_and_open_tunnels_
 
     // 2. The CA bundle for agent certificates: an agent from another CA is
     // refused until that CA joins the bundle, then it connects.
-    let mut rogue_args = Agent::args(&pki, server.agent_addr, "rogue", &[]);
-    rogue_args.retain(|a| !a.starts_with("--agent-cert") && !a.starts_with("--agent-key"));
-    rogue_args.extend([
-        format!("--agent-cert={}", pki.rogue.cert.display()),
-        format!("--agent-key={}", pki.rogue.key.display()),
-    ]);
+    let rogue_args = with_files(
+        Agent::args(&pki, server.agent_addr, "rogue", &[]),
+        &[
+            ("--agent-cert", &pki.rogue.cert),
+            ("--agent-key", &pki.rogue.key),
+        ],
+    );
     let _rogue = Agent::start_args(rogue_args).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(server.metrics.ready_backend_connections.get(), 1);
@@ -117,18 +133,18 @@ async fn rotated_certificates_and_cas_apply_to_new_connections_and_open_tunnels_
     // connect until its file is replaced, then it does, without a restart.
     let agent_ca = dir.join("live-agent-trust.crt");
     rotate(&pki.rogue_ca, &agent_ca);
-    let mut late_args = Agent::args(&pki, server.agent_addr, "late", &[]);
-    late_args.retain(|a| !a.starts_with("--ca-cert"));
-    late_args.push(format!("--ca-cert={}", agent_ca.display()));
+    let late_args = with_files(
+        Agent::args(&pki, server.agent_addr, "late", &[]),
+        &[("--ca-cert", &agent_ca)],
+    );
     let late = Agent::start_args(late_args).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(late.metrics.open_server_connections.get(), 0);
     rotate(&pki.ca, &agent_ca);
-    let open = late.metrics.open_server_connections.clone();
-    tests::wait_for(
-        Duration::from_secs(10),
+    connects(
+        &late,
         "the agent with its new CA file",
-        || open.get() == 1,
+        Duration::from_secs(10),
     )
     .await;
     server.wait_agents(3).await;
@@ -251,11 +267,10 @@ async fn rotated_token_files_apply_to_new_connections_and_open_tunnels_keep_movi
     })
     .await;
     write(&late_token, "token-2\n");
-    let open = late.metrics.open_server_connections.clone();
-    tests::wait_for(
-        Duration::from_secs(20),
+    connects(
+        &late,
         "the late agent with its new token",
-        || open.get() == 1,
+        Duration::from_secs(20),
     )
     .await;
     server.wait_agents(3).await;
@@ -274,14 +289,15 @@ async fn rotated_frontend_and_agent_client_certificates_apply_without_restarts()
     let (cert, key) = (dir.join("live-frontend.crt"), dir.join("live-frontend.key"));
     rotate(&pki.server.cert, &cert);
     rotate(&pki.server.key, &key);
-    let mut args = Server::args(&pki, "http-connect", Listen::Tls, "", &[]);
-    args.retain(|a| !a.starts_with("--server-cert") && !a.starts_with("--server-key"));
-    args.extend([
-        format!("--server-cert={}", cert.display()),
-        format!("--server-key={}", key.display()),
-        // Agents need a client certificate from the test CA.
-        format!("--cluster-ca-cert={}", pki.ca.display()),
-    ]);
+    // Agents need a client certificate from the test CA.
+    let args = with_files(
+        Server::args(&pki, "http-connect", Listen::Tls, "", &[]),
+        &[
+            ("--server-cert", &cert),
+            ("--server-key", &key),
+            ("--cluster-ca-cert", &pki.ca),
+        ],
+    );
     let server = Server::start_args(args).await;
     let _agent = Agent::start(&pki, server.agent_addr, "steady", &[]).await;
     server.wait_agents(1).await;
@@ -323,22 +339,19 @@ async fn rotated_frontend_and_agent_client_certificates_apply_without_restarts()
     let (agent_cert, agent_key) = (dir.join("live-agent.crt"), dir.join("live-agent.key"));
     rotate(&pki.rogue.cert, &agent_cert);
     rotate(&pki.rogue.key, &agent_key);
-    let mut late_args = Agent::args(&pki, server.agent_addr, "late", &[]);
-    late_args.retain(|a| !a.starts_with("--agent-cert") && !a.starts_with("--agent-key"));
-    late_args.extend([
-        format!("--agent-cert={}", agent_cert.display()),
-        format!("--agent-key={}", agent_key.display()),
-    ]);
+    let late_args = with_files(
+        Agent::args(&pki, server.agent_addr, "late", &[]),
+        &[("--agent-cert", &agent_cert), ("--agent-key", &agent_key)],
+    );
     let late = Agent::start_args(late_args).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(late.metrics.open_server_connections.get(), 0);
     rotate(&pki.agent.key, &agent_key);
     rotate(&pki.agent.cert, &agent_cert);
-    let open = late.metrics.open_server_connections.clone();
-    tests::wait_for(
-        Duration::from_secs(20),
+    connects(
+        &late,
         "the agent with its new client certificate",
-        || open.get() == 1,
+        Duration::from_secs(20),
     )
     .await;
     server.wait_agents(2).await;

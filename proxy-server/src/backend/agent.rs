@@ -660,29 +660,36 @@ impl AgentLink {
     }
 }
 
+/// A link to a pretend agent whose packets arrive on the returned receiver
+/// (`queue` of them at most), for the unit tests of the link and its users.
+#[cfg(test)]
+pub(crate) fn test_link(queue: usize) -> (Arc<AgentLink>, mpsc::Receiver<Packet>) {
+    let (tx, rx) = mpsc::channel(queue);
+    let settings = LinkSettings {
+        metrics: Metrics::new(),
+        stall_timeout: Duration::from_secs(5),
+        max_pending: 16,
+        max_conns: 16,
+        held: flow::Held::new(0),
+    };
+    let l = AgentLink::new(
+        1,
+        "a".into(),
+        AgentIdentifiers::default(),
+        true,
+        "peer".into(),
+        tx,
+        settings,
+    );
+    (Arc::new(l), rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn link(queue: usize) -> (Arc<AgentLink>, mpsc::Receiver<Packet>) {
-        let (tx, rx) = mpsc::channel(queue);
-        let settings = LinkSettings {
-            metrics: Metrics::new(),
-            stall_timeout: Duration::from_secs(5),
-            max_pending: 16,
-            max_conns: 16,
-            held: flow::Held::new(0),
-        };
-        let l = AgentLink::new(
-            1,
-            "a".into(),
-            AgentIdentifiers::default(),
-            true,
-            "peer".into(),
-            tx,
-            settings,
-        );
-        (Arc::new(l), rx)
+        test_link(queue)
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -256,33 +256,8 @@ async fn heartbeat(link: Arc<AgentLink>, silent: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::agent::LinkSettings;
-    use konnectivity_runtime::flow;
+    use crate::backend::agent::test_link as link;
     use std::time::Duration;
-
-    fn link() -> (
-        Arc<AgentLink>,
-        tokio::sync::mpsc::Receiver<konnectivity_proto::Packet>,
-    ) {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let settings = LinkSettings {
-            metrics: crate::metrics::Metrics::new(),
-            stall_timeout: Duration::from_secs(5),
-            max_pending: 16,
-            max_conns: 16,
-            held: flow::Held::new(0),
-        };
-        let l = AgentLink::new(
-            1,
-            "a".into(),
-            Default::default(),
-            true,
-            "peer".into(),
-            tx,
-            settings,
-        );
-        (Arc::new(l), rx)
-    }
 
     /// Paused time: an agent that stops answering is dropped after three
     /// missed heartbeats (6 s) and not before; one that answers each
@@ -290,7 +265,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_watchdog_drops_a_silent_agent_after_three_missed_heartbeats_only() {
         let watchdog = metadata::HEARTBEAT_INTERVAL * metadata::HEARTBEAT_MISSES;
-        let (silent_link, mut rx) = link();
+        let (silent_link, mut rx) = link(64);
         let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
         let silent = CancellationToken::new();
         let dog = tokio::spawn(heartbeat(silent_link.clone(), silent.clone()));
@@ -303,7 +278,7 @@ mod tests {
         drain.abort();
 
         // An agent that answers every heartbeat (its answer is a packet).
-        let (alive_link, mut rx) = link();
+        let (alive_link, mut rx) = link(64);
         let answering = alive_link.clone();
         let answers = tokio::spawn(async move {
             while let Some(p) = rx.recv().await {
