@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-20}"
-targets="${FUZZ_TARGETS:-grpc_packets connect_request authority identifiers table h2watch}"
+targets="${FUZZ_TARGETS:-grpc_packets connect_request authority identifiers table link h2watch}"
 
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     # CI sets KNP_REQUIRE_FUZZ=1: there a missing toolchain fails the run.

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use konnectivity_proto::table::{RecentlyClosed, Table};
+use konnectivity_link::{RecentlyClosed, Table};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 

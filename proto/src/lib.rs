@@ -5,8 +5,6 @@
 //! - [`packet`]: constructors and a validated, typed view ([`Message`]) of a `Packet`.
 //! - [`ids`]: connection-id and dial-id allocation.
 //! - [`metadata`]: stream metadata names and the `agentIdentifiers` encoding.
-//! - [`table`]: the per-stream dial/connection state machine (pending dial ->
-//!   established connection -> closed) both binaries key their state with.
 //! - [`budget`]: how many protocol mistakes a peer may make before it is cut off.
 //! - [`h2watch`]: watches a server's HTTP/2 frames both ways: the `GOAWAY` frames (and their error
 //!   codes) it writes, and the `PING`/`SETTINGS` floods a peer sends.
@@ -29,7 +27,6 @@ pub mod metadata;
 pub mod packet;
 pub mod policy;
 pub mod reason;
-pub mod table;
 
 /// Generated protobuf and tonic code. The proto file has no package, so prost
 /// writes it to `_.rs`.

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use konnectivity_link::{Event, Link, Role};
+use konnectivity_proto::budget::Mistake;
 use konnectivity_proto::grpc::{self, Incoming};
-use konnectivity_proto::ids::ConnectIds;
 use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
 use konnectivity_proto::policy::Destinations;
-use konnectivity_proto::table::{Pending, RecentlyClosed, Table, TableError};
 use konnectivity_proto::{packet, DialReason, Message, Packet};
 use konnectivity_runtime::flow::{self, ConnInbox, ConnInfo, Credit, Inbound, Liveness, Slot};
 use tokio::net::TcpStream;
@@ -46,8 +46,6 @@ const STREAM_WINDOW: u32 = 8 << 20;
 const CONN_WINDOW: u32 = 16 << 20;
 /// Largest gRPC message accepted from the server.
 const MAX_MESSAGE: usize = 16 << 20;
-/// Connections closed recently, whose late packets are dropped quietly.
-const RECENT: usize = 256;
 
 /// What every stream shares.
 pub struct Settings {
@@ -278,11 +276,7 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
         liveness: Liveness::default(),
         out: out_tx,
         control: control_tx,
-        state: Mutex::new(State {
-            table: Table::new(cfg.max_pending, cfg.max_conns),
-            ids: ConnectIds::new(),
-            recent: RecentlyClosed::new(RECENT),
-        }),
+        state: Mutex::new(Link::new(Role::Agent, cfg.max_pending, cfg.max_conns)),
         closed: CancellationToken::new(),
         settings: s.clone(),
     });
@@ -294,11 +288,8 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
     })
 }
 
-struct State {
-    table: Table<CancellationToken, Slot>,
-    ids: ConnectIds,
-    recent: RecentlyClosed,
-}
+/// The agent's end of the link: a pending dial is its cancel switch.
+type State = Link<CancellationToken, Slot>;
 
 /// The agent's state for one server stream.
 pub struct ServerLink {
@@ -358,7 +349,7 @@ impl ServerLink {
     /// Open connections plus dials in progress on this stream.
     pub fn busy(&self) -> usize {
         let st = self.state();
-        st.table.conns_len() + st.table.pending_len()
+        st.table().conns_len() + st.table().pending_len()
     }
 
     /// Pending dials, and each connection with its record and the chunks
@@ -366,46 +357,36 @@ impl ServerLink {
     pub fn snapshot(&self) -> (usize, Vec<(i64, Arc<ConnInfo>, usize)>) {
         let st = self.state();
         let conns = st
-            .table
+            .table()
             .conns()
             .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued()))
             .collect();
-        (st.table.pending_len(), conns)
+        (st.table().pending_len(), conns)
     }
 
-    fn add_pending(&self, random: i64, cancel: CancellationToken) -> Result<(), TableError> {
-        self.state().table.add_pending(random, cancel)?;
-        self.metrics().pending_endpoint_dials.inc();
-        Ok(())
-    }
-
-    fn take_pending(&self, random: i64) -> Option<Pending<CancellationToken>> {
-        let p = self.state().table.take_pending(random);
+    /// Takes a dial that ended out of the table; false when it was no longer
+    /// there (cancelled by the server).
+    fn take_dial(&self, random: i64) -> Option<konnectivity_link::Pending<CancellationToken>> {
+        let p = self.state().take_dial(random);
         if p.is_some() {
             self.metrics().pending_endpoint_dials.dec();
         }
         p
     }
 
-    /// Removes a connection; true when it was still open (the caller then owns
-    /// telling the server).
-    fn remove_conn(&self, connect_id: i64) -> bool {
-        let conn = {
-            let mut st = self.state();
-            let c = st.table.remove_conn(connect_id);
-            if c.is_some() {
-                st.recent.insert(connect_id);
-            }
-            c
-        };
-        match conn {
-            Some(c) => {
-                c.conn.kill.cancel();
-                self.metrics().open_endpoint_connections.dec();
-                true
-            }
-            None => false,
-        }
+    /// A connection left the table: its relay ends.
+    fn conn_left(&self, slot: Slot) {
+        slot.conn.kill.cancel();
+        self.metrics().open_endpoint_connections.dec();
+    }
+
+    /// This agent closes a connection; the `CLOSE_RSP` that tells the
+    /// server, or `None` when it was no longer open (closed by the server).
+    fn close_conn(&self, connect_id: i64) -> Option<Packet> {
+        let closed = self.state().close(connect_id);
+        let (slot, close) = closed?;
+        self.conn_left(slot);
+        Some(close)
     }
 
     async fn serve(
@@ -451,7 +432,7 @@ impl ServerLink {
             }
         }
         self.closed.cancel();
-        let (pending, conns) = self.state().table.drain();
+        let (pending, conns) = self.state().shut();
         self.metrics()
             .pending_endpoint_dials
             .sub(pending.len() as i64);
@@ -473,93 +454,61 @@ impl ServerLink {
     }
 
     async fn dispatch(self: &Arc<Self>, m: Message) {
-        match m {
-            Message::DialRequest {
-                protocol,
-                address,
-                random,
-            } => {
-                if let Err(e) = packet::check_protocol(&protocol) {
-                    self.send_control(packet::dial_failed(random, e)).await;
-                    return;
-                }
+        let r = self.state().receive(m);
+        if let Some(kind) = r.unknown {
+            self.metrics()
+                .unknown_packets
+                .with_label_values(&[kind])
+                .inc();
+            debug!(kind, "packet for unknown connection or dial ignored");
+        }
+        if r.mistake == Some(Mistake::NotAllowed) {
+            debug!("packet not valid from a server; ignored");
+        }
+        if let Some(reply) = r.reply {
+            self.send_control(reply).await;
+        }
+        match r.event {
+            Event::DialRequested { random, address } => {
                 let cancel = self.closed.child_token();
-                if let Err(e) = self.add_pending(random, cancel.clone()) {
-                    self.send_control(packet::dial_failed(random, e.to_string()))
-                        .await;
+                let accepted = self.state().accept_dial(random, cancel.clone());
+                if let Err(refusal) = accepted {
+                    self.send_control(refusal).await;
                     return;
                 }
+                self.metrics().pending_endpoint_dials.inc();
                 let span = tracing::info_span!("conn", agent.id = %self.settings.config.agent_id, dst.addr = %address, random, connect_id = tracing::field::Empty);
                 let fut = self.clone().dial(address, random, cancel).instrument(span);
                 tokio::spawn(fut);
             }
-            Message::Data { connect_id, data } => self.on_data(connect_id, data).await,
-            Message::CloseRequest { connect_id } => {
-                let reply = if self.remove_conn(connect_id) {
-                    packet::close_response(connect_id, "")
-                } else {
-                    packet::close_response(connect_id, packet::UNKNOWN_CONNECT_ID)
-                };
-                self.send_control(reply).await;
-            }
-            Message::CloseDial { random } => {
+            Event::Data {
+                connect_id,
+                conn,
+                data,
+            } => self.deliver(connect_id, conn, data).await,
+            Event::Grant { conn, bytes } => conn.conn.credit.grant(bytes),
+            // The CLOSE_RSP is the reply.
+            Event::Closed { conn, .. } => self.conn_left(conn),
+            Event::DialClosed(dial) => {
                 // The reference agent ignores this; we abort the dial.
-                if let Some(p) = self.take_pending(random) {
-                    debug!(random, "dial cancelled by server");
-                    p.value.cancel();
-                }
+                self.metrics().pending_endpoint_dials.dec();
+                debug!(random = dial.random, "dial cancelled by server");
+                dial.value.cancel();
             }
-            Message::Window { connect_id, bytes } => {
-                if connect_id != 0 {
-                    let credit = self
-                        .state()
-                        .table
-                        .conn(connect_id)
-                        .map(|c| c.conn.credit.clone());
-                    if let Some(c) = credit {
-                        c.grant(bytes);
-                    }
-                } else if bytes == 0 {
-                    // The server's heartbeat: answered, so the server can
-                    // tell an idle agent from a dead stream (its admin
-                    // endpoint's `last_packet_seconds_ago`).
-                    self.send_control(packet::window(0, 0)).await;
-                }
-            }
-            Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
-            other => debug!(
-                kind = other.kind(),
-                "packet not valid from a server; ignored"
-            ),
+            // Only the server's end sees answers and drains.
+            Event::Answered { .. } | Event::DialFailed { .. } | Event::Drain | Event::Nothing => {}
         }
     }
 
-    async fn on_data(self: &Arc<Self>, connect_id: i64, data: Bytes) {
-        let target = {
-            let st = self.state();
-            match st.table.conn(connect_id) {
-                Some(c) => Some(c.conn.clone()),
-                None if st.recent.contains(connect_id) => return,
-                None => None,
-            }
-        };
-        let Some(conn) = target else {
-            self.metrics()
-                .unknown_packets
-                .with_label_values(&["DATA"])
-                .inc();
-            debug!(connect_id, "DATA for unknown connection");
-            self.send_control(packet::close_response(connect_id, "unrecognized connectID"))
-                .await;
-            return;
-        };
+    /// Bytes from the server for an open connection, queued for its
+    /// destination.
+    async fn deliver(self: &Arc<Self>, connect_id: i64, slot: Slot, data: Bytes) {
         let stall = self.settings.config.stall_timeout;
-        if conn.deliver(data, stall).await == flow::Delivery::Stalled {
+        if slot.conn.deliver(data, stall).await == flow::Delivery::Stalled {
             warn!(connect_id, stall_timeout = ?stall, "destination stopped reading; closing only this connection");
             self.metrics().stalled_closed.inc();
-            if self.remove_conn(connect_id) {
-                self.send_control(packet::close_response(connect_id, ""))
-                    .await;
+            if let Some(close) = self.close_conn(connect_id) {
+                self.send_control(close).await;
             }
         }
     }
@@ -573,13 +522,13 @@ impl ServerLink {
             // dial is done instead of sizing the long-lived relay task.
             r = Box::pin(tokio::time::timeout(cfg.dial_timeout, connect(&address, &cfg.allowed))) => r,
             _ = cancel.cancelled() => {
-                self.take_pending(random);
+                self.take_dial(random);
                 debug!("dial aborted");
                 return;
             }
         };
         m.dial_duration.observe(started.elapsed().as_secs_f64());
-        let Some(pending) = self.take_pending(random) else {
+        let Some(pending) = self.take_dial(random) else {
             debug!("dial finished after it was cancelled; dropped");
             return;
         };
@@ -614,13 +563,8 @@ impl ServerLink {
             conn,
             info: info.clone(),
         };
-        let connect_id = {
-            let mut st = self.state();
-            let State { table, ids, .. } = &mut *st;
-            let id = ids.next_free(|id| table.has_conn(id));
-            table.establish(pending, id, slot).ok().map(|_| id)
-        };
-        let Some(connect_id) = connect_id else {
+        let connected = self.state().connected(pending, slot);
+        let Ok((connect_id, _, answer)) = connected else {
             let text = "too many connections on this agent stream".to_string();
             self.dial_failed(&address, random, DialReason::Exhausted, text)
                 .await;
@@ -628,7 +572,7 @@ impl ServerLink {
         };
         m.open_endpoint_connections.inc();
         tracing::Span::current().record("connect_id", connect_id);
-        if !self.send_control(packet::dial_ok(random, connect_id)).await {
+        if !self.send_control(answer).await {
             return;
         }
         debug!("connected");
@@ -712,8 +656,8 @@ impl ServerLink {
         }
         // The destination closed, or failed: tell the server, unless the
         // server closed it first.
-        if self.remove_conn(connect_id) {
-            self.send(packet::close_response(connect_id, "")).await;
+        if let Some(close) = self.close_conn(connect_id) {
+            self.send(close).await;
         }
         debug!("closed");
     }

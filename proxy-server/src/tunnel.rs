@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use konnectivity_proto::table::TableError;
+use konnectivity_link::TableError;
 use konnectivity_proto::{packet, DialReason};
 use konnectivity_runtime::flow::{ConnInbox, ConnInfo, Credit, Hold, Inbound};
 use tokio_util::sync::CancellationToken;

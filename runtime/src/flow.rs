@@ -403,7 +403,7 @@ impl Liveness {
 }
 
 /// A connection-table entry: the connection and what diagnostics show of it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Slot {
     /// The connection.
     pub conn: ConnEntry,

@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use konnectivity_link::{Event, Link, Pending, Role};
 use konnectivity_proto::budget::{Budget, Mistake};
 use konnectivity_proto::metadata::AgentIdentifiers;
-use konnectivity_proto::table::{Pending, RecentlyClosed, Table};
-use konnectivity_proto::{packet, DialReason, Message, Packet};
+use konnectivity_proto::{Message, Packet};
 use konnectivity_runtime::flow::{self, ConnInfo, Liveness, Slot};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -60,24 +60,9 @@ pub struct Snapshot {
     pub conns: Vec<(i64, Arc<ConnInfo>, usize)>,
 }
 
-struct LinkState {
-    table: Table<PendingDial, Slot>,
-    /// Connections closed recently; late DATA for them is dropped quietly.
-    recent: RecentlyClosed,
-    /// Dials the frontend gave up on; a late `DIAL_RSP` for them is expected.
-    abandoned: RecentlyClosed,
-}
+/// The server's end of the link.
+type LinkState = Link<PendingDial, Slot>;
 
-impl LinkState {
-    /// A packet for `connect_id`, which is not open, is late for a connection
-    /// that existed (not a mistake of the agent's).
-    fn late(&self, connect_id: i64) -> bool {
-        self.recent.contains(connect_id)
-            || (connect_id > 0 && connect_id <= self.table.highest_conn())
-    }
-}
-
-const RECENT: usize = 256;
 /// Malformed packets of one stream logged at warning level; the rest are
 /// counted only (the budget ends the stream soon after).
 const LOGGED_MISTAKES: u64 = 10;
@@ -148,11 +133,11 @@ impl AgentLink {
             load: AtomicUsize::new(0),
             out,
             later: Mutex::default(),
-            state: Mutex::new(LinkState {
-                table: Table::new(settings.max_pending, settings.max_conns),
-                recent: RecentlyClosed::new(RECENT),
-                abandoned: RecentlyClosed::new(RECENT),
-            }),
+            state: Mutex::new(Link::new(
+                Role::Server,
+                settings.max_pending,
+                settings.max_conns,
+            )),
             closed: CancellationToken::new(),
             settings,
         }
@@ -200,12 +185,12 @@ impl AgentLink {
         let st = self.state();
         Snapshot {
             pending: st
-                .table
+                .table()
                 .pending()
                 .map(|(r, p)| (r, p.info.clone()))
                 .collect(),
             conns: st
-                .table
+                .table()
                 .conns()
                 .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued()))
                 .collect(),
@@ -292,9 +277,10 @@ impl AgentLink {
         let (reply, rx) = oneshot::channel();
         let started = Instant::now();
         let info = ConnInfo::new(address, frontend);
-        self.state()
-            .table
-            .add_pending(
+        let request = self
+            .state()
+            .dial(
+                address,
                 random,
                 PendingDial {
                     reply,
@@ -305,48 +291,48 @@ impl AgentLink {
             .map_err(DialError::Refused)?;
         self.load.fetch_add(1, Ordering::Relaxed);
         self.settings.metrics.pending_dials.inc();
-        if !self.send(packet::dial_request(address, random)).await {
-            self.take_pending(random);
+        if !self.send(request).await {
+            if self.state().take_dial(random).is_some() {
+                self.dial_left();
+            }
             return Err(DialError::AgentGone(self.agent_id.clone()));
         }
         Ok(rx)
     }
 
-    fn take_pending(&self, random: i64) -> Option<Pending<PendingDial>> {
-        let p = self.state().table.take_pending(random);
-        if p.is_some() {
-            self.load.fetch_sub(1, Ordering::Relaxed);
-            self.settings.metrics.pending_dials.dec();
-        }
-        p
+    /// A dial left the table (answered, failed, given up).
+    fn dial_left(&self) {
+        self.load.fetch_sub(1, Ordering::Relaxed);
+        self.settings.metrics.pending_dials.dec();
+    }
+
+    /// A connection left the table: its tunnel ends.
+    fn conn_left(&self, slot: Slot) {
+        self.load.fetch_sub(1, Ordering::Relaxed);
+        self.settings.metrics.established_connections.dec();
+        slot.conn.kill.cancel();
     }
 
     /// The frontend gave up on a dial: forget it and tell the agent
     /// (`DIAL_CLS`) so it can abort the dial.
     pub fn abandon_dial(self: &Arc<Self>, random: i64) {
-        if self.take_pending(random).is_some() {
-            self.state().abandoned.insert(random);
-            self.send_later(packet::close_dial(random));
+        let abandoned = self.state().abandon_dial(random);
+        if let Some((_, close)) = abandoned {
+            self.dial_left();
+            self.send_later(close);
         }
     }
 
     /// Removes a connection. With `tell_agent`, sends `CLOSE_REQ`. Returns
     /// whether it was still open.
     pub fn remove_conn(self: &Arc<Self>, connect_id: i64, tell_agent: bool) -> bool {
-        let slot = {
-            let mut st = self.state();
-            let slot = st.table.remove_conn(connect_id);
-            if slot.is_some() {
-                st.recent.insert(connect_id);
-            }
-            slot
+        let closed = self.state().close(connect_id);
+        let Some((slot, close)) = closed else {
+            return false;
         };
-        let Some(slot) = slot else { return false };
-        self.load.fetch_sub(1, Ordering::Relaxed);
-        self.settings.metrics.established_connections.dec();
-        slot.conn.kill.cancel();
+        self.conn_left(slot);
         if tell_agent {
-            self.send_later(packet::close_request(connect_id));
+            self.send_later(close);
         }
         true
     }
@@ -433,7 +419,7 @@ impl AgentLink {
     /// Ends the stream's state: pending dials fail at once, connections close.
     fn shut(&self) {
         self.closed.cancel();
-        let (pending, conns) = self.state().table.drain();
+        let (pending, conns) = self.state().shut();
         let m = &self.settings.metrics;
         for p in pending {
             m.pending_dials.dec();
@@ -470,126 +456,93 @@ impl AgentLink {
 
     /// Handles one packet; returns the agent's mistake, if it made one.
     async fn dispatch(self: &Arc<Self>, m: Message) -> Option<Mistake> {
-        match m {
-            Message::DialResponse {
-                random,
+        let r = self.state().receive(m);
+        if let Some(kind) = r.unknown {
+            self.settings
+                .metrics
+                .unknown_packets
+                .with_label_values(&[kind])
+                .inc();
+            debug!(kind, "packet for unknown connection or dial ignored");
+        }
+        if r.mistake == Some(Mistake::NotAllowed) {
+            debug!("packet not valid from an agent; ignored");
+        }
+        // Never a wait here: this task must keep reading, or a full queue
+        // towards an agent that is itself waiting to send would hold both
+        // sides.
+        if let Some(reply) = r.reply {
+            self.send_later(reply);
+        }
+        let m = &self.settings.metrics;
+        match r.event {
+            Event::Data {
                 connect_id,
+                conn,
+                data,
+            } => self.deliver(connect_id, conn, data).await,
+            Event::Grant { conn, bytes } => conn.conn.credit.grant(bytes),
+            Event::Answered { dial, connect_id } => self.answered(dial, connect_id),
+            Event::DialFailed {
+                dial,
                 error,
                 reason,
             } => {
-                return self
-                    .on_dial_response(random, connect_id, error, reason)
-                    .await
+                self.dial_left();
+                m.dial_duration
+                    .observe(dial.value.started.elapsed().as_secs_f64());
+                m.dial_failures.with_label_values(&["error_response"]).inc();
+                let _ = dial.value.reply.send(Err(DialError::Agent {
+                    agent: self.agent_id.clone(),
+                    error,
+                    reason,
+                }));
             }
-            Message::Data { connect_id, data } => return self.on_data(connect_id, data).await,
-            Message::CloseResponse { connect_id, error } => {
-                if !self.remove_conn(connect_id, false) {
-                    return self.unknown("CLOSE_RSP", connect_id);
-                } else if !error.is_empty() {
+            Event::DialClosed(dial) => {
+                self.dial_left();
+                m.dial_failures.with_label_values(&["dial_closed"]).inc();
+                let _ = dial.value.reply.send(Err(DialError::DialClosed));
+            }
+            Event::Closed {
+                connect_id,
+                conn,
+                error,
+            } => {
+                self.conn_left(conn);
+                if !error.is_empty() {
                     debug!(connect_id, error, "agent closed connection with error");
                 }
             }
-            Message::CloseDial { random } => {
-                if let Some(p) = self.take_pending(random) {
-                    self.state().abandoned.insert(random);
-                    self.settings
-                        .metrics
-                        .dial_failures
-                        .with_label_values(&["dial_closed"])
-                        .inc();
-                    let _ = p.value.reply.send(Err(DialError::DialClosed));
-                }
-            }
-            Message::Drain => {
+            Event::Drain => {
                 if !self.draining.swap(true, Ordering::Relaxed) {
                     info!("agent is draining; new dials prefer other agents");
                 }
             }
-            Message::Window { connect_id, bytes } => {
-                if connect_id != 0 {
-                    let credit = self
-                        .state()
-                        .table
-                        .conn(connect_id)
-                        .map(|s| s.conn.credit.clone());
-                    match credit {
-                        Some(c) => c.grant(bytes),
-                        None => return self.unknown("WINDOW", connect_id),
-                    }
-                }
-            }
-            Message::Unknown(t) => debug!(packet_type = t, "unknown packet type ignored"),
-            other => {
-                debug!(
-                    kind = other.kind(),
-                    "packet not valid from an agent; ignored"
-                );
-                return Some(Mistake::NotAllowed);
-            }
+            // The server's end is never asked to dial.
+            Event::DialRequested { .. } | Event::Nothing => {}
         }
-        None
+        r.mistake
     }
 
-    /// Counts a packet for a connection that is not open: a mistake unless
-    /// the connection existed and closed recently.
-    fn unknown(&self, kind: &'static str, id: i64) -> Option<Mistake> {
-        self.settings
-            .metrics
-            .unknown_packets
-            .with_label_values(&[kind])
-            .inc();
-        debug!(kind, id, "packet for unknown connection or dial ignored");
-        (!self.state().late(id)).then_some(Mistake::UnknownConnection)
-    }
-
-    async fn on_dial_response(
-        self: &Arc<Self>,
-        random: i64,
-        connect_id: i64,
-        error: String,
-        reason: Option<DialReason>,
-    ) -> Option<Mistake> {
+    /// The agent opened the connection for a dial: the frontend gets its
+    /// tunnel.
+    fn answered(self: &Arc<Self>, dial: Pending<PendingDial>, connect_id: i64) {
         let m = &self.settings.metrics;
-        let Some(pending) = self.take_pending(random) else {
-            // The frontend already gave up. A successful dial must not leak on the
-            // agent (the reference leaks it, upstream issues 404 and 462).
-            m.unknown_packets.with_label_values(&["DIAL_RSP"]).inc();
-            debug!(random, "DIAL_RSP for a dial that is not pending");
-            if connect_id != 0 && error.is_empty() {
-                self.send_later(packet::close_request(connect_id));
-            }
-            let expected = self.state().abandoned.contains(random);
-            return (!expected).then_some(Mistake::UnknownConnection);
-        };
+        self.dial_left();
         m.dial_duration
-            .observe(pending.value.started.elapsed().as_secs_f64());
-        if !error.is_empty() || connect_id == 0 {
-            m.dial_failures.with_label_values(&["error_response"]).inc();
-            let error = if error.is_empty() {
-                "agent answered without a connection id".to_string()
-            } else {
-                error
-            };
-            let reason = reason.unwrap_or_else(|| DialReason::from_text(&error));
-            let _ = pending.value.reply.send(Err(DialError::Agent {
-                agent: self.agent_id.clone(),
-                error,
-                reason,
-            }));
-            return None;
-        }
+            .observe(dial.value.started.elapsed().as_secs_f64());
         let (conn, inbox) = flow::connection(
             self.flow,
             CancellationToken::new(),
             Some(self.settings.held.clone()),
         );
         let (credit, kill) = (conn.credit.clone(), conn.kill.clone());
-        let info = pending.value.info.clone();
+        let info = dial.value.info.clone();
         let slot = Slot {
             conn,
             info: info.clone(),
         };
-        let established = self.state().table.establish(pending, connect_id, slot);
+        let established = self.state().establish(dial, connect_id, slot);
         match established {
             Ok(dial) => {
                 self.load.fetch_add(1, Ordering::Relaxed);
@@ -599,41 +552,21 @@ impl AgentLink {
                 // dropped here, which closes it on the agent.
                 let _ = dial.reply.send(Ok(tunnel));
             }
-            Err((pending, e)) => {
+            Err((dial, e, close)) => {
                 m.dial_failures.with_label_values(&["too_many"]).inc();
                 warn!(connect_id, error = %e, "cannot accept agent connection");
-                let _ = pending.value.reply.send(Err(DialError::Refused(e)));
-                self.send_later(packet::close_request(connect_id));
+                let _ = dial.value.reply.send(Err(DialError::Refused(e)));
+                self.send_later(close);
             }
         }
-        None
     }
 
-    async fn on_data(self: &Arc<Self>, connect_id: i64, data: Bytes) -> Option<Mistake> {
+    /// Bytes from the agent for an open connection, queued for its frontend.
+    async fn deliver(self: &Arc<Self>, connect_id: i64, slot: Slot, data: Bytes) {
         self.bytes_from_agent
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let target = {
-            let st = self.state();
-            match st.table.conn(connect_id) {
-                Some(s) => Some(s.conn.clone()),
-                None if st.recent.contains(connect_id) => return None,
-                None => None,
-            }
-        };
-        let Some(slot) = target else {
-            let mistake = self.unknown("DATA", connect_id);
-            self.state().recent.insert(connect_id);
-            // A connection that never existed: tell the agent to stop. One
-            // that did was closed with a CLOSE_REQ already. Never a wait
-            // here: this task must keep reading, or a full queue towards an
-            // agent that is itself waiting to send would hold both sides.
-            if mistake.is_some() {
-                self.send_later(packet::close_request(connect_id));
-            }
-            return mistake;
-        };
         let stall = self.settings.stall_timeout;
-        match slot.deliver(data, stall).await {
+        match slot.conn.deliver(data, stall).await {
             flow::Delivery::Queued | flow::Delivery::Gone => {}
             flow::Delivery::Stalled => {
                 warn!(
@@ -656,7 +589,6 @@ impl AgentLink {
                 self.remove_conn(connect_id, true);
             }
         }
-        None
     }
 }
 
@@ -687,6 +619,7 @@ pub(crate) fn test_link(queue: usize) -> (Arc<AgentLink>, mpsc::Receiver<Packet>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use konnectivity_proto::packet;
 
     fn link(queue: usize) -> (Arc<AgentLink>, mpsc::Receiver<Packet>) {
         test_link(queue)
@@ -720,9 +653,13 @@ mod tests {
         let (l, mut rx) = link(16);
         let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
         for id in 1..=10_000 {
-            l.on_data(id, Bytes::from_static(b"x")).await;
+            l.dispatch(Message::Data {
+                connect_id: id,
+                data: Bytes::from_static(b"x"),
+            })
+            .await;
         }
-        assert_eq!(l.state().recent.len(), RECENT);
+        assert_eq!(l.state().recently_closed(), konnectivity_link::RECENT);
         assert_eq!(
             l.metrics()
                 .unknown_packets

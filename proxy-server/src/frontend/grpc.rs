@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use konnectivity_link::RecentlyClosed;
 use konnectivity_proto::budget::{Budget, Mistake};
 use konnectivity_proto::grpc::{self, Incoming, Replies};
-use konnectivity_proto::table::RecentlyClosed;
 use konnectivity_proto::{metadata, packet, Message, Packet};
 use konnectivity_runtime::flow::{Hold, Inbound};
 use konnectivity_runtime::queue;

@@ -1,4 +1,5 @@
-//! The dial/connection state of one agent stream, with no sockets in it.
+//! The dial/connection table of one link end: pending dials and open
+//! connections, bounded, and the recently closed ids.
 //!
 //! A dial is *pending* from `DIAL_REQ` until its `DIAL_RSP` or `DIAL_CLS`; a
 //! successful `DIAL_RSP` turns it into an *established* connection keyed by the
