@@ -268,18 +268,13 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
     let features = md.get(metadata::FEATURES).and_then(|v| v.to_str().ok());
     let flow = cfg.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);
     let dial_reason = metadata::has_feature(features, metadata::FEATURE_DIAL_REASON);
-    let link = Arc::new(ServerLink {
-        server_id: server_id.clone(),
-        flow,
-        dial_reason,
-        addr: addr.clone(),
-        liveness: Liveness::default(),
-        out: out_tx,
-        control: control_tx,
-        state: Mutex::new(Link::new(Role::Agent, cfg.max_pending, cfg.max_conns)),
-        closed: CancellationToken::new(),
-        settings: s.clone(),
-    });
+    let link = Arc::new(ServerLink::new(
+        server_id.clone(),
+        (flow, dial_reason),
+        addr,
+        (out_tx, control_tx),
+        s.clone(),
+    ));
     Ok(Opened {
         server_id,
         server_count,
@@ -313,6 +308,30 @@ pub struct ServerLink {
 }
 
 impl ServerLink {
+    /// A stream's state: `features` are `window-v1` and `dial-reason-v1`
+    /// as negotiated, `lanes` the DATA and control queues towards the server.
+    fn new(
+        server_id: String,
+        (flow, dial_reason): (bool, bool),
+        addr: String,
+        (out, control): (mpsc::Sender<Packet>, mpsc::Sender<Packet>),
+        settings: Arc<Settings>,
+    ) -> Self {
+        let cfg = &settings.config;
+        Self {
+            server_id,
+            flow,
+            dial_reason,
+            addr,
+            liveness: Liveness::default(),
+            out,
+            control,
+            state: Mutex::new(Link::new(Role::Agent, cfg.max_pending, cfg.max_conns)),
+            closed: CancellationToken::new(),
+            settings,
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -389,19 +408,21 @@ impl ServerLink {
         Some(close)
     }
 
-    async fn serve(
-        self: Arc<Self>,
-        mut inbound: Incoming<tonic::body::Body>,
-        stop: CancellationToken,
-    ) {
+    /// Reads the server's packets until the stream ends, `stop` is
+    /// cancelled, or (with `window-v1`, whose servers send heartbeats) the
+    /// server has been silent for [`HEARTBEAT_MISSES`] heartbeats.
+    async fn serve<S>(self: Arc<Self>, mut inbound: S, stop: CancellationToken)
+    where
+        S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+    {
         let watchdog = HEARTBEAT_INTERVAL * HEARTBEAT_MISSES;
-        let mut last_rx = Instant::now();
+        let mut last_rx = tokio::time::Instant::now();
         loop {
             // Yield when the task's budget is spent: the HTTP/2 body is not
             // a tokio resource, so a burst of packets would keep this
             // worker thread (and its timers) busy for seconds.
             tokio::task::coop::consume_budget().await;
-            let deadline = tokio::time::Instant::from_std(last_rx + watchdog);
+            let deadline = last_rx + watchdog;
             let next = tokio::select! {
                 // A packet that is waiting wins: time this side spent in
                 // `dispatch` (waiting for room towards the server) is not
@@ -414,7 +435,7 @@ impl ServerLink {
                 }
                 _ = stop.cancelled() => break,
             };
-            last_rx = Instant::now();
+            last_rx = tokio::time::Instant::now();
             self.liveness.seen();
             match next {
                 Some(Ok(p)) => match Message::from_packet(p) {
@@ -771,5 +792,99 @@ mod tests {
             dial_error_text("nowhere.example:80", &dns).1,
             "dial tcp: lookup nowhere.example: no such host"
         );
+    }
+}
+
+#[cfg(test)]
+mod watchdog_tests {
+    use super::*;
+    use clap::Parser;
+    use konnectivity_link::Pending;
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+
+    type Inbound = mpsc::UnboundedSender<Result<Packet, tonic::Status>>;
+
+    /// A stream's state with a pretend server: what it sends goes in through
+    /// the returned sender, the agent's control packets come out of the
+    /// receiver. `flow` is `window-v1`, with which servers send heartbeats.
+    fn link(
+        dir: &std::path::Path,
+        flow: bool,
+    ) -> (
+        Arc<ServerLink>,
+        Inbound,
+        UnboundedReceiverStream<Result<Packet, tonic::Status>>,
+        mpsc::Receiver<Packet>,
+    ) {
+        let ca = konnectivity_runtime::pki::Ca::new(dir, "test").unwrap();
+        let ca_flag = format!("--ca-cert={}", ca.cert.display());
+        let args = crate::config::Args::try_parse_from(["proxy-agent", ca_flag.as_str()]).unwrap();
+        let config = Config::from_args(args).unwrap();
+        let tls = konnectivity_runtime::tls::Reloading::client("agent", &ca.cert, None, &[b"h2"])
+            .unwrap();
+        let settings = Arc::new(Settings {
+            config,
+            tls,
+            metrics: Metrics::new(),
+            events: Default::default(),
+        });
+        let (out, _) = mpsc::channel(OUT_QUEUE);
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let link = ServerLink::new(
+            "s".into(),
+            (flow, true),
+            "server:1".into(),
+            (out, control),
+            settings,
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(link),
+            tx,
+            UnboundedReceiverStream::new(rx),
+            control_rx,
+        )
+    }
+
+    /// The agent drops a stream whose server stopped sending heartbeats
+    /// after three missed ones, and not before; every heartbeat is answered
+    /// and restarts the count. On tokio's paused clock: no real waiting.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_silent_server_is_dropped_after_three_missed_heartbeats_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (link, server, inbound, mut control) = link(dir.path(), true);
+        // An open dial, to see it fail when the stream is dropped.
+        link.state()
+            .accept_dial(9, link.closed.child_token())
+            .unwrap();
+        let serving = tokio::spawn(link.clone().serve(inbound, CancellationToken::new()));
+        let watchdog = HEARTBEAT_INTERVAL * HEARTBEAT_MISSES;
+        // A minute of heartbeats on time: kept, each answered.
+        for _ in 0..30 {
+            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+            server.send(Ok(packet::window(0, 0))).unwrap();
+            assert_eq!(control.recv().await, Some(packet::window(0, 0)));
+        }
+        assert!(!serving.is_finished() && !link.closed.is_cancelled());
+        // Silent for just under the limit: still kept.
+        tokio::time::sleep(watchdog - Duration::from_millis(10)).await;
+        assert!(!link.closed.is_cancelled());
+        // Past it: dropped, and its dial with it.
+        let started = tokio::time::Instant::now();
+        serving.await.unwrap();
+        assert!(started.elapsed() <= Duration::from_millis(10));
+        assert!(link.closed.is_cancelled());
+        let dial: Option<Pending<CancellationToken>> = link.state().take_dial(9);
+        assert!(dial.is_none(), "the stream's dials were not failed");
+    }
+
+    /// A reference server sends no heartbeats: its silence is not a fault.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_server_without_heartbeats_is_kept_however_long_it_is_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (link, _server, inbound, _control) = link(dir.path(), false);
+        let serving = tokio::spawn(link.clone().serve(inbound, CancellationToken::new()));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!serving.is_finished() && !link.closed.is_cancelled());
     }
 }
