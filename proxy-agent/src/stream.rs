@@ -803,6 +803,7 @@ mod watchdog_tests {
     use tokio_stream::wrappers::UnboundedReceiverStream;
 
     type Inbound = mpsc::UnboundedSender<Result<Packet, tonic::Status>>;
+    type Packets = UnboundedReceiverStream<Result<Packet, tonic::Status>>;
 
     /// A stream's state with a pretend server: what it sends goes in through
     /// the returned sender, the agent's control packets come out of the
@@ -810,12 +811,7 @@ mod watchdog_tests {
     fn link(
         dir: &std::path::Path,
         flow: bool,
-    ) -> (
-        Arc<ServerLink>,
-        Inbound,
-        UnboundedReceiverStream<Result<Packet, tonic::Status>>,
-        mpsc::Receiver<Packet>,
-    ) {
+    ) -> (Arc<ServerLink>, Inbound, Packets, mpsc::Receiver<Packet>) {
         let ca = konnectivity_runtime::pki::Ca::new(dir, "test").unwrap();
         let ca_flag = format!("--ca-cert={}", ca.cert.display());
         let args = crate::config::Args::try_parse_from(["proxy-agent", ca_flag.as_str()]).unwrap();
