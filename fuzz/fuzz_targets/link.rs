@@ -166,7 +166,7 @@ impl Ends {
             }
             Op::AgentFail(k) => {
                 if let Some(r) = nth(&self.agent, k, true) {
-                    self.agent.take_dial(r).unwrap();
+                    let _failed = self.agent.take_dial(r).unwrap();
                     self.to_server
                         .push_back(packet::dial_failed(r, "dial tcp: connection refused"));
                 }
