@@ -40,6 +40,11 @@ impl Spawned {
 
     /// [`Spawned::start`] with extra server flags.
     async fn start_with(pki: &Pki, extra: &[&str]) -> Spawned {
+        Self::start_both(pki, extra, &[]).await
+    }
+
+    /// A server with `extra` flags and one agent with `agent_extra`.
+    async fn start_both(pki: &Pki, extra: &[&str], agent_extra: &[&str]) -> Spawned {
         let uds = pki.path("hostile.sock");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let proc = Proc::spawn(&[], &Server::args(pki, "grpc", Listen::Uds, &uds, &extra));
@@ -54,7 +59,7 @@ impl Spawned {
         };
         let agent_addr = field("agent").await;
         let health = field("health").await;
-        let good = Proc::spawn(&[], &Agent::args(pki, agent_addr, "good", &[]));
+        let good = Proc::spawn(&[], &Agent::args(pki, agent_addr, "good", agent_extra));
         let s = Spawned {
             proc,
             agent_addr,
@@ -325,57 +330,69 @@ async fn a_frontend_flooding_unknown_connections_or_sending_an_oversized_packet_
     assert!(grown < FLOOD_BOUND_KIB, "peak memory grew by {grown} KiB");
 }
 
-/// A frontend opens 1,000 downloads of 8 MiB each and never reads one
-/// byte of them. Each connection's window (1 MiB) bounds it alone; the sum
-/// is bounded by `--max-buffered-bytes`: connections whose frontend is behind
-/// are closed once the server holds that much, counted and logged, and a
-/// frontend that reads is served throughout.
+/// Three frontend streams open 1,000 downloads of 8 MiB each and never read
+/// one byte of them (the pending-dial limits raised so that all 3,000 are
+/// asked for at once). Each connection's window (1 MiB) bounds it alone; the
+/// sum is bounded by `--max-buffered-bytes`: connections whose frontend is
+/// behind are closed once the server holds that much, counted and logged,
+/// and a frontend that reads is served throughout.
 #[tokio::test]
-async fn a_frontend_that_never_reads_a_thousand_downloads_is_held_to_the_buffer_limit() {
+async fn frontends_that_never_read_thousands_of_downloads_are_held_to_the_buffer_limit() {
     init_logs();
-    const DIALS: i64 = 1000;
+    const STREAMS: i64 = 3;
+    const PER_STREAM: i64 = 1000;
+    const DIALS: i64 = STREAMS * PER_STREAM;
     const LIMIT_MIB: u64 = 64;
     let pki = Pki::new();
     let limit = format!("--max-buffered-bytes={}", LIMIT_MIB << 20);
-    let s = Spawned::start_with(&pki, &[&limit]).await;
+    let pending = format!("--max-pending-dials-per-agent={DIALS}");
+    let agent_pending = format!("--max-pending-dials={DIALS}");
+    let s = Spawned::start_both(&pki, &[&limit, &pending], &[&agent_pending]).await;
     let mut witness = Witness::open(&s).await;
     let (_, peak_before) = s.memory();
     let bulk = dest::bulk("bulk").await.to_string();
 
-    let ch = client::grpc_uds(&s.uds).await;
-    let mut raw = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
-    let (tx, rx) = mpsc::channel(1024);
-    let mut inbound = raw
-        .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("frontend stream")
-        .into_inner();
-    for random in 1..=DIALS {
-        tx.send(packet::dial_request(&bulk, random)).await.unwrap();
+    let mut frontends = Vec::new();
+    for f in 0..STREAMS {
+        let ch = client::grpc_uds(&s.uds).await;
+        let mut raw = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
+        let (tx, rx) = mpsc::channel(1024);
+        let inbound = raw
+            .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("frontend stream")
+            .into_inner();
+        for random in 1..=PER_STREAM {
+            let random = f * 1_000_000 + random;
+            tx.send(packet::dial_request(&bulk, random)).await.unwrap();
+        }
+        frontends.push((tx, inbound));
     }
     // Read the answers (no data flows before the requests), then ask every
     // connection for 8 MiB and read nothing more.
-    let mut ids = Vec::new();
-    while ids.len() < DIALS as usize {
-        let p = tokio::time::timeout(
-            Duration::from_secs(30),
-            futures::StreamExt::next(&mut inbound),
-        )
-        .await
-        .expect("dial answers")
-        .expect("stream")
-        .expect("packet");
-        if let Ok(konnectivity_proto::Message::DialResponse {
-            connect_id, error, ..
-        }) = konnectivity_proto::Message::from_packet(p)
-        {
-            assert!(error.is_empty(), "{error}");
-            ids.push(connect_id);
+    for (tx, inbound) in &mut frontends {
+        let mut ids = Vec::new();
+        while ids.len() < PER_STREAM as usize {
+            let p = tokio::time::timeout(
+                Duration::from_secs(30),
+                futures::StreamExt::next(&mut *inbound),
+            )
+            .await
+            .expect("dial answers")
+            .expect("stream")
+            .expect("packet");
+            if let Ok(konnectivity_proto::Message::DialResponse {
+                connect_id, error, ..
+            }) = konnectivity_proto::Message::from_packet(p)
+            {
+                assert!(error.is_empty(), "{error}");
+                ids.push(connect_id);
+            }
         }
-    }
-    for id in &ids {
-        let get = format!("GET {} {id}\n", 8 << 20);
-        tx.send(packet::data(*id, Bytes::from(get))).await.unwrap();
+        for id in &ids {
+            let get = format!("GET {} {id}\n", 8 << 20);
+            tx.send(packet::data(*id, Bytes::from(get))).await.unwrap();
+        }
     }
     let closed = tests::eventually(
         Duration::from_secs(30),
@@ -408,12 +425,12 @@ async fn a_frontend_that_never_reads_a_thousand_downloads_is_held_to_the_buffer_
         )
         .await;
     // The limit, the frontend stream's own queue (64 packets of at most
-    // 128 KiB), HTTP/2's windows towards it, and per-connection state.
-    let bound = (LIMIT_MIB + 8 + 16 + 24) << 10;
+    // 128 KiB) and HTTP/2's windows towards it for each frontend stream,
+    // and 24 KiB of state per connection.
+    let bound = ((LIMIT_MIB + (8 + 16) * STREAMS as u64) << 10) + 24 * DIALS as u64;
     assert!(
         grown < bound,
         "peak memory grew by {grown} KiB, over {bound} KiB"
     );
-    drop(inbound);
-    drop(tx);
+    drop(frontends);
 }
