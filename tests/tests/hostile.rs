@@ -434,3 +434,97 @@ async fn frontends_that_never_read_thousands_of_downloads_are_held_to_the_buffer
     );
     drop(frontends);
 }
+
+/// One frontend stream holds at most 1,024 dials and connections: the next
+/// dial is refused with a clear answer (not queued, not dropped), the stream
+/// and its connections keep working, and a connection closed makes room.
+#[tokio::test]
+async fn a_frontend_stream_holds_a_bounded_number_of_dials_and_connections() {
+    init_logs();
+    const CAP: i64 = 1024;
+    let pki = Pki::new();
+    let s = Spawned::start_both(
+        &pki,
+        &["--max-pending-dials-per-agent=4096"],
+        &["--max-pending-dials=4096"],
+    )
+    .await;
+    let echo = dest::echo().await.to_string();
+    let ch = client::grpc_uds(&s.uds).await;
+    let mut raw = konnectivity_proto::wire::proxy_service_client::ProxyServiceClient::new(ch);
+    let (tx, rx) = mpsc::channel(2048);
+    let mut inbound = raw
+        .proxy(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("frontend stream")
+        .into_inner();
+    for random in 1..=CAP + 1 {
+        tx.send(packet::dial_request(&echo, random)).await.unwrap();
+    }
+    let (mut open, mut refused) = (Vec::new(), Vec::new());
+    while open.len() + refused.len() < CAP as usize + 1 {
+        if let konnectivity_proto::Message::DialResponse {
+            random,
+            connect_id,
+            error,
+            ..
+        } = next_message(&mut inbound).await
+        {
+            if error.is_empty() {
+                open.push(connect_id);
+            } else {
+                assert!(
+                    error.contains("too many dials on this frontend stream"),
+                    "{error}"
+                );
+                refused.push(random);
+            }
+        }
+    }
+    assert_eq!((open.len(), refused.len()), (CAP as usize, 1));
+    // A connection of the full stream still moves bytes.
+    tx.send(packet::data(open[0], Bytes::from_static(b"ping")))
+        .await
+        .unwrap();
+    loop {
+        match next_message(&mut inbound).await {
+            konnectivity_proto::Message::Data { connect_id, data } => {
+                assert_eq!((connect_id, &data[..]), (open[0], &b"ping"[..]));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Closing one makes room for one more.
+    tx.send(packet::close_request(open[1])).await.unwrap();
+    loop {
+        if let konnectivity_proto::Message::CloseResponse { connect_id, .. } =
+            next_message(&mut inbound).await
+        {
+            assert_eq!(connect_id, open[1]);
+            break;
+        }
+    }
+    tx.send(packet::dial_request(&echo, 5_000)).await.unwrap();
+    loop {
+        if let konnectivity_proto::Message::DialResponse { random, error, .. } =
+            next_message(&mut inbound).await
+        {
+            assert_eq!((random, error.as_str()), (5_000, ""));
+            break;
+        }
+    }
+}
+
+/// The next packet a frontend stream receives, typed (30 s at most).
+async fn next_message<S>(inbound: &mut S) -> konnectivity_proto::Message
+where
+    S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+{
+    let p = tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::next(inbound))
+        .await
+        .expect("an answer")
+        .expect("stream")
+        .expect("packet");
+    konnectivity_proto::Message::from_packet(p).unwrap()
+}
