@@ -45,9 +45,15 @@ impl Spawned {
 
     /// A server with `extra` flags and one agent with `agent_extra`.
     async fn start_both(pki: &Pki, extra: &[&str], agent_extra: &[&str]) -> Spawned {
+        Self::start_mode(pki, "grpc", extra, agent_extra).await
+    }
+
+    /// A server in frontend `mode` (`grpc`, `http-connect`) on a Unix
+    /// socket, with `extra` flags, and one agent with `agent_extra`.
+    async fn start_mode(pki: &Pki, mode: &str, extra: &[&str], agent_extra: &[&str]) -> Spawned {
         let uds = pki.path("hostile.sock");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let proc = Proc::spawn(&[], &Server::args(pki, "grpc", Listen::Uds, &uds, &extra));
+        let proc = Proc::spawn(&[], &Server::args(pki, mode, Listen::Uds, &uds, &extra));
         let field = |f: &'static str| {
             let proc = &proc;
             async move {
@@ -527,4 +533,76 @@ where
         .expect("stream")
         .expect("packet");
     konnectivity_proto::Message::from_packet(p).unwrap()
+}
+
+/// A thousand clients trickle CONNECT request heads at one byte a second and
+/// never finish them (slowloris). Meanwhile other clients open tunnels and
+/// are served, and the server's memory stays within a few KiB per slow
+/// client; at the head timeout (30 s) every slow client is answered 408 and
+/// closed, counted and logged.
+#[tokio::test]
+async fn a_thousand_clients_trickling_connect_heads_are_cut_off_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logs();
+    const SLOW: usize = 1000;
+    let pki = Pki::new();
+    let s = Spawned::start_mode(&pki, "http-connect", &[], &[]).await;
+    let echo = dest::echo().await.to_string();
+    let (_, peak_before) = s.memory();
+    let (mut readers, mut writers) = (Vec::new(), Vec::new());
+    for _ in 0..SLOW {
+        let c = tokio::net::UnixStream::connect(&s.uds).await.unwrap();
+        let (r, w) = c.into_split();
+        readers.push(r);
+        writers.push(w);
+    }
+    let trickle = tokio::spawn(async move {
+        let head = b"CONNECT 10.0.0.1:80 HTTP/1.1\r\nHost: 10.0.0.1:80\r\nX-Slow: ";
+        for b in head.iter().chain(std::iter::repeat(&b'a')) {
+            for w in &mut writers {
+                let _ = w.write_all(&[*b]).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    // Others are served while the slow heads trickle in.
+    for i in 0..10 {
+        let mut t = client::connect_uds(&s.uds, &echo).await.expect("CONNECT");
+        let msg = format!("served {i}");
+        t.write_all(msg.as_bytes()).await.unwrap();
+        let mut got = vec![0; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut got))
+            .await
+            .expect("echo within 10 s")
+            .unwrap();
+        assert_eq!(got, msg.as_bytes());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (_, peak) = s.memory();
+    let grown = peak.saturating_sub(peak_before);
+    // A task, a socket and a 1 KiB head buffer per slow client.
+    let bound = 32 * SLOW as u64;
+    eprintln!("{SLOW} slow CONNECT heads: peak memory +{grown} KiB");
+    assert!(
+        grown < bound,
+        "peak memory grew by {grown} KiB, over {bound} KiB"
+    );
+    // Every slow client is answered and closed at the head timeout.
+    for mut r in readers {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut answer))
+            .await
+            .expect("closed at the head timeout")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    }
+    trickle.abort();
+    assert_eq!(s.cut_offs("frontend", "slow_request").await, SLOW as f64);
+    s.proc
+        .wait_log(
+            &["CONNECT request head not complete in time"],
+            Duration::from_secs(10),
+        )
+        .await;
 }
