@@ -19,7 +19,7 @@ use konnectivity_proto::grpc::{self, Incoming};
 use konnectivity_proto::metadata::{self, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES};
 use konnectivity_proto::policy::Destinations;
 use konnectivity_proto::{packet, DialReason, Message, Packet};
-use konnectivity_runtime::flow::{self, ConnInbox, ConnInfo, Credit, Inbound, Liveness, Slot};
+use konnectivity_relay::{self as relay, ConnInbox, ConnInfo, Credit, Inbound, Liveness, Slot};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -525,7 +525,7 @@ impl ServerLink {
     /// destination.
     async fn deliver(self: &Arc<Self>, connect_id: i64, slot: Slot, data: Bytes) {
         let stall = self.settings.config.stall_timeout;
-        if slot.conn.deliver(data, stall).await == flow::Delivery::Stalled {
+        if slot.conn.deliver(data, stall).await == relay::Delivery::Stalled {
             warn!(connect_id, stall_timeout = ?stall, "destination stopped reading; closing only this connection");
             self.metrics().stalled_closed.inc();
             if let Some(close) = self.close_conn(connect_id) {
@@ -577,7 +577,7 @@ impl ServerLink {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (conn, inbox) = flow::connection(self.flow, self.closed.child_token(), None);
+        let (conn, inbox) = relay::connection(self.flow, self.closed.child_token(), None);
         let (credit, kill) = (conn.credit.clone(), conn.kill.clone());
         let info = ConnInfo::new(&address, &self.server_id);
         let slot = Slot {
@@ -632,7 +632,7 @@ impl ServerLink {
         info: Arc<ConnInfo>,
     ) {
         let (reader, writer) = tcp.into_split();
-        let up = flow::socket_to_tunnel(reader, &credit, |b: Bytes| {
+        let up = relay::socket_to_tunnel(reader, &credit, |b: Bytes| {
             let n = b.len() as u64;
             let link = self.clone();
             let info = info.clone();
@@ -652,7 +652,7 @@ impl ServerLink {
             inbox,
             info: info.clone(),
         };
-        let down = flow::tunnel_to_socket(&mut inbound, writer);
+        let down = relay::tunnel_to_socket(&mut inbound, writer);
         tokio::pin!(up, down);
         tokio::select! {
             _ = kill.cancelled() => {

@@ -268,7 +268,7 @@ impl BoundServer {
                 stall_timeout: cfg.stall_timeout,
                 max_pending: cfg.max_pending,
                 max_conns: cfg.max_conns,
-                held: konnectivity_runtime::flow::Held::new(cfg.max_buffered),
+                held: konnectivity_relay::Held::new(cfg.max_buffered),
             },
             server_id: cfg.server_id.clone(),
             server_count: cfg.server_count,

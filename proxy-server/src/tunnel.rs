@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use konnectivity_link::TableError;
 use konnectivity_proto::{packet, DialReason};
-use konnectivity_runtime::flow::{ConnInbox, ConnInfo, Credit, Hold, Inbound};
+use konnectivity_relay::{ConnInbox, ConnInfo, Credit, Hold, Inbound};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::agent::AgentLink;

@@ -4,8 +4,6 @@
 //! - [`tls`]: rustls configurations from PEM files, with errors that name the file, rebuilt
 //!   when the files change on disk ([`tls::Reloading`]).
 //! - [`pki`]: throw-away certificate authorities for the demo and the tests.
-//! - [`flow`]: per-connection credit (the `WINDOW` extension) and the relay
-//!   that moves bytes between a socket and a tunnelled connection.
 //! - [`addr`]: listener addresses from bind-address and port flags.
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
 //! - [`process`]: the process's own resident memory, open descriptors and tokio tasks as metrics.
@@ -17,11 +15,9 @@ pub mod addr;
 pub mod admin;
 pub mod duration;
 pub mod flag;
-pub mod flow;
 pub mod logging;
 pub mod memory;
 pub mod pki;
 pub mod process;
-pub mod queue;
 pub mod shutdown;
 pub mod tls;

@@ -492,14 +492,11 @@ async fn a_frontend_stream_holds_a_bounded_number_of_dials_and_connections() {
     tx.send(packet::data(open[0], Bytes::from_static(b"ping")))
         .await
         .unwrap();
-    loop {
-        match next_message(&mut inbound).await {
-            konnectivity_proto::Message::Data { connect_id, data } => {
-                assert_eq!((connect_id, &data[..]), (open[0], &b"ping"[..]));
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
+    match next_message(&mut inbound).await {
+        konnectivity_proto::Message::Data { connect_id, data } => {
+            assert_eq!((connect_id, &data[..]), (open[0], &b"ping"[..]));
         }
+        other => panic!("unexpected {other:?}"),
     }
     // Closing one makes room for one more.
     tx.send(packet::close_request(open[1])).await.unwrap();

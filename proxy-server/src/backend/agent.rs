@@ -3,7 +3,7 @@
 //! frontend from stalling the others.
 //!
 //! Packets from the agent are dispatched to per-connection bounded queues
-//! ([`flow::QUEUE_PACKETS`]). With an agent that negotiated `window-v1`, the
+//! ([`relay::QUEUE_PACKETS`]). With an agent that negotiated `window-v1`, the
 //! agent never has more than one window in flight per connection, so a queue
 //! never fills and the stream is never held up. With a reference agent (no flow
 //! control) a full queue holds up this agent's stream for at most
@@ -21,7 +21,7 @@ use konnectivity_link::{Event, Link, Pending, Role};
 use konnectivity_proto::budget::{Budget, Mistake};
 use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_proto::{Message, Packet};
-use konnectivity_runtime::flow::{self, ConnInfo, Liveness, Slot};
+use konnectivity_relay::{self as relay, ConnInfo, Liveness, Slot};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -42,7 +42,7 @@ pub struct LinkSettings {
     pub max_conns: usize,
     /// Bytes held for frontends over all connections, against
     /// `--max-buffered-bytes`.
-    pub held: Arc<flow::Held>,
+    pub held: Arc<relay::Held>,
 }
 
 /// A dial waiting for its `DIAL_RSP`.
@@ -531,7 +531,7 @@ impl AgentLink {
         self.dial_left();
         m.dial_duration
             .observe(dial.value.started.elapsed().as_secs_f64());
-        let (conn, inbox) = flow::connection(
+        let (conn, inbox) = relay::connection(
             self.flow,
             CancellationToken::new(),
             Some(self.settings.held.clone()),
@@ -567,8 +567,8 @@ impl AgentLink {
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let stall = self.settings.stall_timeout;
         match slot.conn.deliver(data, stall).await {
-            flow::Delivery::Queued | flow::Delivery::Gone => {}
-            flow::Delivery::Stalled => {
+            relay::Delivery::Queued | relay::Delivery::Gone => {}
+            relay::Delivery::Stalled => {
                 warn!(
                     connect_id,
                     stall_timeout = ?stall,
@@ -577,7 +577,7 @@ impl AgentLink {
                 self.settings.metrics.stalled_closed.inc();
                 self.remove_conn(connect_id, true);
             }
-            flow::Delivery::OverLimit => {
+            relay::Delivery::OverLimit => {
                 let held = &self.settings.held;
                 warn!(
                     connect_id,
@@ -602,7 +602,7 @@ pub(crate) fn test_link(queue: usize) -> (Arc<AgentLink>, mpsc::Receiver<Packet>
         stall_timeout: Duration::from_secs(5),
         max_pending: 16,
         max_conns: 16,
-        held: flow::Held::new(0),
+        held: relay::Held::new(0),
     };
     let l = AgentLink::new(
         1,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use konnectivity_proto::connect::{self, Parsed};
 use konnectivity_proto::ids;
-use konnectivity_runtime::flow::{self, Buffered, ChunkReader};
+use konnectivity_relay::{self as relay, Buffered, ChunkReader};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{unix, UnixStream};
 
@@ -180,7 +180,7 @@ async fn relay<S: ClientConn>(sock: S, tunnel: Tunnel, early: Bytes) {
     let up = {
         let tx = tx.clone();
         async move {
-            let r = flow::socket_to_tunnel(reader, tx.credit(), |b: Bytes| {
+            let r = relay::socket_to_tunnel(reader, tx.credit(), |b: Bytes| {
                 let tx = tx.clone();
                 async move { tx.send_counted(b).await.is_ok() }
             })
@@ -191,7 +191,7 @@ async fn relay<S: ClientConn>(sock: S, tunnel: Tunnel, early: Bytes) {
         }
     };
     let down = async {
-        let r = flow::tunnel_to_socket(&mut rx, &mut writer).await;
+        let r = relay::tunnel_to_socket(&mut rx, &mut writer).await;
         if let Err(e) = &r {
             debug!(error = %e, "client write failed");
         }
