@@ -7,6 +7,7 @@
 //! and writes JSON.
 
 mod cluster;
+mod floor;
 mod setup;
 mod soak;
 mod workloads;
@@ -35,7 +36,7 @@ struct Args {
     /// Comma-separated setups.
     #[arg(
         long,
-        default_value = "direct,ours-grpc,upstream-grpc,ours-connect,upstream-connect"
+        default_value = "direct,tls-floor,ours-grpc,upstream-grpc,ours-connect,upstream-connect"
     )]
     setups: String,
     /// Bytes moved per direction in the throughput rows (MiB).
@@ -95,6 +96,18 @@ struct Args {
     /// `soak`: between server restarts.
     #[arg(long, default_value = "10m", value_parser = konnectivity_runtime::duration::parse)]
     soak_server_restart: Duration,
+    /// `floor-in`/`floor-out` (internal): CA, certificate and key files,
+    /// the Unix socket and the peer address of the floor's relays.
+    #[arg(long, hide = true)]
+    floor_ca: Option<std::path::PathBuf>,
+    #[arg(long, hide = true)]
+    floor_cert: Option<std::path::PathBuf>,
+    #[arg(long, hide = true)]
+    floor_key: Option<std::path::PathBuf>,
+    #[arg(long, hide = true)]
+    floor_uds: Option<std::path::PathBuf>,
+    #[arg(long, hide = true)]
+    floor_peer: Option<std::net::SocketAddr>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results.json")]
     json: String,
@@ -169,6 +182,20 @@ async fn main() -> anyhow::Result<()> {
         let d = workloads::dests().await?;
         println!("{} {} {}", d.source, d.sink, d.echo);
         std::future::pending::<()>().await;
+    }
+    if a.what == "floor-in" || a.what == "floor-out" {
+        use anyhow::Context;
+        let files = floor::Files {
+            ca: a.floor_ca.clone().context("--floor-ca")?,
+            cert: a.floor_cert.clone().context("--floor-cert")?,
+            key: a.floor_key.clone().context("--floor-key")?,
+        };
+        if a.what == "floor-out" {
+            return floor::run_out(files).await;
+        }
+        let uds = a.floor_uds.clone().context("--floor-uds")?;
+        let peer = a.floor_peer.context("--floor-peer")?;
+        return floor::run_in(files, &uds, peer).await;
     }
     if a.what == "cluster" {
         let modes = a
@@ -668,4 +695,27 @@ fn print_table(out: &Value, kinds: &[SetupKind], sz: &Sizes) {
     println!(
         "(x) = ratio to direct TCP. Ours vs upstream: compare the ours-* and upstream-* columns."
     );
+    print_floor_ratios(res, kinds);
+}
+
+/// Each tunnel's one-connection throughput as a fraction of the TLS floor's
+/// in the same rounds.
+fn print_floor_ratios(res: &Value, kinds: &[SetupKind]) {
+    let Some(floor) = res.get("tls-floor") else {
+        return;
+    };
+    for key in ["download_mb_s", "upload_mb_s"] {
+        let Some(f) = num(floor, &[key]).filter(|f| *f > 0.0) else {
+            continue;
+        };
+        let cells: Vec<String> = kinds
+            .iter()
+            .filter(|k| !matches!(k.imp, Impl::Direct | Impl::Floor))
+            .filter_map(|k| {
+                let x = num(res.get(k.name())?, &[key])?;
+                Some(format!("{} {:.2}x", k.name(), x / f))
+            })
+            .collect();
+        println!("{key} of the TLS floor: {}", cells.join(", "));
+    }
 }

@@ -1,7 +1,8 @@
 //! The tunnels under test, started as real processes, and the one client that
-//! drives them all: direct TCP (the limit), our server and agent, the upstream
-//! Go server and agent, each through the gRPC frontend on a Unix socket and
-//! through HTTP CONNECT on a Unix socket.
+//! drives them all: direct TCP (the limit), the TLS floor (a bare mutual-TLS
+//! pipe with the tunnel's hops), our server and agent, the upstream Go server
+//! and agent, each through the gRPC frontend on a Unix socket and through
+//! HTTP CONNECT on a Unix socket.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use tests::client::{self, GrpcConn, Transport};
 const DIAL_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 use tests::pki::Pki;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 
 /// Which implementation.
@@ -28,6 +29,9 @@ pub enum Impl {
     Ours,
     /// The upstream Go server and agent.
     Upstream,
+    /// The floor: a bare mutual-TLS pipe with the tunnel's hops
+    /// ([`crate::floor`]).
+    Floor,
 }
 
 /// Which frontend.
@@ -55,6 +59,7 @@ impl SetupKind {
     pub fn name(&self) -> &'static str {
         match (self.imp, self.front) {
             (Impl::Direct, _) => "direct",
+            (Impl::Floor, _) => "tls-floor",
             (Impl::Ours, Front::Grpc) => "ours-grpc",
             (Impl::Ours, _) => "ours-connect",
             (Impl::Upstream, Front::Grpc) => "upstream-grpc",
@@ -66,6 +71,7 @@ impl SetupKind {
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         let (imp, front) = match s {
             "direct" => (Impl::Direct, Front::None),
+            "tls-floor" => (Impl::Floor, Front::None),
             "ours-grpc" => (Impl::Ours, Front::Grpc),
             "ours-connect" => (Impl::Ours, Front::Connect),
             "upstream-grpc" => (Impl::Upstream, Front::Grpc),
@@ -242,6 +248,46 @@ pub async fn start(kind: SetupKind, bins: &Binaries, pki: &Pki) -> anyhow::Resul
     let cert = |p: &Path| p.display().to_string();
     match kind.imp {
         Impl::Direct => {}
+        Impl::Floor => {
+            let exe = std::env::current_exe()?;
+            let files = |cert: &Path, key: &Path| {
+                vec![
+                    format!("--floor-ca={}", cert_path(&pki.ca)),
+                    format!("--floor-cert={}", cert_path(cert)),
+                    format!("--floor-key={}", cert_path(key)),
+                ]
+            };
+            let mut out = Command::new(&exe);
+            out.arg("floor-out")
+                .args(files(&pki.server.cert, &pki.server.key))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .kill_on_drop(true);
+            let mut out = out.spawn().context("spawn floor-out")?;
+            let mut line = String::new();
+            BufReader::new(out.stdout.take().context("stdout")?)
+                .read_line(&mut line)
+                .await?;
+            let peer: SocketAddr = line.trim().parse().context("floor-out address")?;
+            r.agent_pid = out.id();
+            r.children.push(out);
+            let mut args = vec![
+                "floor-in".to_string(),
+                format!("--floor-uds={}", uds.display()),
+                format!("--floor-peer={peer}"),
+            ];
+            args.extend(files(&pki.agent.cert, &pki.agent.key));
+            let inbound = spawn(&exe, &args, false)?;
+            r.server_pid = inbound.id();
+            r.children.push(inbound);
+            for _ in 0..600 {
+                if UnixStream::connect(&uds).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         Impl::Ours => {
             // The test harness's flags (port 0 everywhere), minus the binary name.
             let args = tests::inproc::Server::args(
@@ -325,10 +371,16 @@ pub async fn start(kind: SetupKind, bins: &Binaries, pki: &Pki) -> anyhow::Resul
     Ok(r)
 }
 
+fn cert_path(p: &Path) -> String {
+    p.display().to_string()
+}
+
 /// A connection to a destination, through whatever the setup is.
 pub enum Conn {
     /// Direct TCP.
     Tcp(TcpStream),
+    /// Through the floor's relays.
+    Floor(UnixStream),
     /// HTTP CONNECT tunnel.
     Unix(client::Tunnel),
     /// gRPC tunnel (one HTTP/2 connection per tunnel, as kube-apiserver does).
@@ -338,6 +390,9 @@ pub enum Conn {
 impl Running {
     /// Opens a connection to `dst`.
     pub async fn connect(&self, dst: SocketAddr) -> anyhow::Result<Conn> {
+        if self.kind.imp == Impl::Floor {
+            return Ok(Conn::Floor(crate::floor::connect(&self.uds, dst).await?));
+        }
         Ok(match self.kind.front {
             Front::None => {
                 let s = TcpStream::connect(dst).await?;
@@ -365,6 +420,7 @@ impl Conn {
     pub async fn write_all(&mut self, b: &[u8]) -> anyhow::Result<()> {
         match self {
             Conn::Tcp(s) => s.write_all(b).await?,
+            Conn::Floor(s) => s.write_all(b).await?,
             Conn::Unix(s) => s.write_all(b).await?,
             Conn::Grpc(c, _) => c.send(Bytes::copy_from_slice(b)).await?,
         }
@@ -375,6 +431,7 @@ impl Conn {
     pub async fn read(&mut self, buf: &mut [u8]) -> anyhow::Result<usize> {
         Ok(match self {
             Conn::Tcp(s) => s.read(buf).await?,
+            Conn::Floor(s) => s.read(buf).await?,
             Conn::Unix(s) => s.read(buf).await?,
             Conn::Grpc(c, left) => {
                 if left.is_empty() {
@@ -408,6 +465,9 @@ impl Conn {
     pub async fn close(self) {
         match self {
             Conn::Tcp(mut s) => {
+                let _ = s.shutdown().await;
+            }
+            Conn::Floor(mut s) => {
                 let _ = s.shutdown().await;
             }
             Conn::Unix(mut s) => {
