@@ -270,6 +270,31 @@ async fn connect_setup(mode: &str) -> (Pki, Server, Agent, tokio::net::TcpListen
     (pki, server, agent, l)
 }
 
+/// A destination that keeps sending to whoever connects ([`keep_sending`])
+/// and reports what each connection sent it once that connection closes
+/// (waiting `limit` at most).
+fn talking_destination(
+    l: tokio::net::TcpListener,
+    limit: Duration,
+) -> tokio::sync::mpsc::UnboundedReceiver<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let (heard_tx, heard) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let heard_tx = heard_tx.clone();
+            tokio::spawn(async move {
+                let (mut rd, wr) = s.into_split();
+                let talker = tokio::spawn(keep_sending(wr));
+                let mut got = Vec::new();
+                let _ = tokio::time::timeout(limit, rd.read_to_end(&mut got)).await;
+                talker.abort();
+                let _ = heard_tx.send(got);
+            });
+        }
+    });
+    heard
+}
+
 /// Writes 1 KiB every 200 us (4 MiB at most) until the peer goes away.
 async fn keep_sending<W: tokio::io::AsyncWrite + Unpin>(mut w: W) {
     use tokio::io::AsyncWriteExt;
@@ -351,21 +376,7 @@ async fn a_connect_clients_large_last_write_reaches_the_destination_after_it_han
     const ROUNDS: usize = 20;
     let (_pki, server, _agent, l) = connect_setup("http-connect").await;
     let dst = l.local_addr().unwrap().to_string();
-    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<(usize, bool)>();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let heard_tx = heard_tx.clone();
-            tokio::spawn(async move {
-                let (mut rd, wr) = s.into_split();
-                let talker = tokio::spawn(keep_sending(wr));
-                let mut got = Vec::new();
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut got)).await;
-                talker.abort();
-                let _ = heard_tx.send((got.len(), got == tests::pattern(LAST, 1)));
-            });
-        }
-    });
+    let mut heard = talking_destination(l, Duration::from_secs(20));
     let last = tests::pattern(LAST, 1);
     let mut lost = Vec::new();
     for round in 0..ROUNDS {
@@ -378,9 +389,9 @@ async fn a_connect_clients_large_last_write_reaches_the_destination_after_it_han
             .expect("the destination talks");
         s.write_all(&last).await.expect("write");
         drop(s);
-        let (len, same) = heard.recv().await.unwrap();
-        if !same {
-            lost.push((round, LAST - len.min(LAST)));
+        let got = heard.recv().await.unwrap();
+        if got != last {
+            lost.push((round, LAST - got.len().min(LAST)));
         }
     }
     assert!(lost.is_empty(), "(round, bytes lost) of {ROUNDS}: {lost:?}");
@@ -390,21 +401,7 @@ async fn last_words_lost(mode: &str, rounds: usize) -> usize {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_pki, server, _agent, l) = connect_setup(mode).await;
     let dst = l.local_addr().unwrap().to_string();
-    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<bool>();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let heard_tx = heard_tx.clone();
-            tokio::spawn(async move {
-                let (mut rd, wr) = s.into_split();
-                let talker = tokio::spawn(keep_sending(wr));
-                let mut got = Vec::new();
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;
-                talker.abort();
-                let _ = heard_tx.send(got.ends_with(b"goodbye"));
-            });
-        }
-    });
+    let mut heard = talking_destination(l, Duration::from_secs(10));
     let ch = match mode {
         "grpc" => Some(client::grpc_uds(&server.uds()).await),
         _ => None,
@@ -430,7 +427,7 @@ async fn last_words_lost(mode: &str, rounds: usize) -> usize {
                 drop(s);
             }
         }
-        if !heard.recv().await.unwrap() {
+        if !heard.recv().await.unwrap().ends_with(b"goodbye") {
             lost += 1;
         }
     }
