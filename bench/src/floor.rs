@@ -10,7 +10,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use konnectivity_runtime::tls::{self, ServerTlsFiles};
@@ -98,7 +97,6 @@ pub async fn run_in(files: Files, uds: &Path, peer: SocketAddr) -> anyhow::Resul
     let _ = std::fs::remove_file(uds);
     let l = UnixListener::bind(uds)?;
     let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
-    let connector = Arc::new(connector);
     loop {
         let (mut client, _) = l.accept().await?;
         let (connector, name) = (connector.clone(), name.clone());

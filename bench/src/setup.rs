@@ -250,11 +250,11 @@ pub async fn start(kind: SetupKind, bins: &Binaries, pki: &Pki) -> anyhow::Resul
         Impl::Direct => {}
         Impl::Floor => {
             let exe = std::env::current_exe()?;
-            let files = |cert: &Path, key: &Path| {
+            let files = |cert_file: &Path, key: &Path| {
                 vec![
-                    format!("--floor-ca={}", cert_path(&pki.ca)),
-                    format!("--floor-cert={}", cert_path(cert)),
-                    format!("--floor-key={}", cert_path(key)),
+                    format!("--floor-ca={}", cert(&pki.ca)),
+                    format!("--floor-cert={}", cert(cert_file)),
+                    format!("--floor-key={}", cert(key)),
                 ]
             };
             let mut out = Command::new(&exe);
@@ -369,10 +369,6 @@ pub async fn start(kind: SetupKind, bins: &Binaries, pki: &Pki) -> anyhow::Resul
         }
     }
     Ok(r)
-}
-
-fn cert_path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// A connection to a destination, through whatever the setup is.

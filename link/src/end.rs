@@ -21,16 +21,6 @@ pub enum Role {
     Agent,
 }
 
-impl Role {
-    /// Who is at the other end, for logs and metric labels.
-    pub fn peer(self) -> &'static str {
-        match self {
-            Role::Server => "agent",
-            Role::Agent => "server",
-        }
-    }
-}
-
 /// What a received packet asks of the driver.
 #[derive(Debug)]
 pub enum Event<P, C> {
@@ -161,11 +151,6 @@ impl<P, C: Clone> Link<P, C> {
             abandoned: RecentlyClosed::new(RECENT),
             ids: ConnectIds::new(),
         }
-    }
-
-    /// Which end this is.
-    pub fn role(&self) -> Role {
-        self.role
     }
 
     /// The pending dials and open connections.

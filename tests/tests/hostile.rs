@@ -379,17 +379,9 @@ async fn frontends_that_never_read_thousands_of_downloads_are_held_to_the_buffer
     for (tx, inbound) in &mut frontends {
         let mut ids = Vec::new();
         while ids.len() < PER_STREAM as usize {
-            let p = tokio::time::timeout(
-                Duration::from_secs(30),
-                futures::StreamExt::next(&mut *inbound),
-            )
-            .await
-            .expect("dial answers")
-            .expect("stream")
-            .expect("packet");
-            if let Ok(konnectivity_proto::Message::DialResponse {
+            if let konnectivity_proto::Message::DialResponse {
                 connect_id, error, ..
-            }) = konnectivity_proto::Message::from_packet(p)
+            } = next_message(inbound).await
             {
                 assert!(error.is_empty(), "{error}");
                 ids.push(connect_id);

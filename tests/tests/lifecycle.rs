@@ -370,7 +370,6 @@ async fn a_clients_last_bytes_before_it_hangs_up_reach_the_destination() {
 /// the failed write.
 #[tokio::test]
 async fn a_connect_clients_large_last_write_reaches_the_destination_after_it_hangs_up() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const LAST: usize = 2 << 20;
     // Without the fix, 2 of 5 rounds lost 121 KiB each.
     const ROUNDS: usize = 20;
@@ -380,15 +379,7 @@ async fn a_connect_clients_large_last_write_reaches_the_destination_after_it_han
     let last = tests::pattern(LAST, 1);
     let mut lost = Vec::new();
     for round in 0..ROUNDS {
-        let mut s = client::connect_uds(&server.uds(), &dst)
-            .await
-            .expect("CONNECT");
-        let mut first = [0u8; 1];
-        s.read_exact(&mut first)
-            .await
-            .expect("the destination talks");
-        s.write_all(&last).await.expect("write");
-        drop(s);
+        connect_say_and_hang_up(&server.uds(), &dst, &last).await;
         let got = heard.recv().await.unwrap();
         if got != last {
             lost.push((round, LAST - got.len().min(LAST)));
@@ -397,8 +388,19 @@ async fn a_connect_clients_large_last_write_reaches_the_destination_after_it_han
     assert!(lost.is_empty(), "(round, bytes lost) of {ROUNDS}: {lost:?}");
 }
 
-async fn last_words_lost(mode: &str, rounds: usize) -> usize {
+/// A CONNECT client that waits for the destination's first byte, writes
+/// `last` and hangs up without reading more.
+async fn connect_say_and_hang_up(uds: &std::path::Path, dst: &str, last: &[u8]) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = client::connect_uds(uds, dst).await.expect("CONNECT");
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first)
+        .await
+        .expect("the destination talks");
+    s.write_all(last).await.expect("write");
+}
+
+async fn last_words_lost(mode: &str, rounds: usize) -> usize {
     let (_pki, server, _agent, l) = connect_setup(mode).await;
     let dst = l.local_addr().unwrap().to_string();
     let mut heard = talking_destination(l, Duration::from_secs(10));
@@ -415,17 +417,7 @@ async fn last_words_lost(mode: &str, rounds: usize) -> usize {
                 c.send(&b"goodbye"[..]).await.expect("send");
                 c.close().await;
             }
-            None => {
-                let mut s = client::connect_uds(&server.uds(), &dst)
-                    .await
-                    .expect("CONNECT");
-                let mut first = [0u8; 1];
-                s.read_exact(&mut first)
-                    .await
-                    .expect("the destination talks");
-                s.write_all(b"goodbye").await.expect("write");
-                drop(s);
-            }
+            None => connect_say_and_hang_up(&server.uds(), &dst, b"goodbye").await,
         }
         if !heard.recv().await.unwrap().ends_with(b"goodbye") {
             lost += 1;

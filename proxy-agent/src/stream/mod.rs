@@ -73,8 +73,8 @@ pub struct ServerLink {
 }
 
 impl ServerLink {
-    /// A stream's state: `features` are `window-v1` and `dial-reason-v1`
-    /// as negotiated, `lanes` the DATA and control queues towards the server.
+    /// A stream's state, with `window-v1` and `dial-reason-v1` as negotiated
+    /// and its DATA and control queues towards the server.
     fn new(
         server_id: String,
         (flow, dial_reason): (bool, bool),
@@ -148,8 +148,8 @@ impl ServerLink {
         (st.table().pending_len(), conns)
     }
 
-    /// Takes a dial that ended out of the table; false when it was no longer
-    /// there (cancelled by the server).
+    /// Takes a dial that ended out of the table; `None` when it was no
+    /// longer there (cancelled by the server).
     fn take_dial(&self, random: i64) -> Option<konnectivity_link::Pending<CancellationToken>> {
         let p = self.state().take_dial(random);
         if p.is_some() {

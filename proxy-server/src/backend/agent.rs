@@ -306,6 +306,16 @@ impl AgentLink {
         self.settings.metrics.pending_dials.dec();
     }
 
+    /// The agent answered a dial (either way): it left the table, and its
+    /// duration is observed.
+    fn dial_answered(&self, dial: &Pending<PendingDial>) {
+        self.dial_left();
+        self.settings
+            .metrics
+            .dial_duration
+            .observe(dial.value.started.elapsed().as_secs_f64());
+    }
+
     /// A connection left the table: its tunnel ends.
     fn conn_left(&self, slot: Slot) {
         self.load.fetch_sub(1, Ordering::Relaxed);
@@ -488,9 +498,7 @@ impl AgentLink {
                 error,
                 reason,
             } => {
-                self.dial_left();
-                m.dial_duration
-                    .observe(dial.value.started.elapsed().as_secs_f64());
+                self.dial_answered(&dial);
                 m.dial_failures.with_label_values(&["error_response"]).inc();
                 let _ = dial.value.reply.send(Err(DialError::Agent {
                     agent: self.agent_id.clone(),
@@ -528,9 +536,7 @@ impl AgentLink {
     /// tunnel.
     fn answered(self: &Arc<Self>, dial: Pending<PendingDial>, connect_id: i64) {
         let m = &self.settings.metrics;
-        self.dial_left();
-        m.dial_duration
-            .observe(dial.value.started.elapsed().as_secs_f64());
+        self.dial_answered(&dial);
         let (conn, inbox) = relay::connection(
             self.flow,
             CancellationToken::new(),
