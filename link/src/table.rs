@@ -28,6 +28,9 @@ pub enum TableError {
     /// connectID 0 means "no connection" and cannot be established.
     #[error("connectID 0 is not a connection")]
     ZeroConnectId,
+    /// The stream ended: its table was drained and takes nothing new.
+    #[error("the stream has ended")]
+    Ended,
 }
 
 /// A pending dial taken out of the table, waiting to be established or failed.
@@ -48,6 +51,8 @@ pub struct Table<P, C> {
     max_pending: usize,
     max_conns: usize,
     highest: i64,
+    /// Drained: the stream ended, nothing new comes in.
+    ended: bool,
 }
 
 impl<P, C> Table<P, C> {
@@ -59,11 +64,15 @@ impl<P, C> Table<P, C> {
             max_pending,
             max_conns,
             highest: 0,
+            ended: false,
         }
     }
 
     /// Records a dial as pending.
     pub fn add_pending(&mut self, random: i64, value: P) -> Result<(), TableError> {
+        if self.ended {
+            return Err(TableError::Ended);
+        }
         if self.pending.contains_key(&random) {
             return Err(TableError::DuplicateDial(random));
         }
@@ -91,6 +100,9 @@ impl<P, C> Table<P, C> {
         connect_id: i64,
         conn: C,
     ) -> Result<P, (Pending<P>, TableError)> {
+        if self.ended {
+            return Err((pending, TableError::Ended));
+        }
         if connect_id == 0 {
             return Err((pending, TableError::ZeroConnectId));
         }
@@ -149,8 +161,11 @@ impl<P, C> Table<P, C> {
     }
 
     /// Empties the table (the stream ended): every pending dial and connection,
-    /// for the caller to fail and close.
+    /// for the caller to fail and close. From now on it refuses new dials and
+    /// connections ([`TableError::Ended`]): a dial registered after the
+    /// stream's end would wait for an answer that never comes.
     pub fn drain(&mut self) -> (Vec<Pending<P>>, Vec<(i64, C)>) {
+        self.ended = true;
         let pending = self
             .pending
             .drain()
@@ -277,9 +292,17 @@ mod tests {
         t.add_pending(2, 2).unwrap();
         let p = t.take_pending(2).unwrap();
         t.establish(p, 9, 9).unwrap();
+        t.add_pending(3, 3).unwrap();
+        let late = t.take_pending(3).unwrap();
         let (pending, conns) = t.drain();
         assert_eq!(pending.len(), 1);
         assert_eq!(conns, vec![(9, 9)]);
+        assert_eq!(t.pending_len() + t.conns_len(), 0);
+        // The stream has ended: a dial registered now would never be
+        // answered, and a dial that connects now has no stream to use.
+        assert_eq!(t.add_pending(4, 4), Err(TableError::Ended));
+        let (_, e) = t.establish(late, 10, 10).unwrap_err();
+        assert_eq!(e, TableError::Ended);
         assert_eq!(t.pending_len() + t.conns_len(), 0);
     }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use konnectivity_link::{Event, Link, Pending, Role};
+use konnectivity_link::{Event, Link, Pending, Role, TableError};
 use konnectivity_proto::budget::{Budget, Mistake};
 use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_proto::{Message, Packet};
@@ -267,7 +267,9 @@ impl AgentLink {
     }
 
     /// Registers a dial and sends `DIAL_REQ`. The receiver yields the tunnel or
-    /// the error.
+    /// the error. [`DialError::AgentGone`] here means the stream ended before
+    /// the request was queued: the agent never saw it, and the dial may go to
+    /// another agent.
     pub(crate) async fn begin_dial(
         &self,
         address: &str,
@@ -288,7 +290,10 @@ impl AgentLink {
                     info,
                 },
             )
-            .map_err(DialError::Refused)?;
+            .map_err(|e| match e {
+                TableError::Ended => DialError::AgentGone(self.agent_id.clone()),
+                e => DialError::Refused(e),
+            })?;
         self.load.fetch_add(1, Ordering::Relaxed);
         self.settings.metrics.pending_dials.inc();
         if !self.send(request).await {
@@ -598,10 +603,15 @@ impl AgentLink {
     }
 }
 
-/// A link to a pretend agent whose packets arrive on the returned receiver
-/// (`queue` of them at most), for the unit tests of the link and its users.
+/// A link to a pretend agent `agent_id` whose packets arrive on the returned
+/// receiver (`queue` of them at most), for the unit tests of the link and its
+/// users.
 #[cfg(test)]
-pub(crate) fn test_link(queue: usize) -> (Arc<AgentLink>, mpsc::Receiver<Packet>) {
+pub(crate) fn test_link(
+    serial: u64,
+    agent_id: &str,
+    queue: usize,
+) -> (Arc<AgentLink>, mpsc::Receiver<Packet>) {
     let (tx, rx) = mpsc::channel(queue);
     let settings = LinkSettings {
         metrics: Metrics::new(),
@@ -611,8 +621,8 @@ pub(crate) fn test_link(queue: usize) -> (Arc<AgentLink>, mpsc::Receiver<Packet>
         held: relay::Held::new(0),
     };
     let l = AgentLink::new(
-        1,
-        "a".into(),
+        serial,
+        agent_id.into(),
         AgentIdentifiers::default(),
         true,
         "peer".into(),

@@ -12,12 +12,16 @@ use tracing::{debug, info};
 use super::agent::AgentLink;
 use super::strategy::Strategy;
 use crate::diagnostics::Events;
+use crate::metrics::Metrics;
+use crate::tunnel::{DialError, Tunnel};
 
 /// How long a new agent stream waits behind settled ones of the same
 /// strategy (see [`AgentRegistry::pick`]).
 pub const SETTLING: Duration = Duration::from_secs(1);
-use crate::metrics::Metrics;
-use crate::tunnel::{DialError, Tunnel};
+
+/// How many streams a dial tries when the chosen one ends before its request
+/// is sent.
+const PICK_ATTEMPTS: usize = 3;
 
 /// All agent streams of this server.
 pub struct AgentRegistry {
@@ -155,7 +159,7 @@ impl AgentRegistry {
             let mut young: Option<&Arc<AgentLink>> = None;
             for i in 0..n {
                 let l = &links[(start + i) % n];
-                if !matches(l) {
+                if !matches(l) || l.closed.is_cancelled() {
                     continue;
                 }
                 if l.is_draining() {
@@ -218,19 +222,40 @@ impl AgentRegistry {
         random: i64,
         frontend: &'static str,
     ) -> Result<Tunnel, DialError> {
-        let link = self.pick(address).ok_or(DialError::NoAgent)?;
-        // The frontend's connection span declares `agent.id`: every line of
-        // this dial and its connection names the agent, success or not.
-        tracing::Span::current().record("agent.id", link.agent_id.as_str());
-        let allowed = self.policy.for_agent(&link.agent_id);
-        if !allowed.allows_target(address) {
-            return Err(DialError::Forbidden {
-                agent: link.agent_id.clone(),
-                address: address.to_string(),
-                policy: allowed.to_string(),
-            });
-        }
-        let rx = link.begin_dial(address, random, frontend).await?;
+        let mut attempt = 1;
+        let (link, rx) = loop {
+            let link = self.pick(address).ok_or(DialError::NoAgent)?;
+            // The frontend's connection span declares `agent.id`: every line
+            // of this dial and its connection names the agent, success or not.
+            tracing::Span::current().record("agent.id", link.agent_id.as_str());
+            let allowed = self.policy.for_agent(&link.agent_id);
+            if !allowed.allows_target(address) {
+                return Err(DialError::Forbidden {
+                    agent: link.agent_id.clone(),
+                    address: address.to_string(),
+                    policy: allowed.to_string(),
+                });
+            }
+            match link.begin_dial(address, random, frontend).await {
+                Ok(rx) => break (link, rx),
+                // The stream ended between the pick and the request (an agent
+                // leaving, a rolling update): the agent never saw the dial,
+                // and the next pick skips the ended stream.
+                Err(DialError::AgentGone(agent)) if attempt < PICK_ATTEMPTS => {
+                    debug!(agent.id = %agent, attempt, "chosen agent stream ended before the dial was sent; choosing again");
+                    attempt += 1;
+                }
+                Err(e) => {
+                    if matches!(e, DialError::AgentGone(_)) {
+                        self.metrics
+                            .dial_failures
+                            .with_label_values(&[e.reason()])
+                            .inc();
+                    }
+                    return Err(e);
+                }
+            }
+        };
         struct Abandon<'a>(&'a Arc<AgentLink>, i64, bool);
         impl Drop for Abandon<'_> {
             fn drop(&mut self) {
@@ -257,3 +282,6 @@ impl AgentRegistry {
         result
     }
 }
+
+#[cfg(test)]
+mod tests;

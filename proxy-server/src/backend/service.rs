@@ -265,7 +265,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_watchdog_drops_a_silent_agent_after_three_missed_heartbeats_only() {
         let watchdog = metadata::HEARTBEAT_INTERVAL * metadata::HEARTBEAT_MISSES;
-        let (silent_link, mut rx) = link(64);
+        let (silent_link, mut rx) = link(1, "a", 64);
         let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
         let silent = CancellationToken::new();
         let dog = tokio::spawn(heartbeat(silent_link.clone(), silent.clone()));
@@ -278,7 +278,7 @@ mod tests {
         drain.abort();
 
         // An agent that answers every heartbeat (its answer is a packet).
-        let (alive_link, mut rx) = link(64);
+        let (alive_link, mut rx) = link(2, "b", 64);
         let answering = alive_link.clone();
         let answers = tokio::spawn(async move {
             while let Some(p) = rx.recv().await {

@@ -5,7 +5,7 @@ use super::*;
 use konnectivity_proto::packet;
 
 fn link(queue: usize) -> (Arc<AgentLink>, mpsc::Receiver<Packet>) {
-    test_link(queue)
+    test_link(1, "a", queue)
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -130,4 +130,27 @@ async fn an_agent_flooding_unknown_connections_is_cut_off() {
         assert!(l.closed.is_cancelled(), "{kind}");
         drain.abort();
     }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_dial_on_a_stream_that_has_ended_fails_at_once() {
+    let (l, mut rx) = link(8);
+    // The agent's stream ends; a dial chosen just before (the registry still
+    // held the stream) comes in afterwards.
+    let inbound = futures::stream::empty::<Result<Packet, tonic::Status>>();
+    assert!(l
+        .clone()
+        .serve(inbound, CancellationToken::new())
+        .await
+        .is_none());
+    match l.begin_dial("10.0.0.1:80", 7, "grpc").await {
+        Err(DialError::AgentGone(agent)) => assert_eq!(agent, "a"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!(
+            "a dial on an ended stream was accepted: it would wait for an answer that never comes"
+        ),
+    }
+    assert_eq!(l.snapshot().pending.len(), 0);
+    assert_eq!(l.metrics().pending_dials.get(), 0);
+    assert!(rx.try_recv().is_err(), "no DIAL_REQ on an ended stream");
 }
