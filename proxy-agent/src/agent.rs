@@ -75,6 +75,7 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundAgent> {
             tls,
             metrics: Metrics::new(),
             events: Default::default(),
+            quic: Default::default(),
         }),
         health,
         admin,
@@ -282,7 +283,7 @@ async fn supervise(
                     drop(opened);
                     delays.next()
                 } else {
-                    info!(server.id = %id, server_count = count, flow_control = opened.link.flow, "connected to proxy server");
+                    info!(server.id = %id, server_count = count, flow_control = opened.link.flow, quic_offered = opened.quic.is_some(), "connected to proxy server");
                     m.open_server_connections.inc();
                     delays = backoff(cfg);
                     let links = links.clone();

@@ -104,6 +104,12 @@ pub struct Args {
     /// Offer per-connection flow control and heartbeats to the server.
     #[arg(long, default_value = "true", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true")]
     pub flow_control: bool,
+    /// How tunnelled connections travel: `auto` (a QUIC stream each when the
+    /// server offers QUIC and UDP gets through, else the gRPC stream), `grpc`
+    /// (never QUIC), or `quic` (a stream whose server does not offer QUIC,
+    /// or whose QUIC connection fails, is dropped and opened again).
+    #[arg(long, default_value = "auto")]
+    pub transport: String,
     /// Logging (`--log-format`, klog's `--v`, `--logtostderr`, `--alsologtostderr`).
     #[command(flatten)]
     pub log: logging::LogArgs,
@@ -219,6 +225,26 @@ pub struct Config {
     pub grace_period: Duration,
     /// Offer `window-v1`.
     pub flow_control: bool,
+    /// `--transport`.
+    pub transport: Transport,
+}
+
+/// `--transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// QUIC when offered and reachable, else gRPC.
+    Auto,
+    /// Never QUIC.
+    Grpc,
+    /// QUIC or nothing.
+    Quic,
+}
+
+impl Transport {
+    /// Offer QUIC to the server?
+    pub fn offers_quic(self) -> bool {
+        self != Transport::Grpc
+    }
 }
 
 /// Reference servers send GOAWAY `too_many_pings` below this ping interval.
@@ -351,6 +377,12 @@ impl Config {
             stall_timeout: a.stall_timeout,
             grace_period: a.grace_period,
             flow_control: a.flow_control,
+            transport: match a.transport.as_str() {
+                "auto" => Transport::Auto,
+                "grpc" => Transport::Grpc,
+                "quic" => Transport::Quic,
+                t => bail!("--transport={t}: want auto, grpc or quic"),
+            },
         })
     }
 }

@@ -31,6 +31,13 @@ pub struct Metrics {
     pub stalled_closed: IntCounter,
     /// Packets for connections this agent does not know, by packet type.
     pub unknown_packets: IntCounterVec,
+    /// Server streams whose connections travel over QUIC now.
+    pub quic_connections: IntGauge,
+    /// QUIC connections that failed to open or were lost, by reason
+    /// (`connect`, `hello`, `lost`).
+    pub quic_failures: IntCounterVec,
+    /// Dials served, by transport (`grpc`, `quic`).
+    pub dials: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -106,6 +113,24 @@ impl Metrics {
                 &["packet_type"],
             )
             .expect("valid"),
+            quic_connections: IntGauge::with_opts(opts(
+                "quic_server_connections",
+                "Server streams whose connections travel over a QUIC connection now",
+            ))
+            .expect("valid"),
+            quic_failures: IntCounterVec::new(
+                opts(
+                    "quic_failures_total",
+                    "QUIC connections to servers that failed to open or were lost, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
+            dials: IntCounterVec::new(
+                opts("dials_total", "Dials served, by transport"),
+                &["transport"],
+            )
+            .expect("valid"),
             registry: registry.clone(),
         };
         let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -119,6 +144,9 @@ impl Metrics {
             Box::new(m.bytes.clone()),
             Box::new(m.stalled_closed.clone()),
             Box::new(m.unknown_packets.clone()),
+            Box::new(m.quic_connections.clone()),
+            Box::new(m.quic_failures.clone()),
+            Box::new(m.dials.clone()),
         ];
         // Memory, descriptors and tokio tasks of the process itself.
         collectors.push(Box::new(

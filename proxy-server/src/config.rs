@@ -64,6 +64,15 @@ pub struct Args {
     /// Address the agent listener binds.
     #[arg(long, default_value = "")]
     pub agent_bind_address: String,
+    /// Offer QUIC to agents that speak it (our own): their connections then
+    /// each get a QUIC stream of their own, on UDP --agent-quic-port.
+    /// Reference agents never see the offer.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub enable_agent_quic: bool,
+    /// UDP port of the agents' QUIC endpoint, on --agent-bind-address.
+    /// Default: the agent port's number (the TCP port actually bound).
+    #[arg(long)]
+    pub agent_quic_port: Option<u16>,
     /// Agent-facing TLS certificate.
     #[arg(long, default_value = "")]
     pub cluster_cert: String,
@@ -279,6 +288,9 @@ pub struct Config {
     pub grace_period: Duration,
     /// Offer flow control.
     pub flow_control: bool,
+    /// Offer QUIC to agents, on this UDP port (`None`: the agent port's
+    /// number); `None` when not offered.
+    pub agent_quic: Option<Option<u16>>,
     /// Kubernetes API use (TokenReview, Leases).
     pub kube: KubeUse,
 }
@@ -466,6 +478,7 @@ impl Config {
             max_buffered: a.max_buffered_bytes,
             grace_period: a.grace_period,
             flow_control: a.flow_control,
+            agent_quic: a.enable_agent_quic.then_some(a.agent_quic_port),
             kube,
         })
     }

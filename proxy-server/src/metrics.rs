@@ -48,6 +48,13 @@ pub struct Metrics {
     /// (`agent`, `frontend`) and reason (the `GOAWAY` error code's name, or
     /// `INVALID_HEADER_BLOCK`).
     pub http2_errors: IntCounterVec,
+    /// Agent streams whose dials go over QUIC now.
+    pub quic_connections: IntGauge,
+    /// QUIC connections refused, by reason (`handshake`, `hello`,
+    /// `unknown_ticket`, `busy`).
+    pub quic_refused: IntCounterVec,
+    /// Dials sent to agents, by transport (`grpc`, `quic`).
+    pub dials: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -148,6 +155,24 @@ impl Metrics {
                 &["listener", "reason"],
             )
             .expect("valid"),
+            quic_connections: IntGauge::with_opts(opts(
+                "quic_agent_connections",
+                "Agent streams whose dials go over a QUIC connection now",
+            ))
+            .expect("valid"),
+            quic_refused: IntCounterVec::new(
+                opts(
+                    "quic_refused_total",
+                    "QUIC connections refused, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
+            dials: IntCounterVec::new(
+                opts("dials_total", "Dials sent to agents, by transport"),
+                &["transport"],
+            )
+            .expect("valid"),
             registry: registry.clone(),
         };
         let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -166,6 +191,9 @@ impl Metrics {
             Box::new(m.control_dropped.clone()),
             Box::new(m.peers_cut_off.clone()),
             Box::new(m.http2_errors.clone()),
+            Box::new(m.quic_connections.clone()),
+            Box::new(m.quic_refused.clone()),
+            Box::new(m.dials.clone()),
         ];
         // Memory, descriptors and tokio tasks of the process itself.
         collectors.push(Box::new(

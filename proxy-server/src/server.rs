@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::backend::agent::LinkSettings;
 use crate::backend::auth::AgentAuth;
+use crate::backend::quic;
 use crate::backend::registry::AgentRegistry;
 use crate::backend::service::AgentEndpoint;
 use crate::config::{Config, FrontendListen, Mode};
@@ -58,6 +59,8 @@ pub struct BoundServer {
     frontend: FrontendListener,
     agent: TcpListener,
     agent_tls: Arc<tls::Reloading<rustls::ServerConfig>>,
+    /// The agents' QUIC endpoint, when offered.
+    agent_quic: Option<quinn::Endpoint>,
     health: TcpListener,
     admin: Option<TcpListener>,
     metrics: Metrics,
@@ -76,6 +79,10 @@ impl BoundServer {
     /// The bound agent listener address.
     pub fn agent_addr(&self) -> SocketAddr {
         self.agent.local_addr().expect("bound")
+    }
+    /// The bound UDP address of the agents' QUIC endpoint, when offered.
+    pub fn agent_quic_addr(&self) -> Option<SocketAddr> {
+        self.agent_quic.as_ref().and_then(|e| e.local_addr().ok())
     }
     /// The bound health listener address.
     pub fn health_addr(&self) -> SocketAddr {
@@ -153,6 +160,10 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundServer> {
         }
     };
     let agent = tcp(&config.agent_addr, "agent").await?;
+    let agent_quic = match config.agent_quic {
+        Some(port) => Some(bind_quic(&agent, port, &agent_tls)?),
+        None => None,
+    };
     let health = tcp(&config.health_addr, "health").await?;
     let admin = match &config.admin_addr {
         Some(a) => Some(tcp(a, "admin").await?),
@@ -178,12 +189,33 @@ pub async fn bind(config: Config) -> anyhow::Result<BoundServer> {
         frontend,
         agent,
         agent_tls,
+        agent_quic,
         health,
         admin,
         metrics: Metrics::new(),
         auth,
         kube,
     })
+}
+
+/// Binds the agents' QUIC endpoint on the agent listener's address: on
+/// `port`, or else on the agent port's number (another free port if that
+/// number is taken for UDP, which the offer to agents names).
+fn bind_quic(
+    agent: &TcpListener,
+    port: Option<u16>,
+    tls: &tls::Reloading<rustls::ServerConfig>,
+) -> anyhow::Result<quinn::Endpoint> {
+    let tcp = agent.local_addr()?;
+    let at = |port| SocketAddr::new(tcp.ip(), port);
+    let bound = match port {
+        Some(p) => quic::bind(at(p), tls),
+        None => quic::bind(at(tcp.port()), tls).or_else(|e| {
+            tracing::warn!(error = %e, port = tcp.port(), "UDP port of the agent port's number taken; QUIC for agents on another port");
+            quic::bind(at(0), tls)
+        }),
+    };
+    bound.with_context(|| format!("bind agent QUIC endpoint (UDP) on {}", tcp.ip()))
 }
 
 /// Binds and runs until `shutdown`.
@@ -208,6 +240,7 @@ impl BoundServer {
             mode,
             frontend = ?self.frontend_addr(),
             agent = %self.agent_addr(),
+            agent_quic = ?self.agent_quic_addr(),
             health = %self.health_addr(),
             admin = ?self.admin.as_ref().and_then(|a| a.local_addr().ok()),
             "proxy-server started"
@@ -274,8 +307,22 @@ impl BoundServer {
             server_count: cfg.server_count,
             auth: self.auth.clone(),
             flow_control: cfg.flow_control,
+            quic_port: self
+                .agent_quic
+                .as_ref()
+                .and_then(|e| e.local_addr().ok())
+                .map(|a| a.port()),
             stop: stop_all.clone(),
         };
+        if let Some(endpoint) = self.agent_quic {
+            tokio::spawn(quic::serve(
+                endpoint,
+                self.agent_tls.clone(),
+                registry.clone(),
+                metrics.clone(),
+                stop_all.clone(),
+            ));
+        }
         let refusals = registry.clone();
         let on_refused: listen::OnRefused = Arc::new(move |peer, why| {
             refusals

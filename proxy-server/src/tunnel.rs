@@ -126,6 +126,18 @@ impl Drop for CloseGuard {
     }
 }
 
+/// A QUIC tunnel's end: the stream itself closes with its halves; this
+/// counts the connection out.
+struct QuicGuard {
+    link: Arc<AgentLink>,
+}
+
+impl Drop for QuicGuard {
+    fn drop(&mut self) {
+        self.link.quic_conn_left();
+    }
+}
+
 /// An established connection through an agent.
 pub struct Tunnel {
     /// Sending half.
@@ -135,6 +147,8 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
+    /// A connection on the agent's gRPC stream: `DATA` packets within the
+    /// agent's credit, `WINDOW` grants back, `CLOSE_REQ` to close.
     pub(crate) fn new(
         link: Arc<AgentLink>,
         connect_id: i64,
@@ -151,17 +165,53 @@ impl Tunnel {
             tx: TunnelSender {
                 link: link.clone(),
                 connect_id,
-                credit,
-                kill,
                 info: info.clone(),
-                _guard: guard.clone(),
+                way: SendWay::Stream {
+                    credit,
+                    kill,
+                    _guard: guard.clone(),
+                },
             },
             rx: TunnelReceiver {
                 link,
                 connect_id,
-                inbox,
                 info,
-                _guard: guard,
+                way: RecvWay::Stream {
+                    inbox,
+                    _guard: guard,
+                },
+            },
+        }
+    }
+
+    /// A connection on a QUIC stream of its own: QUIC's flow control, a
+    /// finish to close.
+    pub(crate) fn quic(
+        link: Arc<AgentLink>,
+        connect_id: i64,
+        (send, recv): (quinn::SendStream, quinn::RecvStream),
+        info: Arc<ConnInfo>,
+    ) -> Self {
+        let guard = Arc::new(QuicGuard { link: link.clone() });
+        Tunnel {
+            tx: TunnelSender {
+                link: link.clone(),
+                connect_id,
+                info: info.clone(),
+                way: SendWay::Quic {
+                    send: Arc::new(tokio::sync::Mutex::new(send)),
+                    credit: Arc::new(Credit::unlimited()),
+                    _guard: guard.clone(),
+                },
+            },
+            rx: TunnelReceiver {
+                link,
+                connect_id,
+                info,
+                way: RecvWay::Quic {
+                    recv,
+                    _guard: guard,
+                },
             },
         }
     }
@@ -172,84 +222,145 @@ impl Tunnel {
     }
 }
 
+/// How a sender's bytes travel.
+#[derive(Clone)]
+enum SendWay {
+    /// `DATA` on the agent's gRPC stream.
+    Stream {
+        credit: Arc<Credit>,
+        kill: CancellationToken,
+        _guard: Arc<CloseGuard>,
+    },
+    /// The connection's own QUIC stream.
+    Quic {
+        send: Arc<tokio::sync::Mutex<quinn::SendStream>>,
+        /// Unlimited: QUIC's stream window holds the writer back instead.
+        credit: Arc<Credit>,
+        _guard: Arc<QuicGuard>,
+    },
+}
+
 /// Sends a connection's bytes to the agent, within the agent's credit.
 #[derive(Clone)]
 pub struct TunnelSender {
     link: Arc<AgentLink>,
     connect_id: i64,
-    credit: Arc<Credit>,
-    kill: CancellationToken,
     info: Arc<ConnInfo>,
-    _guard: Arc<CloseGuard>,
+    way: SendWay,
 }
 
 impl TunnelSender {
     /// The connection's credit, for relays that read a socket.
     pub fn credit(&self) -> &Credit {
-        &self.credit
+        match &self.way {
+            SendWay::Stream { credit, .. } | SendWay::Quic { credit, .. } => credit,
+        }
     }
 
-    /// Sends one `DATA`. Waits for credit when flow control is on.
+    /// Sends one chunk. Waits for credit when flow control is on.
     pub async fn send(&self, data: Bytes) -> Result<(), Closed> {
-        if self.credit.is_limited() {
-            tokio::select! {
-                _ = self.credit.wait(1) => {}
-                _ = self.kill.cancelled() => return Err(Closed),
-                _ = self.link.closed.cancelled() => return Err(Closed),
+        if let SendWay::Stream { credit, kill, .. } = &self.way {
+            if credit.is_limited() {
+                tokio::select! {
+                    _ = credit.wait(1) => {}
+                    _ = kill.cancelled() => return Err(Closed),
+                    _ = self.link.closed.cancelled() => return Err(Closed),
+                }
             }
+            credit.consume(data.len());
         }
-        self.credit.consume(data.len());
         self.send_counted(data).await
     }
 
-    /// Sends one `DATA` whose credit the caller already took (a relay that
+    /// Sends one chunk whose credit the caller already took (a relay that
     /// read exactly the credit it was given).
     pub async fn send_counted(&self, data: Bytes) -> Result<(), Closed> {
-        if self.kill.is_cancelled() {
+        let n = data.len() as u64;
+        let sent = match &self.way {
+            SendWay::Stream { kill, .. } => {
+                if kill.is_cancelled() {
+                    return Err(Closed);
+                }
+                self.link.send(packet::data(self.connect_id, data)).await
+            }
+            SendWay::Quic { send, .. } => send.lock().await.write_chunk(data).await.is_ok(),
+        };
+        if !sent {
             return Err(Closed);
         }
-        let n = data.len() as u64;
-        if self.link.send(packet::data(self.connect_id, data)).await {
-            self.link
-                .metrics()
-                .bytes
-                .with_label_values(&["to_agent"])
-                .inc_by(n);
-            self.info.sent(n);
-            self.link.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
-            Ok(())
-        } else {
-            Err(Closed)
-        }
+        self.link
+            .metrics()
+            .bytes
+            .with_label_values(&["to_agent"])
+            .inc_by(n);
+        self.info.sent(n);
+        self.link.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
+        Ok(())
     }
 
-    /// Asks the agent to close (`CLOSE_REQ`); the receiver ends when it answers.
+    /// Closes the connection: `CLOSE_REQ` (the receiver ends when the agent
+    /// answers), or a QUIC stream finish (the receiver ends when the
+    /// destination has said all it will).
     pub async fn close(&self) {
-        self.link.send(packet::close_request(self.connect_id)).await;
+        match &self.way {
+            SendWay::Stream { .. } => {
+                self.link.send(packet::close_request(self.connect_id)).await;
+            }
+            SendWay::Quic { send, .. } => {
+                let _ = send.lock().await.finish();
+            }
+        }
     }
 }
+
+/// How a receiver's bytes arrive.
+enum RecvWay {
+    /// Queued by the task that reads the agent's gRPC stream.
+    Stream {
+        inbox: ConnInbox,
+        _guard: Arc<CloseGuard>,
+    },
+    /// Read from the connection's own QUIC stream.
+    Quic {
+        recv: quinn::RecvStream,
+        _guard: Arc<QuicGuard>,
+    },
+}
+
+/// Largest chunk read from a QUIC stream at once.
+const QUIC_CHUNK: usize = 128 * 1024;
 
 /// Receives a connection's bytes from the agent.
 pub struct TunnelReceiver {
     link: Arc<AgentLink>,
     connect_id: i64,
-    inbox: ConnInbox,
     info: Arc<ConnInfo>,
-    _guard: Arc<CloseGuard>,
+    way: RecvWay,
 }
 
 impl TunnelReceiver {
     /// The next chunk with its share of the server's held bytes, for a relay
     /// that queues it again before the transport takes it.
     pub async fn recv_held(&mut self) -> Option<(Bytes, Hold)> {
-        self.inbox.recv_held().await
+        match &mut self.way {
+            RecvWay::Stream { inbox, .. } => inbox.recv_held().await,
+            // Bytes wait in QUIC's window, not in the server's held count.
+            RecvWay::Quic { recv, .. } => match recv.read_chunk(QUIC_CHUNK, true).await {
+                Ok(Some(chunk)) => Some((chunk.bytes, Hold::default())),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::debug!(connect_id = self.connect_id, error = %e, "QUIC stream ended");
+                    None
+                }
+            },
+        }
     }
 }
 
 impl Inbound for TunnelReceiver {
     /// The next chunk, or `None` once the connection is closed.
     async fn recv(&mut self) -> Option<Bytes> {
-        self.inbox.recv().await
+        self.recv_held().await.map(|(data, _)| data)
     }
 
     /// Reports `n` bytes delivered to the frontend: counts them and grants
@@ -261,8 +372,10 @@ impl Inbound for TunnelReceiver {
             .with_label_values(&["to_frontend"])
             .inc_by(n as u64);
         self.info.delivered(n as u64);
-        if let Some(g) = self.inbox.written(n) {
-            self.link.send(packet::window(self.connect_id, g)).await;
+        if let RecvWay::Stream { inbox, .. } = &mut self.way {
+            if let Some(g) = inbox.written(n) {
+                self.link.send(packet::window(self.connect_id, g)).await;
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 
-/// A running balancer on 127.0.0.1:0.
+/// A running balancer on a loopback address, port 0.
 pub struct Balancer {
     /// Where clients connect.
     pub addr: SocketAddr,
@@ -19,9 +19,14 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// Balances over `backends`, all in rotation.
+    /// Balances over `backends`, all in rotation, on 127.0.0.1.
     pub async fn start(backends: &[SocketAddr]) -> Balancer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on("127.0.0.1", backends).await
+    }
+
+    /// [`Balancer::start`] on another loopback address (127.0.0.2, ...).
+    pub async fn start_on(ip: &str, backends: &[SocketAddr]) -> Balancer {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let list = Arc::new(Mutex::new(
             backends.iter().map(|b| (*b, true)).collect::<Vec<_>>(),

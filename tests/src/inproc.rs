@@ -25,6 +25,8 @@ pub struct Server {
     pub frontend: FrontendAddr,
     /// Agent listener.
     pub agent_addr: SocketAddr,
+    /// The agents' QUIC endpoint (UDP), when offered.
+    pub agent_quic: Option<SocketAddr>,
     /// Health listener.
     pub health: SocketAddr,
     /// Admin listener, when separate from health.
@@ -84,6 +86,7 @@ impl Server {
         Server {
             frontend: bound.frontend_addr(),
             agent_addr: bound.agent_addr(),
+            agent_quic: bound.agent_quic_addr(),
             health: bound.health_addr(),
             admin: bound.admin_addr(),
             metrics: bound.metrics(),
@@ -116,6 +119,20 @@ impl Server {
             "agents to connect",
             || {
                 let v = m.ready_backend_connections.get();
+                async move { (v >= n).then_some(()) }
+            },
+        )
+        .await
+    }
+
+    /// Waits until `n` agent streams have a QUIC connection tied to them.
+    pub async fn wait_quic(&self, n: i64) {
+        let m = self.metrics.clone();
+        crate::eventually(
+            std::time::Duration::from_secs(20),
+            "agents' QUIC connections",
+            || {
+                let v = m.quic_connections.get();
                 async move { (v >= n).then_some(()) }
             },
         )

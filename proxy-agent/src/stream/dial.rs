@@ -48,26 +48,10 @@ impl ServerLink {
             debug!("dial finished after it was cancelled; dropped");
             return;
         };
-        let tcp = match result {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(Dial::Forbidden)) => {
-                let text = format!(
-                    "dial tcp {address}: not allowed by --allowed-destinations on the agent ({})",
-                    cfg.allowed
-                );
-                self.dial_failed(&address, random, DialReason::Forbidden, text)
-                    .await;
-                return;
-            }
-            Ok(Err(Dial::Io(e))) => {
-                let (reason, text) = dial_error_text(&address, &e);
+        let tcp = match outcome(&address, result, cfg) {
+            Ok(tcp) => tcp,
+            Err((reason, text)) => {
                 self.dial_failed(&address, random, reason, text).await;
-                return;
-            }
-            Err(_) => {
-                let text = format!("dial tcp {address}: i/o timeout");
-                self.dial_failed(&address, random, DialReason::Timeout, text)
-                    .await;
                 return;
             }
         };
@@ -98,6 +82,14 @@ impl ServerLink {
     /// Answers a failed dial: counted, logged, and its reason typed for a
     /// server that speaks `dial-reason-v1`.
     async fn dial_failed(&self, address: &str, random: i64, reason: DialReason, text: String) {
+        self.count_failure(address, reason, &text);
+        let typed = self.dial_reason.then_some(reason);
+        self.send_control(packet::dial_failed_with(random, text, typed))
+            .await;
+    }
+
+    /// Counts and logs a failed dial, and records it for the admin endpoint.
+    pub(super) fn count_failure(&self, address: &str, reason: DialReason, text: &str) {
         // The reference's label values, and ours for a policy refusal.
         let label = match reason {
             DialReason::Timeout => "timeout",
@@ -111,10 +103,7 @@ impl ServerLink {
         info!(%reason, error = text, "dial failed");
         self.settings
             .events
-            .dial_failed(address, &self.server_id, reason, &text);
-        let typed = self.dial_reason.then_some(reason);
-        self.send_control(packet::dial_failed_with(random, text, typed))
-            .await;
+            .dial_failed(address, &self.server_id, reason, text);
     }
 
     async fn relay(
@@ -206,8 +195,32 @@ impl Inbound for ConnInbound {
     }
 }
 
+/// The destination connection, or why there is none and the error text the
+/// reference agent would give.
+pub(super) fn outcome(
+    address: &str,
+    result: Result<Result<TcpStream, Dial>, tokio::time::error::Elapsed>,
+    cfg: &crate::config::Config,
+) -> Result<TcpStream, (DialReason, String)> {
+    match result {
+        Ok(Ok(tcp)) => Ok(tcp),
+        Ok(Err(Dial::Forbidden)) => Err((
+            DialReason::Forbidden,
+            format!(
+                "dial tcp {address}: not allowed by --allowed-destinations on the agent ({})",
+                cfg.allowed
+            ),
+        )),
+        Ok(Err(Dial::Io(e))) => Err(dial_error_text(address, &e)),
+        Err(_) => Err((
+            DialReason::Timeout,
+            format!("dial tcp {address}: i/o timeout"),
+        )),
+    }
+}
+
 /// Why [`connect`] did not connect.
-enum Dial {
+pub(super) enum Dial {
     /// No address of the destination is allowed.
     Forbidden,
     Io(std::io::Error),
@@ -215,7 +228,7 @@ enum Dial {
 
 /// Connects to `address` (`host:port`), trying only the addresses `allowed`
 /// lets through, in the resolver's order; the last error if none answers.
-async fn connect(address: &str, allowed: &Destinations) -> Result<TcpStream, Dial> {
+pub(super) async fn connect(address: &str, allowed: &Destinations) -> Result<TcpStream, Dial> {
     if allowed.allows_all() {
         return TcpStream::connect(address).await.map_err(Dial::Io);
     }

@@ -26,10 +26,12 @@ use crate::metrics::Metrics;
 
 mod dial;
 mod open;
+mod quic;
 #[cfg(test)]
 mod tests;
 
 pub use open::{open, OpenError, Opened};
+pub use quic::Offer;
 
 /// Packets queued towards the server, shared by the stream's connections.
 const OUT_QUEUE: usize = 256;
@@ -46,6 +48,8 @@ pub struct Settings {
     pub metrics: Metrics,
     /// Recent dial and stream failures, for the admin endpoint.
     pub events: crate::diagnostics::Events,
+    /// The QUIC endpoint, bound on first use.
+    pub quic: std::sync::OnceLock<Result<quinn::Endpoint, String>>,
 }
 
 /// The agent's end of the link: a pending dial is its cancel switch.
@@ -70,6 +74,10 @@ pub struct ServerLink {
     /// Cancelled when the stream has ended.
     pub closed: CancellationToken,
     settings: Arc<Settings>,
+    /// Dials and connections on QUIC streams now.
+    quic_busy: std::sync::atomic::AtomicUsize,
+    /// The last connection id given on a QUIC stream.
+    quic_ids: std::sync::atomic::AtomicI64,
 }
 
 impl ServerLink {
@@ -94,6 +102,8 @@ impl ServerLink {
             state: Mutex::new(Link::new(Role::Agent, cfg.max_pending, cfg.max_conns)),
             closed: CancellationToken::new(),
             settings,
+            quic_busy: Default::default(),
+            quic_ids: Default::default(),
         }
     }
 
@@ -130,10 +140,12 @@ impl ServerLink {
         self.send_control(packet::drain()).await;
     }
 
-    /// Open connections plus dials in progress on this stream.
+    /// Open connections plus dials in progress on this stream (and on its
+    /// QUIC connection).
     pub fn busy(&self) -> usize {
+        let quic = self.quic_busy.load(std::sync::atomic::Ordering::Relaxed);
         let st = self.state();
-        st.table().conns_len() + st.table().pending_len()
+        st.table().conns_len() + st.table().pending_len() + quic
     }
 
     /// Pending dials, and each connection with its record and the chunks

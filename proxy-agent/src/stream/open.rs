@@ -14,7 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{ServerLink, Settings, CONTROL_QUEUE, OUT_QUEUE};
+use super::{Offer, ServerLink, Settings, CONTROL_QUEUE, OUT_QUEUE};
+use crate::config::Transport;
+use tracing::Instrument;
 
 /// HTTP/2 windows: large enough that one connection can fill the link.
 const STREAM_WINDOW: u32 = 8 << 20;
@@ -51,6 +53,12 @@ pub enum OpenError {
         /// What is wrong.
         problem: String,
     },
+    /// `--transport=quic` and the server does not offer QUIC.
+    #[error("server {addr} does not offer QUIC (--transport=quic)")]
+    NoQuic {
+        /// host:port.
+        addr: String,
+    },
     /// The service-account token file could not be read.
     #[error("read token {path}: {source}")]
     Token {
@@ -69,6 +77,7 @@ impl OpenError {
             OpenError::Refused { .. } => "refused",
             OpenError::Header { .. } => "bad_headers",
             OpenError::Token { .. } => "token",
+            OpenError::NoQuic { .. } => "no_quic",
         }
     }
 }
@@ -81,13 +90,21 @@ pub struct Opened {
     pub server_count: u32,
     /// The stream's state.
     pub link: Arc<ServerLink>,
+    /// The server's QUIC offer, when it made one and we asked for it.
+    pub quic: Option<Offer>,
     inbound: Incoming<tonic::body::Body>,
 }
 
 impl Opened {
-    /// Serves the stream until it ends or `stop` is cancelled.
+    /// Serves the stream until it ends or `stop` is cancelled, with a QUIC
+    /// connection tied to it when the server offered one.
     pub async fn serve(self, stop: CancellationToken) {
         let link = self.link.clone();
+        let stop = stop.child_token();
+        if let Some(offer) = self.quic {
+            let strict = (link.settings.config.transport == Transport::Quic).then(|| stop.clone());
+            tokio::spawn(link.clone().run_quic(offer, strict).in_current_span());
+        }
         link.serve(self.inbound, stop).await;
     }
 }
@@ -185,15 +202,17 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
             ascii(&format!("Bearer {}", token.trim()), "the token")?,
         );
     }
-    let offered = if cfg.flow_control {
-        [
-            metadata::FEATURE_FLOW_CONTROL,
-            metadata::FEATURE_DIAL_REASON,
-        ]
-        .join(",")
-    } else {
-        metadata::FEATURE_DIAL_REASON.to_string()
-    };
+    let offered: Vec<&str> = [
+        cfg.flow_control.then_some(metadata::FEATURE_FLOW_CONTROL),
+        Some(metadata::FEATURE_DIAL_REASON),
+        cfg.transport
+            .offers_quic()
+            .then_some(konnectivity_quic::FEATURE),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let offered = offered.join(",");
     md.insert(metadata::FEATURES, ascii(&offered, "features")?);
     // Control packets overtake queued DATA: heartbeat answers, dial answers,
     // grants and closes the server asked for are not stuck behind a burst.
@@ -231,6 +250,22 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
     let features = md.get(metadata::FEATURES).and_then(|v| v.to_str().ok());
     let flow = cfg.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);
     let dial_reason = metadata::has_feature(features, metadata::FEATURE_DIAL_REASON);
+    let quic = if cfg.transport.offers_quic()
+        && metadata::has_feature(features, konnectivity_quic::FEATURE)
+    {
+        let port = header(md, konnectivity_quic::PORT_HEADER, &addr)?;
+        let port = port.trim().parse::<u16>().map_err(|_| OpenError::Header {
+            addr: addr.clone(),
+            problem: format!("QUIC port {port:?} is not a port"),
+        })?;
+        let ticket = header(md, konnectivity_quic::TICKET_HEADER, &addr)?;
+        Some(Offer { port, ticket })
+    } else {
+        None
+    };
+    if quic.is_none() && cfg.transport == Transport::Quic {
+        return Err(OpenError::NoQuic { addr });
+    }
     let link = Arc::new(ServerLink::new(
         server_id.clone(),
         (flow, dial_reason),
@@ -242,6 +277,7 @@ pub async fn open(s: &Arc<Settings>) -> Result<Opened, OpenError> {
         server_id,
         server_count,
         link,
+        quic,
         inbound: resp.into_inner(),
     })
 }

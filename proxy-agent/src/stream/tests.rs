@@ -27,6 +27,7 @@ fn link(
         tls,
         metrics: Metrics::new(),
         events: Default::default(),
+        quic: Default::default(),
     });
     let (out, _) = mpsc::channel(OUT_QUEUE);
     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);

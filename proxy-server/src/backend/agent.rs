@@ -21,6 +21,7 @@ use konnectivity_link::{Event, Link, Pending, Role, TableError};
 use konnectivity_proto::budget::{Budget, Mistake};
 use konnectivity_proto::metadata::AgentIdentifiers;
 use konnectivity_proto::{Message, Packet};
+use konnectivity_quic::CloseCode;
 use konnectivity_relay::{self as relay, ConnInfo, Liveness, Slot};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -99,13 +100,18 @@ pub struct AgentLink {
     draining: AtomicBool,
     /// The reading task is handling a packet (not waiting for the agent).
     busy: AtomicBool,
-    load: AtomicUsize,
+    pub(super) load: AtomicUsize,
     out: mpsc::Sender<Packet>,
     later: Mutex<Later>,
     state: Mutex<LinkState>,
     /// Cancelled when the stream has ended.
     pub closed: CancellationToken,
-    settings: LinkSettings,
+    pub(super) settings: LinkSettings,
+    /// Names this stream to the QUIC endpoint (the agent's hello).
+    pub ticket: String,
+    /// The agent's QUIC connection, when one is tied to this stream: dials
+    /// go over it.
+    quic: Mutex<Option<quinn::Connection>>,
 }
 
 impl AgentLink {
@@ -140,6 +146,8 @@ impl AgentLink {
             )),
             closed: CancellationToken::new(),
             settings,
+            ticket: konnectivity_quic::new_ticket(),
+            quic: Mutex::new(None),
         }
     }
 
@@ -296,6 +304,11 @@ impl AgentLink {
             })?;
         self.load.fetch_add(1, Ordering::Relaxed);
         self.settings.metrics.pending_dials.inc();
+        self.settings
+            .metrics
+            .dials
+            .with_label_values(&["grpc"])
+            .inc();
         if !self.send(request).await {
             if self.state().take_dial(random).is_some() {
                 self.dial_left();
@@ -431,9 +444,57 @@ impl AgentLink {
         cut_off
     }
 
+    /// The QUIC connection dials go over, if one is tied to this stream.
+    pub fn quic(&self) -> Option<quinn::Connection> {
+        self.quic.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Ties the agent's QUIC connection to this stream (replacing an older
+    /// one, which is closed). False when the stream has already ended.
+    pub fn attach_quic(&self, conn: quinn::Connection) -> bool {
+        let mut quic = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closed.is_cancelled() {
+            return false;
+        }
+        if let Some(old) = quic.replace(conn) {
+            old.close(CloseCode::Replaced.code(), b"replaced");
+        } else {
+            self.settings.metrics.quic_connections.inc();
+        }
+        true
+    }
+
+    /// Unties `conn` (it closed); dials go over the gRPC stream again.
+    pub fn detach_quic(&self, conn: &quinn::Connection) {
+        let mut quic = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        if quic
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *quic = None;
+            self.settings.metrics.quic_connections.dec();
+        }
+    }
+
+    /// A connection on a QUIC stream ended.
+    pub(crate) fn quic_conn_left(&self) {
+        // Saturating: the stream's end resets the load to 0.
+        let _ = self
+            .load
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        self.settings.metrics.established_connections.dec();
+    }
+
     /// Ends the stream's state: pending dials fail at once, connections close.
     fn shut(&self) {
         self.closed.cancel();
+        let quic = self.quic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(conn) = quic {
+            self.settings.metrics.quic_connections.dec();
+            conn.close(CloseCode::Done.code(), b"agent stream ended");
+        }
         let (pending, conns) = self.state().shut();
         let m = &self.settings.metrics;
         for p in pending {

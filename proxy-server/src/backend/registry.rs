@@ -107,6 +107,15 @@ impl AgentRegistry {
         self.len() == 0
     }
 
+    /// The live stream a QUIC hello's ticket names.
+    pub fn by_ticket(&self, ticket: &str) -> Option<Arc<AgentLink>> {
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
+        links
+            .iter()
+            .find(|l| l.ticket == ticket && !l.closed.is_cancelled())
+            .cloned()
+    }
+
     /// Every stream (for shutdown and diagnostics).
     pub fn links(&self) -> Vec<Arc<AgentLink>> {
         self.links.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -216,6 +225,14 @@ impl AgentRegistry {
         result
     }
 
+    fn timed_out(&self, link: &AgentLink, address: &str) -> DialError {
+        info!(agent.id = %link.agent_id, address, "agent did not answer the dial in time");
+        DialError::Timeout {
+            agent: link.agent_id.clone(),
+            timeout: self.dial_timeout,
+        }
+    }
+
     async fn dial_inner(
         &self,
         address: &str,
@@ -235,6 +252,24 @@ impl AgentRegistry {
                     address: address.to_string(),
                     policy: allowed.to_string(),
                 });
+            }
+            if let Some(conn) = link.quic() {
+                // Its own QUIC stream; waits only while the agent has its
+                // limit of streams open.
+                match tokio::time::timeout(self.dial_timeout, conn.open_bi()).await {
+                    Ok(Ok(streams)) => {
+                        let dial = super::quic::dial(&link, streams, address, random, frontend);
+                        return match tokio::time::timeout(self.dial_timeout, dial).await {
+                            Ok(r) => r,
+                            Err(_) => Err(self.timed_out(&link, address)),
+                        };
+                    }
+                    Ok(Err(e)) => {
+                        debug!(agent.id = %link.agent_id, error = %e, "QUIC connection lost; dialing over the gRPC stream");
+                        link.detach_quic(&conn);
+                    }
+                    Err(_) => return Err(self.timed_out(&link, address)),
+                }
             }
             match link.begin_dial(address, random, frontend).await {
                 Ok(rx) => break (link, rx),
@@ -269,13 +304,7 @@ impl AgentRegistry {
             Ok(Ok(r)) => r,
             // The reply was dropped without an answer: the stream is gone.
             Ok(Err(_)) => Err(DialError::AgentGone(link.agent_id.clone())),
-            Err(_) => {
-                info!(agent.id = %link.agent_id, address, "agent did not answer the dial in time");
-                Err(DialError::Timeout {
-                    agent: link.agent_id.clone(),
-                    timeout: self.dial_timeout,
-                })
-            }
+            Err(_) => Err(self.timed_out(&link, address)),
         };
         // Answered (either way): nothing left to abandon unless we timed out.
         abandon.2 = matches!(result, Err(DialError::Timeout { .. }));

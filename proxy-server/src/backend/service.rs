@@ -35,6 +35,8 @@ pub struct AgentEndpoint {
     pub auth: AgentAuth,
     /// Offer `window-v1`.
     pub flow_control: bool,
+    /// Offer QUIC on this UDP port.
+    pub quic_port: Option<u16>,
     /// Cancelled to end every agent stream (immediate shutdown).
     pub stop: CancellationToken,
 }
@@ -145,6 +147,9 @@ impl grpc::Handler for AgentEndpoint {
         let flow =
             self.flow_control && metadata::has_feature(features, metadata::FEATURE_FLOW_CONTROL);
         let dial_reason = metadata::has_feature(features, metadata::FEATURE_DIAL_REASON);
+        let quic_port = self
+            .quic_port
+            .filter(|_| metadata::has_feature(features, konnectivity_quic::FEATURE));
 
         let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
@@ -158,7 +163,7 @@ impl grpc::Handler for AgentEndpoint {
             self.settings.clone(),
         ));
         let span = tracing::info_span!("agent", agent.id = %agent_id, stream = serial, %peer);
-        span.in_scope(|| info!(identifiers = %link.identifiers.encode(), flow_control = flow, "agent stream connected"));
+        span.in_scope(|| info!(identifiers = %link.identifiers.encode(), flow_control = flow, quic_offered = quic_port.is_some(), "agent stream connected"));
         self.registry.add(link.clone());
 
         let registry = self.registry.clone();
@@ -205,12 +210,17 @@ impl grpc::Handler for AgentEndpoint {
         let answered: Vec<&str> = [
             flow.then_some(metadata::FEATURE_FLOW_CONTROL),
             dial_reason.then_some(metadata::FEATURE_DIAL_REASON),
+            quic_port.map(|_| konnectivity_quic::FEATURE),
         ]
         .into_iter()
         .flatten()
         .collect();
         if !answered.is_empty() {
             md.insert(metadata::FEATURES, ascii(&answered.join(","))?);
+        }
+        if let Some(port) = quic_port {
+            md.insert(konnectivity_quic::PORT_HEADER, ascii(&port.to_string())?);
+            md.insert(konnectivity_quic::TICKET_HEADER, ascii(&link.ticket)?);
         }
         Ok(resp)
     }
