@@ -94,7 +94,7 @@ pub fn render(
         "/debug/connections" => {
             let mut out = Vec::new();
             for l in links {
-                for (connect_id, info, queued) in l.snapshot().1 {
+                for (connect_id, info, queued, transport) in l.snapshot().1 {
                     out.push(json!({
                         "server_id": l.server_id,
                         "connect_id": connect_id,
@@ -103,6 +103,7 @@ pub fn render(
                         "bytes_to_server": info.to_tunnel.load(std::sync::atomic::Ordering::Relaxed),
                         "bytes_to_destination": info.from_tunnel.load(std::sync::atomic::Ordering::Relaxed),
                         "queued_chunks": queued,
+                        "transport": transport,
                     }));
                 }
             }

@@ -138,7 +138,7 @@ pub fn render(
                         "age_seconds": info.started.elapsed().as_secs_f64(),
                     }));
                 }
-                for (connect_id, info, queued) in snap.conns {
+                for (connect_id, info, queued, transport) in snap.conns {
                     conns.push(json!({
                         "agent_id": l.agent_id,
                         "stream": l.serial,
@@ -149,6 +149,7 @@ pub fn render(
                         "bytes_to_agent": info.to_tunnel.load(Ordering::Relaxed),
                         "bytes_to_frontend": info.from_tunnel.load(Ordering::Relaxed),
                         "queued_chunks": queued,
+                        "transport": transport,
                     }));
                 }
             }

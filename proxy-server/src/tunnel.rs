@@ -130,11 +130,12 @@ impl Drop for CloseGuard {
 /// counts the connection out.
 struct QuicGuard {
     link: Arc<AgentLink>,
+    connect_id: i64,
 }
 
 impl Drop for QuicGuard {
     fn drop(&mut self) {
-        self.link.quic_conn_left();
+        self.link.quic_conn_left(self.connect_id);
     }
 }
 
@@ -192,7 +193,10 @@ impl Tunnel {
         (send, recv): (quinn::SendStream, quinn::RecvStream),
         info: Arc<ConnInfo>,
     ) -> Self {
-        let guard = Arc::new(QuicGuard { link: link.clone() });
+        let guard = Arc::new(QuicGuard {
+            link: link.clone(),
+            connect_id,
+        });
         Tunnel {
             tx: TunnelSender {
                 link: link.clone(),

@@ -353,7 +353,14 @@ async fn frontends_that_never_read_thousands_of_downloads_are_held_to_the_buffer
     let limit = format!("--max-buffered-bytes={}", LIMIT_MIB << 20);
     let pending = format!("--max-pending-dials-per-agent={DIALS}");
     let agent_pending = format!("--max-pending-dials={DIALS}");
-    let s = Spawned::start_both(&pki, &[&limit, &pending], &[&agent_pending]).await;
+    // The buffer limit is the gRPC stream's: over QUIC, bytes wait in the
+    // agent connection's QUIC window instead (64 MiB at most).
+    let s = Spawned::start_both(
+        &pki,
+        &[&limit, &pending],
+        &[&agent_pending, "--transport=grpc"],
+    )
+    .await;
     let mut witness = Witness::open(&s).await;
     let (_, peak_before) = s.memory();
     let bulk = dest::bulk("bulk").await.to_string();

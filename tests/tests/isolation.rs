@@ -133,7 +133,14 @@ async fn without_flow_control_only_the_stalled_connection_is_closed() {
     init_logs();
     let pki = Pki::new();
     let server = Server::start(&pki, "grpc", Listen::Uds, &["--stall-timeout=1s"]).await;
-    let _agent = Agent::start(&pki, server.agent_addr, "legacy", &["--flow-control=false"]).await;
+    // As a reference agent: no flow control, no QUIC.
+    let _agent = Agent::start(
+        &pki,
+        server.agent_addr,
+        "legacy",
+        &["--flow-control=false", "--transport=grpc"],
+    )
+    .await;
     server.wait_agents(1).await;
     let dst = dest::bulk("bulk").await.to_string();
 

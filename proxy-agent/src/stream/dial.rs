@@ -21,7 +21,7 @@ use super::ServerLink;
 /// it failed), or the client's last bytes after the server closed it. Both
 /// normally take no time; this bounds a peer that keeps sending or stops
 /// reading.
-const CLOSE_DRAIN: Duration = Duration::from_secs(5);
+pub(super) const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
 impl ServerLink {
     pub(super) async fn dial(

@@ -74,8 +74,10 @@ pub struct ServerLink {
     /// Cancelled when the stream has ended.
     pub closed: CancellationToken,
     settings: Arc<Settings>,
-    /// Dials and connections on QUIC streams now.
-    quic_busy: std::sync::atomic::AtomicUsize,
+    /// Dials in progress on QUIC streams.
+    quic_pending: std::sync::atomic::AtomicUsize,
+    /// Connections on QUIC streams, by connection id, within `--max-connections`.
+    quic_conns: Mutex<std::collections::HashMap<i64, Arc<ConnInfo>>>,
     /// The last connection id given on a QUIC stream.
     quic_ids: std::sync::atomic::AtomicI64,
 }
@@ -102,7 +104,8 @@ impl ServerLink {
             state: Mutex::new(Link::new(Role::Agent, cfg.max_pending, cfg.max_conns)),
             closed: CancellationToken::new(),
             settings,
-            quic_busy: Default::default(),
+            quic_pending: Default::default(),
+            quic_conns: Default::default(),
             quic_ids: Default::default(),
         }
     }
@@ -143,21 +146,43 @@ impl ServerLink {
     /// Open connections plus dials in progress on this stream (and on its
     /// QUIC connection).
     pub fn busy(&self) -> usize {
-        let quic = self.quic_busy.load(std::sync::atomic::Ordering::Relaxed);
+        let (pending, conns) = self.quic_counts();
         let st = self.state();
-        st.table().conns_len() + st.table().pending_len() + quic
+        st.table().conns_len() + st.table().pending_len() + pending + conns
     }
 
-    /// Pending dials, and each connection with its record and the chunks
-    /// queued towards the destination (for the admin endpoint).
-    pub fn snapshot(&self) -> (usize, Vec<(i64, Arc<ConnInfo>, usize)>) {
-        let st = self.state();
-        let conns = st
-            .table()
-            .conns()
-            .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued()))
-            .collect();
-        (st.table().pending_len(), conns)
+    /// Dials in progress and connections open on QUIC streams.
+    fn quic_counts(&self) -> (usize, usize) {
+        let pending = self.quic_pending.load(std::sync::atomic::Ordering::Relaxed);
+        (pending, self.quic_conns().len())
+    }
+
+    fn quic_conns(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, Arc<ConnInfo>>> {
+        self.quic_conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pending dials, and each connection with its record, the chunks
+    /// queued towards the destination and its transport (for the admin
+    /// endpoint).
+    pub fn snapshot(&self) -> (usize, Vec<(i64, Arc<ConnInfo>, usize, &'static str)>) {
+        let (mut pending, mut conns) = {
+            let st = self.state();
+            let conns: Vec<_> = st
+                .table()
+                .conns()
+                .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued(), "grpc"))
+                .collect();
+            (st.table().pending_len(), conns)
+        };
+        pending += self.quic_pending.load(std::sync::atomic::Ordering::Relaxed);
+        conns.extend(
+            self.quic_conns()
+                .iter()
+                .map(|(id, info)| (*id, info.clone(), 0, "quic")),
+        );
+        (pending, conns)
     }
 
     /// Takes a dial that ended out of the table; `None` when it was no

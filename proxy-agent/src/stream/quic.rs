@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use konnectivity_proto::{packet, Message};
+use konnectivity_proto::{packet, DialReason, Message};
 use konnectivity_quic::{self as quic, CloseCode};
 use konnectivity_relay::ConnInfo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use super::dial::{connect, outcome};
+use super::dial::{connect, outcome, CLOSE_DRAIN};
 use super::{ServerLink, Settings};
 
 /// First wait before a failed or lost QUIC connection is tried again ...
@@ -135,7 +135,7 @@ impl ServerLink {
             tokio::select! {
                 s = conn.accept_bi() => match s {
                     Ok((send, recv)) => {
-                        let span = tracing::info_span!("conn", transport = "quic", dst.addr = tracing::field::Empty, connect_id = tracing::field::Empty);
+                        let span = tracing::info_span!("conn", agent.id = %self.settings.config.agent_id, transport = "quic", dst.addr = tracing::field::Empty, random = tracing::field::Empty, connect_id = tracing::field::Empty);
                         tokio::spawn(self.clone().quic_dial(send, recv).instrument(span));
                     }
                     Err(e) => return e.to_string(),
@@ -164,26 +164,38 @@ impl ServerLink {
                 return;
             }
         };
-        tracing::Span::current().record("dst.addr", address.as_str());
+        let span = tracing::Span::current();
+        span.record("dst.addr", address.as_str());
+        span.record("random", random);
         let cfg = &self.settings.config;
         let m = self.metrics().clone();
         m.dials.with_label_values(&["quic"]).inc();
-        self.quic_busy.fetch_add(1, Ordering::Relaxed);
-        let _busy = Busy(&self);
-        m.pending_endpoint_dials.inc();
+        let pending = Pending::add(&self);
         let started = Instant::now();
         let result = tokio::select! {
             r = Box::pin(tokio::time::timeout(cfg.dial_timeout, connect(&address, &cfg.allowed))) => r,
             _ = send.stopped() => {
-                m.pending_endpoint_dials.dec();
                 debug!("dial given up by the server");
                 return;
             }
         };
-        m.pending_endpoint_dials.dec();
         m.dial_duration.observe(started.elapsed().as_secs_f64());
-        let tcp = match outcome(&address, result, cfg) {
-            Ok(tcp) => tcp,
+        let info = ConnInfo::new(&address, &self.server_id);
+        let opened = outcome(&address, result, cfg).and_then(|tcp| {
+            let connect_id = self.quic_ids.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut conns = self.quic_conns();
+            if conns.len() >= cfg.max_conns {
+                return Err((
+                    DialReason::Exhausted,
+                    "too many connections on this agent stream".to_string(),
+                ));
+            }
+            conns.insert(connect_id, info.clone());
+            Ok((tcp, connect_id))
+        });
+        drop(pending);
+        let (tcp, connect_id) = match opened {
+            Ok(opened) => opened,
             Err((reason, text)) => {
                 self.count_failure(&address, reason, &text);
                 let answer = packet::dial_failed_with(random, text, Some(reason));
@@ -194,27 +206,26 @@ impl ServerLink {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let connect_id = self.quic_ids.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::Span::current().record("connect_id", connect_id);
+        span.record("connect_id", connect_id);
+        m.open_endpoint_connections.inc();
         if quic::write_packet(&mut send, packet::dial_ok(random, connect_id))
             .await
-            .is_err()
+            .is_ok()
         {
+            debug!("connected");
+            self.relay_quic(tcp, send, recv, &info).await;
+            debug!("closed");
+        } else {
             debug!("dial given up by the server after it connected");
-            return;
         }
-        m.open_endpoint_connections.inc();
-        debug!("connected");
-        let info = ConnInfo::new(&address, &self.server_id);
-        self.relay_quic(tcp, send, recv, &info).await;
+        self.quic_conns().remove(&connect_id);
         m.open_endpoint_connections.dec();
-        debug!("closed");
     }
 
     /// Relays a destination connection and its QUIC stream both ways until
-    /// both directions have ended. A side's end is passed on as a half
-    /// close (a stream finish, a TCP write shutdown); a failure resets the
-    /// other side's direction.
+    /// both directions have ended. A side's end, or its failure, is passed on
+    /// as a half close (a stream finish, a TCP write shutdown) after what it
+    /// said; a destination that stops reading stops the server's direction.
     async fn relay_quic(
         &self,
         tcp: TcpStream,
@@ -224,34 +235,56 @@ impl ServerLink {
     ) {
         let m = self.metrics();
         let (mut reader, mut writer) = tcp.into_split();
-        // The server stops reading when its frontend leaves: however quiet
-        // the destination, the relay ends then.
+        // When the server stops reading (its frontend left), what the
+        // destination still says is read and dropped: a destination blocked
+        // on its writes would stop reading what the server still sends it,
+        // and closing a socket with unread bytes resets it, which can drop
+        // what the destination has not read yet. Once the server's side has
+        // ended too, the destination has CLOSE_DRAIN to finish.
         let stopped = send.stopped();
+        let down_done = CancellationToken::new();
         let up = async {
             tokio::pin!(stopped);
+            let drain_over = async {
+                down_done.cancelled().await;
+                tokio::time::sleep(CLOSE_DRAIN).await;
+            };
+            tokio::pin!(drain_over);
+            let mut relaying = true;
             let mut buf = vec![0u8; CHUNK];
             loop {
                 let read = tokio::select! {
                     r = reader.read(&mut buf) => r,
-                    _ = &mut stopped => return,
+                    _ = &mut stopped, if relaying => {
+                        relaying = false;
+                        continue;
+                    }
+                    _ = &mut drain_over, if !relaying => return,
                 };
                 let n = match read {
-                    Ok(0) => {
-                        let _ = send.finish();
-                        return;
-                    }
+                    Ok(0) => 0,
                     Ok(n) => n,
                     Err(e) => {
                         debug!(error = %e, "destination read failed");
-                        let _ = send.reset(CloseCode::Done.code());
-                        return;
+                        0
                     }
                 };
-                if send.write_all(&buf[..n]).await.is_err() {
+                if n == 0 {
+                    // The end (or a reset after an answer: the answer
+                    // still goes out; a reset stream would drop it).
+                    if relaying {
+                        let _ = send.finish();
+                    }
                     return;
                 }
-                m.bytes.with_label_values(&["to_server"]).inc_by(n as u64);
-                info.sent(n as u64);
+                if relaying {
+                    if send.write_all(&buf[..n]).await.is_err() {
+                        relaying = false;
+                        continue;
+                    }
+                    m.bytes.with_label_values(&["to_server"]).inc_by(n as u64);
+                    info.sent(n as u64);
+                }
             }
         };
         let down = async {
@@ -261,7 +294,7 @@ impl ServerLink {
                         if let Err(e) = writer.write_all(&chunk.bytes).await {
                             debug!(error = %e, "destination write failed");
                             let _ = recv.stop(CloseCode::Done.code());
-                            return;
+                            break;
                         }
                         let n = chunk.bytes.len() as u64;
                         m.bytes.with_label_values(&["to_endpoint"]).inc_by(n);
@@ -269,26 +302,36 @@ impl ServerLink {
                     }
                     Ok(None) => {
                         let _ = writer.shutdown().await;
-                        return;
+                        break;
                     }
                     Err(e) => {
                         debug!(error = %e, "QUIC stream from the server ended");
                         let _ = writer.shutdown().await;
-                        return;
+                        break;
                     }
                 }
             }
+            down_done.cancel();
         };
         tokio::join!(up, down);
     }
 }
 
-/// Counts a QUIC dial and its connection in [`ServerLink::busy`] while it
-/// lives (a draining agent waits for it).
-struct Busy<'a>(&'a ServerLink);
+/// A dial in progress on a QUIC stream: counted in the metric and in
+/// [`ServerLink::busy`] (a draining agent waits for it).
+struct Pending<'a>(&'a ServerLink);
 
-impl Drop for Busy<'_> {
+impl<'a> Pending<'a> {
+    fn add(link: &'a ServerLink) -> Self {
+        link.quic_pending.fetch_add(1, Ordering::Relaxed);
+        link.metrics().pending_endpoint_dials.inc();
+        Pending(link)
+    }
+}
+
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.0.quic_busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.quic_pending.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics().pending_endpoint_dials.dec();
     }
 }

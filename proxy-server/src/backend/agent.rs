@@ -57,8 +57,9 @@ pub(crate) struct PendingDial {
 pub struct Snapshot {
     /// Pending dials by dial id.
     pub pending: Vec<(i64, Arc<ConnInfo>)>,
-    /// Connections by connectID, with the chunks queued towards the frontend.
-    pub conns: Vec<(i64, Arc<ConnInfo>, usize)>,
+    /// Connections by connectID, with the chunks queued towards the frontend
+    /// and the transport (`grpc`, `quic`).
+    pub conns: Vec<(i64, Arc<ConnInfo>, usize, &'static str)>,
 }
 
 /// The server's end of the link.
@@ -112,6 +113,9 @@ pub struct AgentLink {
     /// The agent's QUIC connection, when one is tied to this stream: dials
     /// go over it.
     quic: Mutex<Option<quinn::Connection>>,
+    /// Dials and connections on QUIC streams (those on the gRPC stream are
+    /// in the link's table).
+    pub(super) quic_table: Mutex<super::quic::QuicTable>,
 }
 
 impl AgentLink {
@@ -148,6 +152,7 @@ impl AgentLink {
             settings,
             ticket: konnectivity_quic::new_ticket(),
             quic: Mutex::new(None),
+            quic_table: Mutex::default(),
         }
     }
 
@@ -190,19 +195,27 @@ impl AgentLink {
 
     /// Pending dials and established connections, for the admin endpoint.
     pub fn snapshot(&self) -> Snapshot {
-        let st = self.state();
-        Snapshot {
-            pending: st
-                .table()
-                .pending()
-                .map(|(r, p)| (r, p.info.clone()))
-                .collect(),
-            conns: st
-                .table()
-                .conns()
-                .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued()))
-                .collect(),
-        }
+        let mut snap = {
+            let st = self.state();
+            Snapshot {
+                pending: st
+                    .table()
+                    .pending()
+                    .map(|(r, p)| (r, p.info.clone()))
+                    .collect(),
+                conns: st
+                    .table()
+                    .conns()
+                    .map(|(id, s)| (id, s.info.clone(), s.conn.tx.queued(), "grpc"))
+                    .collect(),
+            }
+        };
+        let quic = self.quic_table.lock().unwrap_or_else(|e| e.into_inner());
+        snap.pending
+            .extend(quic.pending.iter().map(|(r, i)| (*r, i.clone())));
+        snap.conns
+            .extend(quic.open.iter().map(|(id, i)| (*id, i.clone(), 0, "quic")));
+        snap
     }
 
     /// Queues a packet for the agent, waiting for room. False when the stream
@@ -477,7 +490,12 @@ impl AgentLink {
     }
 
     /// A connection on a QUIC stream ended.
-    pub(crate) fn quic_conn_left(&self) {
+    pub(crate) fn quic_conn_left(&self, connect_id: i64) {
+        self.quic_table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .remove(&connect_id);
         // Saturating: the stream's end resets the load to 0.
         let _ = self
             .load

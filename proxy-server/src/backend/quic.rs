@@ -10,11 +10,13 @@
 //! (`quic_refused_total{reason}`); datagrams that are not QUIC are dropped
 //! by the QUIC stack.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use konnectivity_link::TableError;
 use konnectivity_proto::{packet, DialReason, Message};
 use konnectivity_quic::{self as quic, CloseCode};
 use konnectivity_relay::ConnInfo;
@@ -149,13 +151,61 @@ async fn tie(
     Some((link, conn))
 }
 
-/// Counts a QUIC dial as pending until it is answered either way.
-struct PendingDial<'a>(&'a AgentLink);
+/// An agent stream's dials and connections on QUIC streams, within the
+/// same limits as those on its gRPC stream (`--max-pending-dials-per-agent`,
+/// `--max-connections-per-agent`).
+#[derive(Default)]
+pub struct QuicTable {
+    /// Pending dials by dial id.
+    pub pending: HashMap<i64, Arc<ConnInfo>>,
+    /// Open connections by the agent's connection id.
+    pub open: HashMap<i64, Arc<ConnInfo>>,
+}
+
+/// A QUIC dial in the table until it is answered either way.
+struct PendingDial<'a> {
+    link: &'a AgentLink,
+    random: i64,
+}
+
+impl<'a> PendingDial<'a> {
+    fn add(link: &'a AgentLink, random: i64, info: Arc<ConnInfo>) -> Result<Self, TableError> {
+        let mut t = link.quic_table.lock().unwrap_or_else(|e| e.into_inner());
+        if t.pending.contains_key(&random) {
+            return Err(TableError::DuplicateDial(random));
+        }
+        if t.pending.len() >= link.settings.max_pending {
+            return Err(TableError::TooManyPending(link.settings.max_pending));
+        }
+        t.pending.insert(random, info);
+        link.settings.metrics.pending_dials.inc();
+        Ok(PendingDial { link, random })
+    }
+}
 
 impl Drop for PendingDial<'_> {
     fn drop(&mut self) {
-        self.0.settings.metrics.pending_dials.dec();
+        let mut t = self
+            .link
+            .quic_table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        t.pending.remove(&self.random);
+        self.link.settings.metrics.pending_dials.dec();
     }
+}
+
+/// Opens the connection the agent answered with, within the limit.
+fn establish(link: &AgentLink, connect_id: i64, info: Arc<ConnInfo>) -> Result<(), TableError> {
+    let mut t = link.quic_table.lock().unwrap_or_else(|e| e.into_inner());
+    if t.open.contains_key(&connect_id) {
+        return Err(TableError::DuplicateConnection(connect_id));
+    }
+    if t.open.len() >= link.settings.max_conns {
+        return Err(TableError::TooManyConnections(link.settings.max_conns));
+    }
+    t.open.insert(connect_id, info);
+    Ok(())
 }
 
 /// Dials `address` on a QUIC stream of `link`'s connection: `DIAL_REQ`,
@@ -170,9 +220,9 @@ pub(crate) async fn dial(
     frontend: &'static str,
 ) -> Result<Tunnel, DialError> {
     let m = &link.settings.metrics;
+    let info = ConnInfo::new(address, frontend);
+    let pending = PendingDial::add(link, random, info.clone()).map_err(DialError::Refused)?;
     m.dials.with_label_values(&["quic"]).inc();
-    m.pending_dials.inc();
-    let pending = PendingDial(link);
     let started = Instant::now();
     let gone = |e: quic::Error| {
         debug!(error = %e, "QUIC dial stream failed");
@@ -193,9 +243,14 @@ pub(crate) async fn dial(
             reason,
         }) if r == random => {
             if error.is_empty() && connect_id != 0 {
+                if let Err(e) = establish(link, connect_id, info.clone()) {
+                    m.dial_failures.with_label_values(&["too_many"]).inc();
+                    warn!(connect_id, error = %e, "cannot accept agent connection");
+                    let _ = send.reset(CloseCode::Done.code());
+                    return Err(DialError::Refused(e));
+                }
                 link.load.fetch_add(1, Ordering::Relaxed);
                 m.established_connections.inc();
-                let info = ConnInfo::new(address, frontend);
                 return Ok(Tunnel::quic(link.clone(), connect_id, (send, recv), info));
             }
             m.dial_failures.with_label_values(&["error_response"]).inc();
