@@ -52,6 +52,10 @@ pub struct Settings {
     pub quic: std::sync::OnceLock<Result<quinn::Endpoint, String>>,
 }
 
+/// One connection for the admin endpoint: its id, record, chunks queued
+/// towards the destination and transport (`grpc`, `quic`).
+pub type ConnSnapshot = (i64, Arc<ConnInfo>, usize, &'static str);
+
 /// The agent's end of the link: a pending dial is its cancel switch.
 type State = Link<CancellationToken, Slot>;
 
@@ -166,7 +170,7 @@ impl ServerLink {
     /// Pending dials, and each connection with its record, the chunks
     /// queued towards the destination and its transport (for the admin
     /// endpoint).
-    pub fn snapshot(&self) -> (usize, Vec<(i64, Arc<ConnInfo>, usize, &'static str)>) {
+    pub fn snapshot(&self) -> (usize, Vec<ConnSnapshot>) {
         let (mut pending, mut conns) = {
             let st = self.state();
             let conns: Vec<_> = st
