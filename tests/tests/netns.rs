@@ -230,3 +230,77 @@ async fn partition(mode: Mode) {
     drop(agent);
     drop(server);
 }
+
+/// Loads `rules` with `nft -f -` in a namespace (`prefix`: `ip netns exec NS`).
+fn nft(prefix: &[&str], rules: &str) {
+    use std::io::Write;
+    let mut child = Command::new(prefix[0])
+        .args(&prefix[1..])
+        .args(["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A firewall on the node that lets TCP through and drops UDP (an nftables
+/// rule in the node's namespace): the agent gives QUIC up and says so, and
+/// the kubelet is reachable over the gRPC stream meanwhile; once UDP passes
+/// again, the agent's next try ties a QUIC connection to its stream and
+/// dials travel over it. No restarts.
+#[tokio::test]
+async fn udp_dropped_by_a_firewall_leaves_the_tunnel_on_grpc_until_it_passes_again() {
+    init_logs();
+    let Some(ns) = Pair::create_or_skip("udp dropped") else {
+        return;
+    };
+    nft(
+        &ns.in_node(),
+        "table inet knp_udp {\n chain out {\n  type filter hook output priority 0;\n  meta l4proto udp drop\n }\n}\n",
+    );
+    let pki = Pki::new();
+    let kubelet_addr = format!("{KUBELET_IP}:10250");
+    let _kubelet = Kubelet::start(&ns, &pki, &kubelet_addr);
+    let uds = pki.path("udp.sock");
+    let (server, agent) = tunnel(&ns, &pki, &uds, Mode::HttpConnect).await;
+    agent
+        .wait_log(&["QUIC unavailable"], Duration::from_secs(10))
+        .await;
+    let text = kubelet_healthz(&pki, &uds, &kubelet_addr, Mode::HttpConnect)
+        .await
+        .unwrap();
+    assert!(text.ends_with("kubelet in the node namespace"), "{text}");
+    assert!(
+        !server
+            .logs()
+            .iter()
+            .any(|l| l.contains("dials go over QUIC")),
+        "a QUIC connection got through the firewall"
+    );
+
+    nft(&ns.in_node(), "delete table inet knp_udp\n");
+    server
+        .wait_log(&["dials go over QUIC"], Duration::from_secs(30))
+        .await;
+    agent
+        .wait_log(&["QUIC connected"], Duration::from_secs(5))
+        .await;
+    let text = kubelet_healthz(&pki, &uds, &kubelet_addr, Mode::HttpConnect)
+        .await
+        .unwrap();
+    assert!(text.ends_with("kubelet in the node namespace"), "{text}");
+    drop(agent);
+    drop(server);
+}
