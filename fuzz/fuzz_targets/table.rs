@@ -41,6 +41,8 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut m_conns: HashMap<i64, u32> = HashMap::new();
     let mut m_recent: VecDeque<i64> = VecDeque::new();
     let mut answered: HashSet<u32> = HashSet::new();
+    // Drained: the stream ended and the table takes nothing new.
+    let mut m_ended = false;
     let mut next = 0u32;
     let close = |id: i64, recent: &mut RecentlyClosed, m_recent: &mut VecDeque<i64>| {
         recent.insert(id);
@@ -57,7 +59,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 let r = r as i64;
                 next += 1;
                 let ok = table.add_pending(r, next).is_ok();
-                let m_ok = !m_pending.contains_key(&r) && m_pending.len() < MAX_PENDING;
+                let m_ok = !m_ended && !m_pending.contains_key(&r) && m_pending.len() < MAX_PENDING;
                 assert_eq!(ok, m_ok);
                 if m_ok {
                     m_pending.insert(r, next);
@@ -78,7 +80,8 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
                 let v = p.value;
                 let res = table.establish(p, c, v);
-                let m_ok = c != 0 && !m_conns.contains_key(&c) && m_conns.len() < MAX_CONNS;
+                let m_ok =
+                    !m_ended && c != 0 && !m_conns.contains_key(&c) && m_conns.len() < MAX_CONNS;
                 assert_eq!(res.is_ok(), m_ok);
                 if m_ok {
                     m_conns.insert(c, v);
@@ -115,6 +118,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
                 m_pending.clear();
                 m_conns.clear();
+                m_ended = true;
             }
         }
         assert!(table.pending_len() <= MAX_PENDING && table.conns_len() <= MAX_CONNS);

@@ -122,16 +122,18 @@ impl Proc {
     }
 
     /// Waits for a log line containing every one of `needles`; returns it.
+    /// On timeout the panic shows the process's last lines.
     pub async fn wait_log(&self, needles: &[&str], limit: Duration) -> String {
         let what = format!("log line with {needles:?}");
-        crate::eventually(limit, &what, || {
+        let found = crate::poll_until(limit, &what, || {
             let found = self
                 .logs()
                 .into_iter()
                 .find(|l| needles.iter().all(|n| l.contains(n)));
             async move { found }
         })
-        .await
+        .await;
+        found.unwrap_or_else(|e| panic!("{e}; its last lines:\n{}", self.tail(20)))
     }
 
     /// A field of the first JSON log line whose message is `message`.
