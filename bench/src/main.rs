@@ -36,7 +36,7 @@ struct Args {
     /// Comma-separated setups.
     #[arg(
         long,
-        default_value = "direct,tls-floor,ours-grpc,upstream-grpc,ours-connect,upstream-connect"
+        default_value = "direct,tls-floor,ours-grpc,ours-quic-grpc,upstream-grpc,ours-connect,ours-quic-connect,upstream-connect"
     )]
     setups: String,
     /// Bytes moved per direction in the throughput rows (MiB).

@@ -25,8 +25,10 @@ use tokio::process::{Child, Command};
 pub enum Impl {
     /// No tunnel.
     Direct,
-    /// Our Rust server and agent.
+    /// Our Rust server and agent, connections on the agent's gRPC stream.
     Ours,
+    /// Our Rust server and agent, each connection on a QUIC stream.
+    OursQuic,
     /// The upstream Go server and agent.
     Upstream,
     /// The floor: a bare mutual-TLS pipe with the tunnel's hops
@@ -62,6 +64,8 @@ impl SetupKind {
             (Impl::Floor, _) => "tls-floor",
             (Impl::Ours, Front::Grpc) => "ours-grpc",
             (Impl::Ours, _) => "ours-connect",
+            (Impl::OursQuic, Front::Grpc) => "ours-quic-grpc",
+            (Impl::OursQuic, _) => "ours-quic-connect",
             (Impl::Upstream, Front::Grpc) => "upstream-grpc",
             (Impl::Upstream, _) => "upstream-connect",
         }
@@ -74,6 +78,8 @@ impl SetupKind {
             "tls-floor" => (Impl::Floor, Front::None),
             "ours-grpc" => (Impl::Ours, Front::Grpc),
             "ours-connect" => (Impl::Ours, Front::Connect),
+            "ours-quic-grpc" => (Impl::OursQuic, Front::Grpc),
+            "ours-quic-connect" => (Impl::OursQuic, Front::Connect),
             "upstream-grpc" => (Impl::Upstream, Front::Grpc),
             "upstream-connect" => (Impl::Upstream, Front::Connect),
             _ => bail!("unknown setup {s:?}"),
@@ -220,6 +226,21 @@ async fn http_ok(addr: &str, path: &str) -> bool {
     out.starts_with(b"HTTP/1.1 200")
 }
 
+/// Waits until the server says its agent's QUIC connection is tied.
+async fn wait_quic(health: &str) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        let text = tests::cluster::http_get(health, "/metrics").await;
+        let tied = text.is_some_and(|t| {
+            tests::cluster::metric_sum(&t, "konnectivity_network_proxy_server_quic_agent_connections", &[]) >= 1.0
+        });
+        if tied {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("the agent's QUIC connection was not tied within 6 s")
+}
+
 pub(crate) async fn wait_ready(health: &str) -> anyhow::Result<()> {
     for _ in 0..600 {
         if http_ok(health, "/readyz").await {
@@ -288,7 +309,7 @@ pub async fn start(kind: SetupKind, bins: &Binaries, pki: &Pki) -> anyhow::Resul
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        Impl::Ours => {
+        Impl::Ours | Impl::OursQuic => {
             // The test harness's flags (port 0 everywhere), minus the binary name.
             let args = tests::inproc::Server::args(
                 pki,
@@ -324,11 +345,18 @@ pub async fn start(kind: SetupKind, bins: &Binaries, pki: &Pki) -> anyhow::Resul
                 "--health-server-host=127.0.0.1".into(),
                 "--health-server-port=0".into(),
                 "--admin-server-port=0".into(),
+                match kind.imp {
+                    Impl::OursQuic => "--transport=quic".into(),
+                    _ => "--transport=grpc".into(),
+                },
             ];
             let agent = spawn(&bins.ours.join("proxy-agent"), &args, false)?;
             r.agent_pid = agent.id();
             r.children.push(agent);
             wait_ready(&health).await?;
+            if kind.imp == Impl::OursQuic {
+                wait_quic(&health).await?;
+            }
         }
         Impl::Upstream => {
             let (agent_port, health_port, admin_port) = (free_port(), free_port(), free_port());

@@ -254,12 +254,13 @@ impl AgentRegistry {
                 });
             }
             if let Some(conn) = link.quic() {
-                // Its own QUIC stream; waits only while the agent has its
-                // limit of streams open.
-                match tokio::time::timeout(self.dial_timeout, conn.open_bi()).await {
+                // Its own QUIC stream; opening one waits only while the
+                // agent has its limit of streams open. One deadline for both.
+                let deadline = tokio::time::Instant::now() + self.dial_timeout;
+                match tokio::time::timeout_at(deadline, conn.open_bi()).await {
                     Ok(Ok(streams)) => {
                         let dial = super::quic::dial(&link, streams, address, random, frontend);
-                        return match tokio::time::timeout(self.dial_timeout, dial).await {
+                        return match tokio::time::timeout_at(deadline, dial).await {
                             Ok(r) => r,
                             Err(_) => Err(self.timed_out(&link, address)),
                         };
