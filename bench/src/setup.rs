@@ -231,7 +231,11 @@ async fn wait_quic(health: &str) -> anyhow::Result<()> {
     for _ in 0..300 {
         let text = tests::cluster::http_get(health, "/metrics").await;
         let tied = text.is_some_and(|t| {
-            tests::cluster::metric_sum(&t, "konnectivity_network_proxy_server_quic_agent_connections", &[]) >= 1.0
+            tests::cluster::metric_sum(
+                &t,
+                "konnectivity_network_proxy_server_quic_agent_connections",
+                &[],
+            ) >= 1.0
         });
         if tied {
             return Ok(());

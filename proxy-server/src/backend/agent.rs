@@ -11,7 +11,6 @@
 //! agent, the frontend sees the close), with a warning and the
 //! `stalled_connections_closed_total` metric.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,17 +67,9 @@ type LinkState = Link<PendingDial, Slot>;
 /// Malformed packets of one stream logged at warning level; the rest are
 /// counted only (the budget ends the stream soon after).
 const LOGGED_MISTAKES: u64 = 10;
-/// Control packets that may wait for room towards one agent.
-pub const LATER_MAX: usize = 4096;
-
-/// Control packets waiting for room, and whether a task is flushing them.
-#[derive(Default)]
-struct Later {
-    packets: VecDeque<Packet>,
-    flushing: bool,
-}
 /// Capacity of the packet queue towards the agent, shared by its connections.
 pub const OUT_QUEUE: usize = 256;
+pub use later::LATER_MAX;
 
 /// One connected agent stream.
 pub struct AgentLink {
@@ -103,7 +94,7 @@ pub struct AgentLink {
     busy: AtomicBool,
     pub(super) load: AtomicUsize,
     out: mpsc::Sender<Packet>,
-    later: Mutex<Later>,
+    later: Mutex<later::Later>,
     state: Mutex<LinkState>,
     /// Cancelled when the stream has ended.
     pub closed: CancellationToken,
@@ -112,7 +103,7 @@ pub struct AgentLink {
     pub ticket: String,
     /// The agent's QUIC connection, when one is tied to this stream: dials
     /// go over it.
-    quic: Mutex<Option<quinn::Connection>>,
+    pub(super) quic: Mutex<Option<quinn::Connection>>,
     /// Dials and connections on QUIC streams (those on the gRPC stream are
     /// in the link's table).
     pub(super) quic_table: Mutex<super::quic::QuicTable>,
@@ -225,66 +216,6 @@ impl AgentLink {
             r = self.out.send(p) => r.is_ok(),
             _ = self.closed.cancelled() => false,
         }
-    }
-
-    /// Queues a control packet (`CLOSE_REQ`, `DIAL_CLS`) from a context that
-    /// cannot wait (a `Drop`). When the queue towards the agent is full the
-    /// packet waits in a bounded overflow list that one task at a time
-    /// flushes, in order; past [`LATER_MAX`] packets the agent has not read
-    /// for a long while and further ones are dropped (counted, and the
-    /// stream's end cleans up everything anyway).
-    pub fn send_later(self: &Arc<Self>, p: Packet) {
-        let p = match self.out.try_send(p) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
-            Err(mpsc::error::TrySendError::Full(p)) => p,
-        };
-        let start = {
-            let mut later = self.later.lock().unwrap_or_else(|e| e.into_inner());
-            if later.packets.len() >= LATER_MAX {
-                drop(later);
-                self.settings.metrics.control_dropped.inc();
-                warn!(
-                    agent.id = %self.agent_id,
-                    waiting = LATER_MAX,
-                    "control packet dropped: the agent has not read its queue for a long while"
-                );
-                return;
-            }
-            later.packets.push_back(p);
-            !std::mem::replace(&mut later.flushing, true)
-        };
-        if start {
-            let link = self.clone();
-            tokio::spawn(async move {
-                loop {
-                    let next = {
-                        let mut later = link.later.lock().unwrap_or_else(|e| e.into_inner());
-                        let next = later.packets.pop_front();
-                        if next.is_none() {
-                            later.flushing = false;
-                        }
-                        next
-                    };
-                    let Some(p) = next else { return };
-                    if !link.send(p).await {
-                        let mut later = link.later.lock().unwrap_or_else(|e| e.into_inner());
-                        later.packets.clear();
-                        later.flushing = false;
-                        return;
-                    }
-                }
-            });
-        }
-    }
-
-    /// Control packets waiting for room in the queue towards the agent.
-    pub fn waiting_control_packets(&self) -> usize {
-        self.later
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .packets
-            .len()
     }
 
     /// Registers a dial and sends `DIAL_REQ`. The receiver yields the tunnel or
@@ -455,54 +386,6 @@ impl AgentLink {
         }
         self.shut();
         cut_off
-    }
-
-    /// The QUIC connection dials go over, if one is tied to this stream.
-    pub fn quic(&self) -> Option<quinn::Connection> {
-        self.quic.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Ties the agent's QUIC connection to this stream (replacing an older
-    /// one, which is closed). False when the stream has already ended.
-    pub fn attach_quic(&self, conn: quinn::Connection) -> bool {
-        let mut quic = self.quic.lock().unwrap_or_else(|e| e.into_inner());
-        if self.closed.is_cancelled() {
-            return false;
-        }
-        if let Some(old) = quic.replace(conn) {
-            old.close(CloseCode::Replaced.code(), b"replaced");
-        } else {
-            self.settings.metrics.quic_connections.inc();
-        }
-        true
-    }
-
-    /// Unties `conn` (it closed); dials go over the gRPC stream again.
-    pub fn detach_quic(&self, conn: &quinn::Connection) {
-        let mut quic = self.quic.lock().unwrap_or_else(|e| e.into_inner());
-        if quic
-            .as_ref()
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            *quic = None;
-            self.settings.metrics.quic_connections.dec();
-        }
-    }
-
-    /// A connection on a QUIC stream ended.
-    pub(crate) fn quic_conn_left(&self, connect_id: i64) {
-        self.quic_table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .open
-            .remove(&connect_id);
-        // Saturating: the stream's end resets the load to 0.
-        let _ = self
-            .load
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(1))
-            });
-        self.settings.metrics.established_connections.dec();
     }
 
     /// Ends the stream's state: pending dials fail at once, connections close.
@@ -711,5 +594,6 @@ pub(crate) fn test_link(
     (Arc::new(l), rx)
 }
 
+mod later;
 #[cfg(test)]
 mod tests;

@@ -151,6 +151,56 @@ async fn tie(
     Some((link, conn))
 }
 
+impl AgentLink {
+    /// The QUIC connection dials go over, if one is tied to this stream.
+    pub fn quic(&self) -> Option<quinn::Connection> {
+        self.quic.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Ties the agent's QUIC connection to this stream (replacing an older
+    /// one, which is closed). False when the stream has already ended.
+    pub fn attach_quic(&self, conn: quinn::Connection) -> bool {
+        let mut quic = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closed.is_cancelled() {
+            return false;
+        }
+        if let Some(old) = quic.replace(conn) {
+            old.close(CloseCode::Replaced.code(), b"replaced");
+        } else {
+            self.settings.metrics.quic_connections.inc();
+        }
+        true
+    }
+
+    /// Unties `conn` (it closed); dials go over the gRPC stream again.
+    pub fn detach_quic(&self, conn: &quinn::Connection) {
+        let mut quic = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        if quic
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *quic = None;
+            self.settings.metrics.quic_connections.dec();
+        }
+    }
+
+    /// A connection on a QUIC stream ended.
+    pub(crate) fn quic_conn_left(&self, connect_id: i64) {
+        self.quic_table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .remove(&connect_id);
+        // Saturating: the stream's end resets the load to 0.
+        let _ = self
+            .load
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        self.settings.metrics.established_connections.dec();
+    }
+}
+
 /// An agent stream's dials and connections on QUIC streams, within the
 /// same limits as those on its gRPC stream (`--max-pending-dials-per-agent`,
 /// `--max-connections-per-agent`).
