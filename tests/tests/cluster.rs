@@ -305,7 +305,7 @@ async fn run_setup(cluster: &mut Cluster, setup: Setup, report: &mut Report) {
     report
         .case(
             &name,
-            "egress dial metrics rise, no dial failures",
+            "egress dial metrics rise, no dial failures (ours with ours: over QUIC)",
             short,
             egress_metrics(c, &tunnel, dials_before),
         )
@@ -809,6 +809,20 @@ async fn egress_metrics(c: &Cluster, t: &Tunnel, before: (f64, f64)) -> anyhow::
             .collect::<Vec<_>>()
             .join("\n---\n")
     );
+    // Our server with our agents: the dials went over QUIC streams.
+    if t.server_side == Side::Ours && t.agent_side == Side::Ours {
+        let text = t.metrics().await;
+        let quic = cluster::metric_sum(
+            &text,
+            "konnectivity_network_proxy_server_dials_total",
+            &[("transport", "quic")],
+        );
+        ensure!(
+            quic >= 10.0,
+            "{quic} dials over QUIC between our server and agents: {}",
+            grep(&text, "konnectivity_network_proxy_server_dials_total")
+        );
+    }
     Ok(())
 }
 
