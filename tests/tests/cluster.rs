@@ -305,7 +305,7 @@ async fn run_setup(cluster: &mut Cluster, setup: Setup, report: &mut Report) {
     report
         .case(
             &name,
-            "egress dial metrics rise, no dial failures (ours with ours: over QUIC)",
+            "egress dial metrics rise, no dial failures (over QUIC when server and agents are ours)",
             short,
             egress_metrics(c, &tunnel, dials_before),
         )
