@@ -41,18 +41,22 @@ async fn all_closed(server: &Server, agent: &Agent) {
     .await;
 }
 
+/// One echo round trip of `msg` through an HTTP CONNECT frontend on `uds`.
+async fn echo_round_trip(uds: &std::path::Path, echo: SocketAddr, msg: &[u8]) {
+    let mut s = client::connect_uds(uds, &echo.to_string())
+        .await
+        .expect("CONNECT");
+    s.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, msg);
+}
+
 /// An echo round trip and a 20 MiB download and upload through an HTTP
 /// CONNECT frontend on `uds`.
 async fn connect_traffic(uds: &std::path::Path) {
     let (echo, bulk) = (dest::echo().await, dest::bulk("bulk").await);
-    let mut s = client::connect_uds(uds, &echo.to_string())
-        .await
-        .expect("CONNECT");
-    s.write_all(b"over quic").await.unwrap();
-    let mut got = [0u8; 9];
-    s.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"over quic");
-    drop(s);
+    echo_round_trip(uds, echo, b"over quic").await;
 
     let mut s = client::connect_uds(uds, &bulk.to_string())
         .await
@@ -139,19 +143,11 @@ async fn without_an_offer_the_agent_stays_on_grpc() {
     init_logs();
     let pki = Pki::new();
     let echo = dest::echo().await;
-    let round_trip = |uds: std::path::PathBuf| async move {
-        let mut s = client::connect_uds(&uds, &echo.to_string())
-            .await
-            .expect("CONNECT");
-        s.write_all(b"ping").await.unwrap();
-        let mut got = [0u8; 4];
-        s.read_exact(&mut got).await.unwrap();
-    };
 
     // A server that does not offer QUIC (as a reference server never does).
     let (server, agent) = pair(&pki, "http-connect", &["--enable-agent-quic=false"], &[]).await;
     assert!(server.agent_quic.is_none());
-    round_trip(server.uds()).await;
+    echo_round_trip(&server.uds(), echo, b"ping").await;
     assert_eq!((dials(&server, "grpc"), dials(&server, "quic")), (1, 0));
     assert_eq!(agent.metrics.quic_connections.get(), 0);
     // An agent that wants QUIC or nothing refuses it, and says why.
@@ -168,7 +164,7 @@ async fn without_an_offer_the_agent_stays_on_grpc() {
 
     // An agent told --transport=grpc never asks a server that offers it.
     let (server, agent) = pair(&pki, "http-connect", &[], &["--transport=grpc"]).await;
-    round_trip(server.uds()).await;
+    echo_round_trip(&server.uds(), echo, b"ping").await;
     assert_eq!((dials(&server, "grpc"), dials(&server, "quic")), (1, 0));
     assert_eq!(server.metrics.quic_connections.get(), 0);
     assert_eq!(
@@ -207,13 +203,7 @@ async fn an_agent_whose_udp_does_not_get_through_stays_on_grpc() {
     })
     .await;
     let echo = dest::echo().await;
-    let mut s = client::connect_uds(&server.uds(), &echo.to_string())
-        .await
-        .expect("CONNECT");
-    s.write_all(b"still here").await.unwrap();
-    let mut got = [0u8; 10];
-    s.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"still here");
+    echo_round_trip(&server.uds(), echo, b"still here").await;
     assert_eq!((dials(&server, "grpc"), dials(&server, "quic")), (1, 0));
     assert_eq!(server.metrics.quic_connections.get(), 0);
 }
@@ -248,15 +238,6 @@ async fn strangers_on_the_quic_port_are_refused_and_counted_and_the_agent_keeps_
     let udp: SocketAddr = server.agent_quic.expect("QUIC offered");
     let echo = dest::echo().await;
     let uds = server.uds();
-    let round_trip = || async {
-        let mut s = client::connect_uds(&uds, &echo.to_string())
-            .await
-            .expect("CONNECT");
-        s.write_all(b"ping").await.unwrap();
-        let mut got = [0u8; 4];
-        s.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"ping");
-    };
 
     // Garbage datagrams of every size, some shaped like QUIC long headers.
     let junk = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -267,7 +248,7 @@ async fn strangers_on_the_quic_port_are_refused_and_counted_and_the_agent_keeps_
         }
         junk.send_to(&d, udp).unwrap();
     }
-    round_trip().await;
+    echo_round_trip(&uds, echo, b"ping").await;
 
     // A certificate from another CA: refused in the handshake.
     let (endpoint, config) = stranger(&pki, Some((&pki.rogue.cert, &pki.rogue.key)));
@@ -314,7 +295,7 @@ async fn strangers_on_the_quic_port_are_refused_and_counted_and_the_agent_keeps_
     assert_eq!(refused(&server, "hello"), 1);
 
     // Through all of it the agent's connections kept their QUIC streams.
-    round_trip().await;
+    echo_round_trip(&uds, echo, b"ping").await;
     assert_eq!(server.metrics.quic_connections.get(), 1);
     assert_eq!(dials(&server, "quic"), 2);
     assert_eq!(dials(&server, "grpc"), 0);
